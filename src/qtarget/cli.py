@@ -1,0 +1,54 @@
+"""`qtarget` command line: a thin dispatcher to each subcommand's own module.
+
+Each subcommand module exposes `main(argv: list[str]) -> int` and builds its own parser, so
+importing the CLI stays cheap and every subcommand documents its own flags (`qtarget train --help`).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line summary)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "lab": ("qtarget.lab.cli", "compare objectives on a real pretrained model on a CPU, in minutes"),
+    "train": ("qtarget.training.cli", "fine-tune a Hugging Face causal LM with any objective"),
+    "eval": ("qtarget.evaluation.cli", "evaluate reasoning answers (accuracy, avg@k, pass@k)"),
+    "inspect": ("qtarget.inspect_cmd", "show p, the implied target Q, gamma and the residual per objective"),
+    "objectives": ("qtarget.inspect_cmd:list_main", "list the objective catalogue and parameters"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: qtarget <command> [options]", "", "commands:"]
+    for name, (_, summary) in SUBCOMMANDS.items():
+        lines.append(f"  {name:<11} {summary}")
+    lines += ["", "Run `qtarget <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from qtarget import __version__
+
+        print(__version__)
+        return 0
+    name = argv[0]
+    if name not in SUBCOMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, SUBCOMMANDS, n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        print(f"qtarget: unknown command {name!r}.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target = SUBCOMMANDS[name][0]
+    module_name, _, func = target.partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, func or "main")(argv[1:]) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Objective registry: names -> factories, with parameter checking and the general `target` builder."""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Callable
+
+from qtarget.objectives import catalog
+from qtarget.objectives.base import Objective
+from qtarget.objectives.rules import (
+    GAMMA_ALIASES,
+    GAMMA_RULES,
+    RESIDUAL_ALIASES,
+    RESIDUAL_RULES,
+    ConstantGamma,
+    GammaRule,
+    ResidualRule,
+    TopKResidual,
+)
+
+_REGISTRY: dict[str, Callable[..., Objective]] = {}
+
+
+def register_objective(name: str, factory: Callable[..., Objective], *, overwrite: bool = False) -> None:
+    """Register `factory(**params) -> Objective` under `name` (a class or a function)."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"objective name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"objective {name!r} is already registered (pass overwrite=True to replace it)")
+    _REGISTRY[name] = factory
+
+
+def list_objectives() -> list[str]:
+    return list(_REGISTRY)
+
+
+def objective_parameters(name: str) -> dict[str, Any]:
+    """Parameter names of a registered objective with their defaults."""
+    factory = _lookup(name)
+    sig = inspect.signature(factory)
+    return {p.name: (None if p.default is inspect.Parameter.empty else p.default)
+            for p in sig.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _lookup(name: str) -> Callable[..., Objective]:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown objective {name!r}{hint}; valid objectives: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def get_objective(name: str | Objective, **params: Any) -> Objective:
+    """An objective by name with its parameters, e.g. get_objective("target_sft", eta=0.5).
+    An Objective instance is returned as is (params must then be empty)."""
+    if isinstance(name, Objective):
+        if params:
+            raise ValueError(f"parameters {sorted(params)} given with an objective instance {name!r}")
+        return name
+    factory = _lookup(name)
+    sig = inspect.signature(factory)
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    valid = [p for p in sig.parameters if sig.parameters[p].kind not in (inspect.Parameter.VAR_KEYWORD,)]
+    unknown = [k for k in params if k not in valid]
+    if unknown and not accepts_any:
+        raise ValueError(f"objective {name!r} got unknown parameter(s) {unknown}; "
+                         f"valid parameters: {valid or 'none'}")
+    obj = factory(**params)
+    if not isinstance(obj, Objective):
+        raise ValueError(f"factory for objective {name!r} returned {type(obj).__name__}, not an Objective")
+    return obj
+
+
+def _make_rule(spec: Any, table: dict, aliases: dict, kind: str, params: dict[str, Any]):
+    """A rule from an instance, a float (gamma only: constant) or a name whose parameters are
+    taken from `params` (consumed)."""
+    base = GammaRule if kind == "gamma" else ResidualRule
+    if isinstance(spec, base):
+        return spec
+    if kind == "gamma" and isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return ConstantGamma(float(spec))
+    if isinstance(spec, str):
+        key = aliases.get(spec, spec)
+        if key in table:
+            cls = table[key]
+            names = [p for p in inspect.signature(cls).parameters]
+            return cls(**{n: params.pop(n) for n in names if n in params})
+    raise ValueError(f"unknown {kind} rule {spec!r}; valid {kind} rules: "
+                     f"{', '.join(list(table) + list(aliases))}" + (" or a number" if kind == "gamma" else ""))
+
+
+def target(gamma: Any = "p_y", residual: Any = "student", *, top_k: int | None = None, **params: Any) -> Objective:
+    """Compose any gamma rule with any residual rule: L = CE(gamma delta_y + (1-gamma) pi_tilde, p).
+
+    gamma: a GammaRule, a number (constant) or a name in rules.GAMMA_RULES
+           (constant, p_y, power, threshold, topk_entropy, ratio, data_weight).
+    residual: a ResidualRule or a name in rules.RESIDUAL_RULES
+           (uniform, student, tempered, reference, teacher, geometric_mix).
+    top_k: truncate the residual to its top-k and renormalise.
+    params: the named rules' parameters (value, alpha, tau, k, lam, beta, temperature, eta).
+    """
+    params = dict(params)
+    g = _make_rule(gamma, GAMMA_RULES, GAMMA_ALIASES, "gamma", params)
+    r = _make_rule(residual, RESIDUAL_RULES, RESIDUAL_ALIASES, "residual", params)
+    if params:
+        raise ValueError(f"target(): parameter(s) {sorted(params)} are not used by gamma rule {g!r} "
+                         f"or residual rule {r!r}")
+    if top_k is not None:
+        r = TopKResidual(r, top_k)
+    return catalog.TargetObjective(g, r)
+
+
+for _name, _factory in {
+    "sft": catalog.SFT,
+    "label_smoothing": catalog.label_smoothing,
+    "dft": catalog.DFT,
+    "prob": catalog.Prob,
+    "profit": catalog.ProFit,
+    "eaft": catalog.EAFT,
+    "token_weighted": catalog.TokenWeighted,
+    "sft_kl": catalog.SFTKL,
+    "asft": catalog.ASFT,
+    "psft": catalog.PSFT,
+    "gem": catalog.GEM,
+    "kd": catalog.kd,
+    "distill_hybrid": catalog.DistillHybrid,
+    "target_sft": catalog.target_sft,
+    "target": target,
+}.items():
+    register_objective(_name, _factory)

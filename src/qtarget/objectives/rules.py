@@ -1,0 +1,243 @@
+"""The two choices that define a target Q = gamma * delta_y + (1 - gamma) * pi_tilde (SPEC §1-2).
+
+Gamma rules map a chunk of positions to label trust `[n]` in (usually) [0, 1], detached.
+Residual rules map it to log pi_tilde `[n, V]`, detached and normalised.
+Each rule has `needs` (auxiliary inputs it reads) and `params` (for display and configs).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from qtarget.objectives.base import TokenInputs
+
+
+class Rule:
+    kind = "rule"
+    name = "rule"
+    needs: frozenset[str] = frozenset()
+
+    def __init__(self, **params: float) -> None:
+        self.params = params
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.name}({args})"
+
+
+# ----------------------------------------------------------------------------- gamma rules
+class GammaRule(Rule):
+    kind = "gamma"
+
+    def __call__(self, x: TokenInputs) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ConstantGamma(GammaRule):
+    """gamma = c."""
+
+    name = "constant"
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__(value=float(value))
+
+    def __call__(self, x):
+        return torch.full_like(x.p_y_detached, self.params["value"])
+
+
+class LabelProbGamma(GammaRule):
+    """gamma = sg(p_y): the model's own support for the label (DFT, Target-SFT)."""
+
+    name = "p_y"
+
+    def __call__(self, x):
+        return x.p_y_detached
+
+
+class PowerGamma(GammaRule):
+    """gamma = sg(p_y)^alpha (Beyond-log / prob loss)."""
+
+    name = "power"
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        super().__init__(alpha=float(alpha))
+
+    def __call__(self, x):
+        return x.p_y_detached.pow(self.params["alpha"])
+
+
+class ThresholdGamma(GammaRule):
+    """gamma = 1[sg(p_y) > tau] (ProFit)."""
+
+    name = "threshold"
+
+    def __init__(self, tau: float = 0.1) -> None:
+        super().__init__(tau=float(tau))
+
+    def __call__(self, x):
+        return (x.p_y_detached > self.params["tau"]).to(x.p_y_detached.dtype)
+
+
+def topk_entropy_ratio(logp: Tensor, k: int) -> Tensor:
+    """[n] entropy of the renormalised top-k of p, divided by log k (in [0, 1])."""
+    k = min(int(k), logp.shape[-1])
+    top = torch.log_softmax(logp.topk(k, dim=-1).values, dim=-1)
+    entropy = -(top.exp() * top).sum(-1)
+    return (entropy / math.log(k)).clamp(0.0, 1.0) if k > 1 else torch.zeros_like(entropy)
+
+
+class TopKEntropyGamma(GammaRule):
+    """gamma = (H_k / log k)^alpha, H_k the entropy of the renormalised top-k of sg(p) (EAFT)."""
+
+    name = "topk_entropy"
+
+    def __init__(self, k: int = 20, alpha: float = 1.0) -> None:
+        if int(k) < 2:
+            raise ValueError(f"gamma rule 'topk_entropy': `k` must be >= 2, got {k}")
+        super().__init__(k=int(k), alpha=float(alpha))
+
+    def __call__(self, x):
+        return topk_entropy_ratio(x.logp.detach(), self.params["k"]).pow(self.params["alpha"])
+
+
+class RatioGamma(GammaRule):
+    """gamma = sg(p_y) / (sg(p_y) + lam) (ASFT's implied trust)."""
+
+    name = "ratio"
+
+    def __init__(self, lam: float = 0.1) -> None:
+        super().__init__(lam=float(lam))
+
+    def __call__(self, x):
+        p_y = x.p_y_detached
+        return p_y / (p_y + self.params["lam"])
+
+
+class DataWeightGamma(GammaRule):
+    """gamma = w_t, a per-token weight supplied with the data (e.g. critical-token masks)."""
+
+    name = "data_weight"
+    needs = frozenset({"token_weights"})
+
+    def __call__(self, x):
+        return x.require("token_weights").to(x.p_y_detached.dtype)
+
+
+# -------------------------------------------------------------------------- residual rules
+class ResidualRule(Rule):
+    kind = "residual"
+
+    def log_probs(self, x: TokenInputs) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class UniformResidual(ResidualRule):
+    name = "uniform"
+
+    def log_probs(self, x):
+        V = x.logits.shape[-1]
+        return torch.full_like(x.logits, -math.log(V)).detach()
+
+
+class StudentResidual(ResidualRule):
+    """pi_tilde = sg(p): the remaining mass stays where the model already puts it."""
+
+    name = "student"
+
+    def log_probs(self, x):
+        return x.logp.detach()
+
+
+class TemperedResidual(ResidualRule):
+    """pi_tilde ∝ sg(p)^(1/beta): beta < 1 sharpens, beta > 1 flattens."""
+
+    name = "tempered"
+
+    def __init__(self, beta: float = 0.5) -> None:
+        if float(beta) <= 0:
+            raise ValueError(f"residual rule 'tempered': `beta` must be > 0, got {beta}")
+        super().__init__(beta=float(beta))
+
+    def log_probs(self, x):
+        return torch.log_softmax(x.logp.detach() / self.params["beta"], dim=-1)
+
+
+class ReferenceResidual(ResidualRule):
+    """pi_tilde = pi_ref, the frozen reference / base / old-policy model given as `ref_logits`."""
+
+    name = "reference"
+    needs = frozenset({"ref"})
+
+    def log_probs(self, x):
+        return x.ref_logp
+
+
+class TeacherResidual(ResidualRule):
+    """pi_tilde = softmax(teacher_logits / temperature)."""
+
+    name = "teacher"
+    needs = frozenset({"teacher"})
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        if float(temperature) <= 0:
+            raise ValueError(f"residual rule 'teacher': `temperature` must be > 0, got {temperature}")
+        super().__init__(temperature=float(temperature))
+
+    def log_probs(self, x):
+        T = self.params["temperature"]
+        return x.teacher_logp if T == 1.0 else torch.log_softmax(x.require("teacher") / T, dim=-1)
+
+
+class GeometricMixResidual(ResidualRule):
+    """pi_tilde ∝ sg(p)^(1-eta) * pi_T^eta (Target-SFT); eta=0 student, eta=1 teacher."""
+
+    name = "geometric_mix"
+    needs = frozenset({"teacher"})
+
+    def __init__(self, eta: float = 0.5) -> None:
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"residual rule 'geometric_mix': `eta` must be in [0, 1], got {eta}")
+        super().__init__(eta=float(eta))
+
+    def log_probs(self, x):
+        eta = self.params["eta"]
+        if eta == 0.0:
+            return x.logp.detach()
+        mixed = (1.0 - eta) * x.logp.detach() + eta * x.teacher_logp
+        return torch.log_softmax(mixed, dim=-1)
+
+
+class TopKResidual(ResidualRule):
+    """Any residual truncated to its own top-k entries and renormalised."""
+
+    name = "topk"
+
+    def __init__(self, inner: ResidualRule, k: int = 20) -> None:
+        if int(k) < 1:
+            raise ValueError(f"residual rule 'topk': `k` must be >= 1, got {k}")
+        super().__init__(inner=inner, k=int(k))
+        self.needs = inner.needs
+
+    def log_probs(self, x):
+        logq = self.params["inner"].log_probs(x)
+        k = min(self.params["k"], logq.shape[-1])
+        top = logq.topk(k, dim=-1)
+        out = torch.full_like(logq, -math.inf)
+        return out.scatter(-1, top.indices, torch.log_softmax(top.values, dim=-1))
+
+
+GAMMA_RULES: dict[str, type[GammaRule]] = {
+    cls.name: cls
+    for cls in (ConstantGamma, LabelProbGamma, PowerGamma, ThresholdGamma, TopKEntropyGamma, RatioGamma, DataWeightGamma)
+}
+RESIDUAL_RULES: dict[str, type[ResidualRule]] = {
+    cls.name: cls
+    for cls in (UniformResidual, StudentResidual, TemperedResidual, ReferenceResidual, TeacherResidual, GeometricMixResidual)
+}
+# Other names people use for the same residuals: base (ASFT) and old (PSFT) models reach the
+# engine as `ref_logits`; "sharpened" is the tempered rule with beta < 1.
+RESIDUAL_ALIASES = {"ref": "reference", "base": "reference", "old": "reference", "sg_p": "student",
+                    "sharpened": "tempered", "geometric": "geometric_mix", "mix": "geometric_mix"}
+GAMMA_ALIASES = {"label_prob": "p_y", "prob": "p_y", "entropy": "topk_entropy", "weight": "data_weight"}
