@@ -1,0 +1,185 @@
+"""Independent float64 re-statements of SPEC §2, written from the formulas (not from the library).
+
+`expected_loss` gives each objective's per-token loss; `expected_target` its implied target Q and
+scale c such that dL/dz = c (p - Q). Used by the objective, fused-engine and property tests."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# name -> parameters used in the tests (non-default values, so defaults are not silently assumed)
+CATALOGUE_PARAMS = {
+    "sft": {},
+    "label_smoothing": {"lam": 0.2},
+    "dft": {},
+    "prob": {"alpha": 0.5},
+    "profit": {"tau": 0.05},
+    "eaft": {"k": 20, "alpha": 1.5},
+    "token_weighted": {},
+    "sft_kl": {"lam": 0.3},
+    "asft": {"lam": 0.1},
+    "psft": {"eps": 0.2},
+    "gem": {"beta": 0.6},
+    "kd": {"temperature": 2.0},
+    "distill_hybrid": {"lam": 0.4},
+    "target_sft": {"eta": 0.3},
+    "target": {"gamma": "power", "residual": "tempered", "alpha": 0.5, "beta": 0.5},
+}
+
+
+def _parts(z, y):
+    logp = torch.log_softmax(z.double(), -1)
+    p = logp.exp()
+    lpy = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return p, logp, lpy, lpy.exp()
+
+
+def _kl(q, logp):
+    logq = torch.where(q > 0, q.log(), torch.zeros_like(q))
+    return (q * (logq - logp)).sum(-1)
+
+
+def _teacher(aux, temperature=1.0):
+    return torch.softmax(aux["teacher_logits"].double() / temperature, -1)
+
+
+def expected_loss(name, params, z, y, aux):
+    """Per-token loss [n] in float64 for flattened supervised rows z [n, V], y [n]."""
+    p, logp, lpy, py = _parts(z, y)
+    V = z.shape[-1]
+    if name == "sft":
+        return -lpy
+    if name == "label_smoothing":
+        lam = params["lam"]
+        return -(1 - lam) * lpy - lam / V * logp.sum(-1)
+    if name == "dft":
+        return -py * lpy
+    if name == "prob":
+        a = params["alpha"]
+        return (1 - py**a) / a
+    if name == "profit":
+        return -(py > params["tau"]).double() * lpy
+    if name == "eaft":
+        k, a = params["k"], params["alpha"]
+        top = p.topk(k, -1).values
+        top = top / top.sum(-1, keepdim=True)
+        H = -(top * top.log()).sum(-1)
+        return -((H / math.log(k)) ** a) * lpy
+    if name == "token_weighted":
+        return -aux["token_weights"].double() * lpy
+    if name == "sft_kl":
+        pr = torch.softmax(aux["ref_logits"].double(), -1)
+        return -lpy + params["lam"] * _kl(pr, logp)
+    if name == "asft":
+        pr = torch.softmax(aux["ref_logits"].double(), -1)
+        return -py * lpy + params["lam"] * _kl(pr, logp)
+    if name == "psft":
+        eps = params["eps"]
+        r = torch.exp(torch.clamp(lpy - aux["old_logprobs"].double(), -20, 20))
+        return -torch.minimum(r, torch.clamp(r, 1 - eps, 1 + eps))
+    if name == "gem":
+        q = p ** (1 / params["beta"])
+        q = q / q.sum(-1, keepdim=True)
+        return -lpy + (q * logp).sum(-1)
+    if name == "kd":
+        return -(_teacher(aux, params["temperature"]) * logp).sum(-1)
+    if name == "distill_hybrid":
+        lam = params["lam"]
+        return -(1 - lam) * lpy + lam * _kl(_teacher(aux), logp)
+    Q, _ = expected_target(name, params, z, y, aux)
+    return -(Q * logp).sum(-1)  # target_sft and target are CE(Q, p) by definition
+
+
+def expected_target(name, params, z, y, aux):
+    """(Q [n, V], c [n]) in float64 from the SPEC's gamma and pi_tilde."""
+    p, logp, lpy, py = _parts(z, y)
+    n, V = z.shape
+    delta = torch.nn.functional.one_hot(y, V).double()
+    ones = torch.ones(n, dtype=torch.float64)
+    student = p
+
+    def mix(gamma, residual, c=ones):
+        return gamma.unsqueeze(-1) * delta + (1 - gamma).unsqueeze(-1) * residual, c
+
+    if name == "sft":
+        return mix(ones, student)
+    if name == "label_smoothing":
+        return mix(ones * (1 - params["lam"]), torch.full_like(p, 1.0 / V))
+    if name == "dft":
+        return mix(py, student)
+    if name == "prob":
+        return mix(py ** params["alpha"], student)
+    if name == "profit":
+        return mix((py > params["tau"]).double(), student)
+    if name == "eaft":
+        k, a = params["k"], params["alpha"]
+        top = p.topk(k, -1).values
+        top = top / top.sum(-1, keepdim=True)
+        H = -(top * top.log()).sum(-1)
+        return mix((H / math.log(k)) ** a, student)
+    if name == "token_weighted":
+        return mix(aux["token_weights"].double(), student)
+    if name == "sft_kl":
+        lam = params["lam"]
+        return mix(ones / (1 + lam), torch.softmax(aux["ref_logits"].double(), -1), ones * (1 + lam))
+    if name == "asft":
+        lam = params["lam"]
+        return mix(py / (py + lam), torch.softmax(aux["ref_logits"].double(), -1), py + lam)
+    if name == "psft":
+        eps = params["eps"]
+        log_ratio = lpy - aux["old_logprobs"].double()
+        r = torch.exp(log_ratio)
+        active = (r <= 1 + eps) & (log_ratio.abs() < 20)
+        return mix(torch.where(active, r, torch.zeros_like(r)), student)
+    if name == "gem":
+        q = p ** (1 / params["beta"])
+        q = q / q.sum(-1, keepdim=True)
+        return delta + p - q, ones
+    if name == "kd":
+        return mix(0 * ones, _teacher(aux, params["temperature"]))
+    if name == "distill_hybrid":
+        return mix(ones * (1 - params["lam"]), _teacher(aux))
+    if name == "target_sft":
+        eta = params["eta"]
+        pi = p ** (1 - eta) * _teacher(aux) ** eta
+        return mix(py, pi / pi.sum(-1, keepdim=True))
+    if name == "target":  # the CATALOGUE_PARAMS composition: gamma = p_y^alpha, residual ∝ p^(1/beta)
+        q = p ** (1 / params["beta"])
+        return mix(py ** params["alpha"], q / q.sum(-1, keepdim=True))
+    raise KeyError(name)
+
+
+def make_case(shape, seed=0, dtype=torch.float32, scale=4.0):
+    """Random logits [*shape] with some entries at +-50, labels (a mix of argmax and random ids,
+    some ignored), and every auxiliary input."""
+    g = torch.Generator().manual_seed(seed)
+    *lead, V = shape
+    z = torch.randn(shape, generator=g) * scale
+    spikes = torch.rand(shape, generator=g) < 0.002
+    z = torch.where(spikes, torch.sign(torch.randn(shape, generator=g)) * 50.0, z).clamp(-50, 50)
+    y = torch.randint(0, V, tuple(lead), generator=g)
+    use_argmax = torch.rand(tuple(lead), generator=g) < 0.4
+    y = torch.where(use_argmax, z.argmax(-1), y)
+    ignored = torch.rand(tuple(lead), generator=g) < 0.2
+    y = torch.where(ignored, torch.full_like(y, -100), y)
+    logp_y = torch.log_softmax(z.double(), -1).gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    # old log-probs around the current ones: ratios spread over both sides of 1 +- eps
+    old = (logp_y + torch.randn(tuple(lead), generator=g, dtype=torch.float64) * 0.5).float()
+    aux = {
+        "teacher_logits": (torch.randn(shape, generator=g) * 3).to(dtype),
+        "ref_logits": (z + torch.randn(shape, generator=g)).to(dtype),
+        "old_logprobs": old,
+        "token_weights": torch.rand(tuple(lead), generator=g),
+    }
+    return z.to(dtype), y, aux
+
+
+def flat_supervised(z, y, aux, ignore_index=-100):
+    """Flatten to supervised rows: (z [n, V] float64, y [n], aux rows)."""
+    V = z.shape[-1]
+    m = (y != ignore_index).reshape(-1)
+    rows = {}
+    for k, v in aux.items():
+        rows[k] = v.reshape(-1, V)[m] if v.dim() == z.dim() else v.reshape(-1)[m]
+    return z.reshape(-1, V)[m].double(), y.reshape(-1)[m], rows
