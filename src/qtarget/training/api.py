@@ -1,0 +1,220 @@
+"""`train()`: the Python entry point behind `qtarget train`, reusable with already-loaded models."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtarget.data import Collator, ExampleDataset, PreparedData, TokenizeReport, prepare_data
+from qtarget.training.config import QTargetConfig
+from qtarget.training.logs import MetricsWriter
+from qtarget.training.trainer import STAGING_DIR, QTargetTrainer
+
+ALIASES = {"smollm2": "smollm2"}  # names resolved offline through qtarget.models
+
+
+@dataclass
+class TrainResult:
+    """history: one dict per logged train step (loss, nll, p_y, entropy, gamma, ... , step);
+    eval_history: one dict per evaluation; final_dir: where the final model (or adapter) is."""
+
+    history: list[dict[str, Any]]
+    eval_history: list[dict[str, Any]]
+    output_dir: Path
+    final_dir: Path | None
+    data_report: TokenizeReport | None
+    trainer: QTargetTrainer = field(repr=False)
+    global_step: int = 0
+
+
+def check_requirements(config: QTargetConfig, *, teacher_given: bool = False) -> None:
+    """Everything that can be checked before a model loads."""
+    needs = config.objective_needs
+    if "teacher" in needs and not teacher_given and not config.teacher_model:
+        raise ValueError(f"objective {config.objective!r} needs a teacher model (--teacher_model)")
+
+
+def _resolve_path(name: str) -> str:
+    if name == "smollm2":
+        from qtarget.models import smollm2_dir
+
+        return str(smollm2_dir())
+    return name
+
+
+def _dtype(config: QTargetConfig):
+    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[config.dtype]
+
+
+def load_model(name: str, config: QTargetConfig) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(_resolve_path(name), dtype=_dtype(config))
+
+
+def load_tokenizer_for(name: str):
+    if name == "smollm2":
+        from qtarget.models import load_tokenizer
+
+        return load_tokenizer("smollm2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_resolve_path(name))
+
+
+def _ensure_pad(tokenizer) -> None:
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _is_tokenized(ds: Any) -> bool:
+    try:
+        return len(ds) > 0 and isinstance(ds[0], dict) and "input_ids" in ds[0] and "labels" in ds[0]
+    except Exception:  # noqa: BLE001 - anything not indexable is raw
+        return False
+
+
+def apply_lora(model: nn.Module, config: QTargetConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=int(config.lora_r), lora_alpha=float(config.lora_alpha), lora_dropout=float(config.lora_dropout),
+                      target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def save_yaml(config: QTargetConfig, path: Path) -> None:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_plain_dict(), sort_keys=True))
+    os.replace(tmp, path)
+
+
+def train(
+    config: QTargetConfig,
+    model: nn.Module | str | None = None,
+    tokenizer=None,
+    train_dataset: Any = None,
+    eval_dataset: Any = None,
+    teacher: nn.Module | str | None = None,
+    ref: nn.Module | str | None = None,
+    callbacks: list | None = None,
+    save_final: bool = True,
+) -> TrainResult:
+    """Fine-tune with `config`. Everything not passed is loaded from the config:
+
+    model / teacher / ref: a loaded `PreTrainedModel` or a hub id / folder (default: config.model,
+      config.teacher_model, config.ref_model). The student is trained in place.
+    tokenizer: default loaded from the model path.
+    train_dataset / eval_dataset: raw rows (a path, hub name, list of dicts, datasets.Dataset) that are
+      tokenised here, or already tokenised examples (dicts with input_ids and labels, e.g.
+      `prepare_data(...).train`). Default: config.dataset / config.eval_dataset / eval_fraction.
+
+    Returns the per-step metric history. Writes metrics.csv, metrics.jsonl, curves.png, config.yaml,
+    checkpoints (config.save_steps) and the final model in `output_dir/final`.
+    """
+    check_requirements(config, teacher_given=teacher is not None)
+    output_dir = Path(config.output_dir)
+    model_name = model if isinstance(model, str) else config.model
+    if model is None or isinstance(model, str):
+        if not model_name:
+            raise ValueError("no model: pass model= or set config.model (--model)")
+    if train_dataset is None and not config.dataset:
+        raise ValueError("no training data: pass train_dataset= or set config.dataset (--dataset)")
+
+    if tokenizer is None:
+        if not model_name:
+            raise ValueError("pass tokenizer= when model is an already-loaded model and config.model is unset")
+        tokenizer = load_tokenizer_for(model_name)
+    _ensure_pad(tokenizer)
+
+    report = None
+    source = config.dataset if train_dataset is None else train_dataset
+    if _is_tokenized(source):
+        train_ds = source
+        eval_ds = eval_dataset
+    else:
+        prepared: PreparedData = prepare_data(
+            source, tokenizer, max_length=config.max_length, response_only=config.response_only,
+            chat_template=config.chat_template, packing=config.packing, eval_fraction=config.eval_fraction,
+            eval_source=eval_dataset if eval_dataset is not None else config.eval_dataset, seed=config.seed,
+            split=config.dataset_split, dataset_config=config.dataset_config, max_rows=config.max_rows)
+        train_ds, eval_ds, report = prepared.train, prepared.eval, prepared.report
+        if config.process_index == 0:
+            print(f"[qtarget] data: {report.summary()}" + "".join(f"; {n}" for n in report.notes))
+    if eval_ds is not None and _is_tokenized(eval_ds) is False and len(eval_ds) > 0:
+        raise ValueError("eval_dataset must be tokenised examples when train_dataset is (dicts with input_ids, labels)")
+
+    needs = config.objective_needs
+    if isinstance(model, str) or model is None:
+        model = load_model(model_name, config)
+    if "teacher" in needs:
+        if teacher is None or isinstance(teacher, str):
+            teacher_name = teacher or config.teacher_model
+            teacher_tok = None
+            try:
+                teacher_tok = load_tokenizer_for(teacher_name)
+            except Exception:  # noqa: BLE001 - a folder with weights only: the vocab size check remains
+                teacher_tok = None
+            teacher = load_model(teacher_name, config)
+            if teacher_tok is not None and teacher_tok.get_vocab() != tokenizer.get_vocab():
+                raise ValueError(f"teacher {teacher_name!r} has a different tokenizer vocabulary from the student's: "
+                                 f"the teacher must share the student's vocabulary")
+    else:
+        teacher = None
+    if config.use_lora:
+        model = apply_lora(model, config)
+    if "ref" in needs:
+        if isinstance(ref, str) or (ref is None and config.ref_model):
+            ref = load_model(ref or config.ref_model, config)
+    else:
+        ref = None
+
+    if config.process_index == 0:
+        save_yaml(config, output_dir / "config.yaml")
+    writer = MetricsWriter(output_dir, plot=config.plot)
+    if config.process_index == 0 and not config.resume:
+        for name in ("metrics.jsonl", "metrics.csv"):
+            (output_dir / name).unlink(missing_ok=True)
+    trainer = QTargetTrainer(
+        model=model, args=config, teacher=teacher, ref=ref, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tokenizer, data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=[writer] + list(callbacks or []),
+    )
+    resume = config.resume
+    if resume == "last":
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+
+    final_dir = None
+    if save_final:
+        final_dir = output_dir / "final"
+        save_final_model(trainer, final_dir)
+    return TrainResult(history=writer.train_rows, eval_history=writer.eval_rows, output_dir=output_dir,
+                       final_dir=final_dir, data_report=report, trainer=trainer,
+                       global_step=trainer.state.global_step)
+
+
+def save_final_model(trainer: QTargetTrainer, final_dir: Path) -> None:
+    """Model (or LoRA adapter) + tokenizer in safetensors, written to a staging folder then renamed."""
+    import shutil
+
+    staging = final_dir.parent / STAGING_DIR / final_dir.name
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(staging, final_dir)
+        shutil.rmtree(staging.parent, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()

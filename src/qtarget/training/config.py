@@ -1,0 +1,147 @@
+"""`QTargetConfig`: `transformers.TrainingArguments` plus what a q-target run needs (model, data,
+objective, auxiliary models, PSFT schedule, LoRA). One flat set of keys, so a YAML recipe and
+`--key value` flags map onto it one to one."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from qtarget.objectives import get_objective
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class QTargetConfig(TrainingArguments):
+    # --- model & data ---
+    model: str | None = _f(None, "Student model: a hub id or a local folder (AutoModelForCausalLM).")
+    dataset: str | None = _f(None, "Training data: a .jsonl/.json/.parquet/.csv file, a save_to_disk folder or "
+                                   "a hub dataset id. Rows: prompt+response, messages, or text; optional token_weights.")
+    dataset_config: str | None = _f(None, "Hub dataset configuration name (datasets.load_dataset's `name`).")
+    dataset_split: str = _f("train", "Split to read from a hub dataset or a DatasetDict folder.")
+    eval_dataset: str | None = _f(None, "Separate eval data (same formats); otherwise `eval_fraction` of the rows.")
+    eval_fraction: float = _f(0.0, "Fraction of rows held out for evaluation (0 = none).")
+    max_rows: int | None = _f(None, "Use only the first N rows of the dataset.")
+    max_length: int | None = _f(1024, "Truncate examples to this many tokens (the count of truncated rows is reported).")
+    response_only: bool = _f(True, "Supervise only response / assistant tokens (prompt tokens get label -100).")
+    chat_template: bool = _f(False, "Wrap prompt/response rows as a user and an assistant turn of the chat template.")
+    packing: bool = _f(False, "Pack several examples per row (position ids restart per example; no cross-example attention).")
+    dtype: str = _f("auto", "Weights dtype when loading models: auto, float32, bfloat16 or float16.")
+    # --- objective ---
+    objective: str = _f("sft", "Objective name (see `qtarget objectives`), e.g. sft, dft, psft, asft, target_sft.")
+    objective_args: dict = _f({}, "Objective parameters, e.g. {eta: 0.5} in YAML or `eta=0.5,lam=0.1` on the command line.")
+    chunk_size: int | None = _f(None, "Token chunk size of the fused loss engine (None = automatic).")
+    teacher_model: str | None = _f(None, "Teacher (target_sft, kd, distill_hybrid): hub id or folder; must share the "
+                                         "student's vocabulary.")
+    ref_model: str | None = _f(None, "Reference / base model (sft_kl, asft). Default: the frozen initial student "
+                                     "(with LoRA: the student with adapters disabled, no second copy).")
+    psft_updates_per_batch: int = _f(8, "PSFT: optimizer steps (mini-batches) per global batch that share one pi_old. "
+                                        "One optimizer step consumes one mini-batch of per_device_train_batch_size x "
+                                        "gradient_accumulation_steps x world_size rows.")
+    # --- LoRA ---
+    use_lora: bool = _f(False, "Train a LoRA adapter (peft) instead of the full model.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: float = _f(32.0, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names LoRA adapts.")
+    # --- outputs ---
+    plot: bool = _f(True, "Write curves.png (loss, nll, p_y, entropy, gamma, ...) at the end.")
+    resume: str | None = _f(None, "Resume: 'last' (newest checkpoint in output_dir) or a checkpoint folder.")
+    # --- TrainingArguments defaults changed for this library ---
+    logging_steps: float = _f(1, "Log every N optimizer steps (default 1: per-step metrics).")
+    remove_unused_columns: bool = _f(False, "Kept False: batches carry token_weights and old log-probs.")
+    report_to: Any = _f("auto", "'auto' = tensorboard when installed, else none; or any TrainingArguments value.")
+    save_strategy: Any = _f("steps", "Checkpoint strategy: steps, epoch, no.")
+    save_steps: float = _f(500, "Checkpoint every N optimizer steps.")
+    prediction_loss_only: bool = _f(True, "Evaluation computes the loss and metrics only.")
+
+    def __post_init__(self) -> None:
+        if self.output_dir is None:
+            raise ValueError("output_dir is required (--output_dir DIR)")
+        if self.report_to == "auto":
+            try:
+                import tensorboard  # noqa: F401
+
+                self.report_to = ["tensorboard"]
+            except ImportError:
+                self.report_to = "none"
+        if isinstance(self.objective_args, str):
+            self.objective_args = parse_kv(self.objective_args, "objective_args")
+        if not isinstance(self.objective_args, dict):
+            raise ValueError(f"objective_args must be a mapping of parameter names to values, got {self.objective_args!r}")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        if int(self.psft_updates_per_batch) < 1:
+            raise ValueError(f"psft_updates_per_batch must be >= 1, got {self.psft_updates_per_batch}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+        if self.max_length is not None and int(self.max_length) < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.packing and self.max_length is None:
+            raise ValueError("packing=True needs max_length")
+        self.build_objective()  # unknown objective / parameter -> error now, before any model loads
+        super().__post_init__()
+
+    def build_objective(self):
+        return get_objective(self.objective, **dict(self.objective_args))
+
+    @property
+    def objective_needs(self) -> frozenset[str]:
+        return frozenset(self.build_objective().needs)
+
+    def to_plain_dict(self) -> dict[str, Any]:
+        """Every field with a YAML-safe value (for config.yaml of the resolved run)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = _plain(v)
+        return out
+
+
+def _plain(v: Any) -> Any:
+    import enum
+
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def parse_kv(text: str, where: str) -> dict[str, Any]:
+    """'a=1,b=x' (or a YAML/JSON mapping) -> {'a': 1, 'b': 'x'}; values are parsed as YAML scalars."""
+    import yaml
+
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        value = yaml.safe_load(text)
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {text!r}")
+        return value
+    out = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise ValueError(f"{where}: expected key=value pairs separated by commas, got {part!r}")
+        k, v = part.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v.strip())
+    return out
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    """All settable keys of QTargetConfig (init fields), by name."""
+    return {f.name: f for f in dataclasses.fields(QTargetConfig) if f.init and not f.name.startswith("_")}

@@ -1,0 +1,126 @@
+"""From a causal LM to the inputs of the fused loss: last hidden states and the LM head, without the
+model ever building its full [B, T, V] logits.
+
+The model is called through its (possibly DDP / PEFT) wrapper with `logits_to_keep=1` (only the last
+position's logits are computed) while a forward hook on the decoder captures its output, the final
+normalised hidden states [B, T, H] that the LM head multiplies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / torch.compile wrappers (not PEFT)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM module under DDP and PEFT wrappers."""
+    model = unwrap(model)
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
+    return model
+
+
+@dataclass
+class LMHead:
+    """What turns hidden states into logits: logits = softcap(scale * (h @ weight.T + bias))."""
+
+    weight: Tensor
+    bias: Tensor | None
+    logit_scale: float
+    softcap: float | None
+
+
+def lm_head_of(model: nn.Module) -> LMHead:
+    lm = base_causal_lm(model)
+    head = lm.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(lm).__name__} has no output embedding (LM head) with a weight")
+    cfg = getattr(lm, "config", None)
+    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    scale = 1.0
+    if getattr(text_cfg, "logit_scale", None):  # Cohere: logits * logit_scale
+        scale = float(text_cfg.logit_scale)
+    if getattr(text_cfg, "logits_scaling", None):  # Granite: logits / logits_scaling
+        scale = 1.0 / float(text_cfg.logits_scaling)
+    softcap = getattr(text_cfg, "final_logit_softcapping", None)
+    return LMHead(weight=head.weight, bias=getattr(head, "bias", None), logit_scale=scale,
+                  softcap=float(softcap) if softcap else None)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Tensor]:
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch and batch[k] is not None}
+
+
+def last_hidden_states(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """[B, T, H] final hidden states of `model` (called through its wrappers, so DDP hooks run)."""
+    decoder = base_causal_lm(model).get_decoder()
+    captured: dict[str, Tensor] = {}
+
+    def hook(_module, _args, output):
+        h = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+        captured["h"] = h
+
+    handle = decoder.register_forward_hook(hook)
+    try:
+        model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if "h" not in captured:
+        raise RuntimeError(f"the decoder of {type(base_causal_lm(model)).__name__} was not called in forward")
+    return captured["h"]
+
+
+def shift(batch: dict[str, Any], key: str) -> Tensor | None:
+    """batch[key][:, 1:] (targets aligned with hidden[:, :-1]) or None."""
+    value = batch.get(key)
+    return None if value is None else value[:, 1:]
+
+
+def fused_loss_fn():
+    """qtarget.fused_token_loss when the engine is available, else a full-logits fallback with the
+    same signature (layer 1's `token_loss` on materialised logits)."""
+    try:
+        from qtarget.ops import fused_token_loss
+
+        return fused_token_loss
+    except ImportError:
+        return _fallback_fused_loss
+
+
+def _fallback_fused_loss(objective, hidden, lm_head_weight, labels, *, lm_head_bias=None, logit_scale=1.0,
+                         softcap=None, teacher_hidden=None, teacher_weight=None, ref_hidden=None,
+                         ref_weight=None, teacher_logits=None, ref_logits=None, chunk_size=None, **kwargs):
+    from qtarget.objectives import token_loss
+
+    def logits_of(h, w, b=None):
+        z = h.float() @ w.float().T
+        if b is not None:
+            z = z + b.float()
+        z = z * logit_scale
+        if softcap:
+            z = torch.tanh(z / softcap) * softcap
+        return z
+
+    if teacher_hidden is not None:
+        with torch.no_grad():
+            teacher_logits = logits_of(teacher_hidden, teacher_weight)
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref_logits = logits_of(ref_hidden, ref_weight)
+    return token_loss(objective, logits_of(hidden, lm_head_weight, lm_head_bias), labels,
+                      teacher_logits=teacher_logits, ref_logits=ref_logits, **kwargs)

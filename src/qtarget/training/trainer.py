@@ -1,0 +1,321 @@
+"""`QTargetTrainer`: a `transformers.Trainer` whose loss is a q-target objective computed by the
+fused engine from the student's last hidden states and LM head.
+
+Normalisation (SPEC §4). For one optimizer step the Trainer hands `compute_loss` every micro-batch
+with `num_items_in_batch` = N, the supervised (shifted) tokens of all micro-batches of the step,
+summed over data-parallel ranks (`_get_num_items_in_batch` is overridden to always count). Each
+micro-batch returns sum(per-token loss) / N, times the world size because DDP averages gradients
+over ranks; the Trainer neither divides by the accumulation steps (`loss_is_scaled_for_ga = True`)
+nor rescales further. The accumulated gradient is then the gradient of the global-batch token mean.
+
+PSFT (SPEC §3). With `objective=psft`, `get_batch_samples` pre-fetches the micro-batches of
+`psft_updates_per_batch` (M) optimizer steps, computes log pi_old(y) for all of them with the current
+model (no gradient, eval mode) and then serves them one optimizer step at a time: M optimizer steps
+on M mini-batches share one pi_old, refreshed at every global step that is a multiple of M.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import time
+import warnings
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from qtarget.data import Collator
+from qtarget.training.config import QTargetConfig
+from qtarget.training.forward import (
+    base_causal_lm,
+    last_hidden_states,
+    lm_head_of,
+    fused_loss_fn,
+    shift,
+)
+
+STAGING_DIR = ".qtarget-staging"
+METRIC_KEYS = ("nll", "p_y", "entropy", "gamma", "clip_frac", "ratio", "kl_ref", "kl_teacher")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def vocab_size_of(model: nn.Module) -> int:
+    return int(lm_head_of(model).weight.shape[0])
+
+
+def check_same_vocab(student: nn.Module, other: nn.Module, role: str, student_tokenizer=None,
+                     other_tokenizer=None) -> None:
+    """The auxiliary model must predict over the student's vocabulary."""
+    vs, vo = vocab_size_of(student), vocab_size_of(other)
+    if student_tokenizer is not None and other_tokenizer is not None:
+        if student_tokenizer.get_vocab() != other_tokenizer.get_vocab():
+            raise ValueError(f"the {role} model's tokenizer has a different vocabulary from the student's "
+                             f"({len(other_tokenizer)} vs {len(student_tokenizer)} tokens): the {role} must "
+                             f"share the student's vocabulary")
+    if vs != vo:
+        raise ValueError(f"the {role} model's LM head has vocabulary size {vo} but the student's has {vs}: "
+                         f"the {role} must share the student's vocabulary")
+
+
+class QTargetTrainer(Trainer):
+    """Trainer for any qtarget objective. Extra arguments: `teacher`, `ref` (frozen auxiliary models;
+    for PEFT students `ref=None` with an objective that needs one means 'the student with its
+    adapters disabled')."""
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model: nn.Module, args: QTargetConfig, *, teacher: nn.Module | None = None,
+                 ref: nn.Module | None = None, data_collator=None, processing_class=None, **kwargs: Any) -> None:
+        if not isinstance(args, QTargetConfig):
+            raise ValueError(f"args must be a QTargetConfig, got {type(args).__name__}")
+        if data_collator is None:
+            if processing_class is None or getattr(processing_class, "pad_token_id", None) is None:
+                raise ValueError("pass data_collator or a tokenizer (processing_class) with a pad token")
+            data_collator = Collator(processing_class.pad_token_id)
+        self.objective = args.build_objective()
+        needs = self.objective.needs
+        self.is_psft = "old_logprobs" in needs
+        self.use_adapter_ref = False
+        if "teacher" in needs and teacher is None:
+            raise ValueError(f"objective {args.objective!r} needs a teacher model (--teacher_model)")
+        if "ref" in needs and ref is None:
+            if hasattr(unwrap_peft(model), "disable_adapter"):
+                self.use_adapter_ref = True
+            else:
+                ref = copy.deepcopy(model)  # the frozen initial student
+        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
+                         **kwargs)
+        self.teacher = self._place_aux(teacher, "teacher") if "teacher" in needs else None
+        self.ref = self._place_aux(ref, "reference") if ("ref" in needs and ref is not None) else None
+        if self.is_psft and args.psft_updates_per_batch == 1:
+            warnings.warn("psft with psft_updates_per_batch=1: the ratio is 1 at every step, so PSFT is then "
+                          "exactly SFT; use M > 1 (the paper uses 8)", stacklevel=2)
+        self._loss_fn = fused_loss_fn()
+        self._sums = {"train": {}, "eval": {}}
+        self._tokens_seen_since_log = 0
+        self._last_log_time = None
+        self._psft_queue: list[list[dict]] = []
+        self._psft_iter = None
+        self.psft_refreshes = 0  # how many times pi_old was recomputed (one per PSFT global batch)
+
+    # ---- auxiliary models -------------------------------------------------------------------
+    def _place_aux(self, aux: nn.Module, role: str) -> nn.Module:
+        check_same_vocab(self.model, aux, role)
+        aux = freeze(aux)
+        if getattr(aux, "hf_device_map", None) is None:
+            aux.to(self.args.device)
+        return aux
+
+    def _aux_hidden(self, batch: dict) -> dict[str, Any]:
+        """Teacher / reference hidden states [B, T-1, H] and LM-head weights (no gradient)."""
+        out: dict[str, Any] = {}
+        with torch.no_grad():
+            if self.teacher is not None:
+                out["teacher_hidden"] = last_hidden_states(self.teacher, batch)[:, :-1]
+                out["teacher_weight"] = lm_head_of(self.teacher).weight
+            if self.ref is not None:
+                out["ref_hidden"] = last_hidden_states(self.ref, batch)[:, :-1]
+                out["ref_weight"] = lm_head_of(self.ref).weight
+            elif self.use_adapter_ref:
+                peft_model = unwrap_peft(self.model)
+                was_training = peft_model.training
+                peft_model.eval()
+                with peft_model.disable_adapter():
+                    out["ref_hidden"] = last_hidden_states(peft_model, batch)[:, :-1]
+                    out["ref_weight"] = lm_head_of(peft_model).weight.detach()
+                peft_model.train(was_training)
+        return out
+
+    # ---- loss -------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        training = model.training
+        if self.is_psft and inputs.get("old_logprobs") is None:
+            # eval (or a batch that did not pass through the PSFT schedule): pi_old = current model
+            inputs = {**inputs, "old_logprobs": self._label_logprobs(inputs)}
+        hidden = last_hidden_states(model, inputs)[:, :-1]
+        labels = inputs["labels"][:, 1:]
+        head = lm_head_of(model)
+        normalizer = num_items_in_batch if (training and num_items_in_batch is not None) else None
+        if normalizer is not None:
+            normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device).clamp_min(1.0)
+        result = self._loss_fn(
+            self.objective, hidden, head.weight, labels, lm_head_bias=head.bias, logit_scale=head.logit_scale,
+            softcap=head.softcap, old_logprobs=shift(inputs, "old_logprobs"),
+            token_weights=shift(inputs, "token_weights"), normalizer=normalizer,
+            chunk_size=self.args.chunk_size, **self._aux_hidden(inputs),
+        )
+        loss = result.loss
+        if normalizer is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients across ranks
+        self._accumulate("train" if training else "eval", result.metrics, inputs)
+        return (loss, {}) if return_outputs else loss
+
+    def _accumulate(self, split: str, metrics: dict[str, float], inputs: dict) -> None:
+        n = float(metrics.get("n_tokens", 0.0))
+        sums = self._sums[split]
+        for key, value in metrics.items():
+            if key == "n_tokens":
+                continue
+            sums[key] = sums.get(key, 0.0) + float(value) * n
+        sums["__tokens__"] = sums.get("__tokens__", 0.0) + n
+        if split == "train":
+            mask = inputs.get("attention_mask")
+            self._tokens_seen_since_log += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Supervised (shifted) tokens of all micro-batches of this optimizer step, over all ranks."""
+        if not batch_samples:
+            return None
+        count = sum(b["labels"][..., 1:].ne(-100).sum() for b in batch_samples)
+        count = torch.as_tensor(count, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return count
+
+    # ---- PSFT schedule ----------------------------------------------------------------------
+    @torch.no_grad()
+    def _label_logprobs(self, batch: dict) -> torch.Tensor:
+        """[B, T] log p(labels[t]) under the current model, aligned with labels (0 at t = 0 and where
+        labels are ignored). No gradient; dropout off."""
+        model = unwrap_peft_or_self(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            hidden = last_hidden_states(model, batch)[:, :-1]
+            head = lm_head_of(model)
+            from qtarget.objectives import get_objective
+
+            res = self._loss_fn(get_objective("sft"), hidden, head.weight.detach(), batch["labels"][:, 1:],
+                                lm_head_bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap,
+                                reduction="sum", chunk_size=self.args.chunk_size)
+        finally:
+            model.train(was_training)
+        out = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=hidden.device)
+        out[:, 1:] = -res.per_token.detach().float()
+        return out
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if not self.is_psft:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        if epoch_iterator is not self._psft_iter:
+            self._psft_iter, self._psft_queue = epoch_iterator, []
+        if not self._psft_queue:
+            M = int(self.args.psft_updates_per_batch)
+            left_in_group = M - self.state.global_step % M
+            if left_in_group != M and self.psft_refreshes == 0:
+                warnings.warn(f"resuming PSFT at step {self.state.global_step}, inside a global batch of {M} "
+                              f"mini-batches: pi_old is recomputed now (save checkpoints at multiples of "
+                              f"psft_updates_per_batch for an exact resume)", stacklevel=2)
+            for _ in range(left_in_group):
+                group = []
+                for _ in range(num_batches):
+                    try:
+                        group.append(next(epoch_iterator))
+                    except StopIteration:
+                        break
+                if not group:
+                    break
+                self._psft_queue.append(group)
+            for group in self._psft_queue:
+                for b in group:
+                    b["old_logprobs"] = self._label_logprobs(self._prepare_inputs(b)).to(b["labels"].device)
+            self.psft_refreshes += 1
+        batch_samples = self._psft_queue.pop(0) if self._psft_queue else []
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    # ---- logging ----------------------------------------------------------------------------
+    def _reduced_means(self, split: str) -> dict[str, float]:
+        sums = self._sums[split]
+        self._sums[split] = {}
+        keys = sorted(k for k in sums)
+        if self.args.world_size > 1:
+            # every rank has the same metric keys (same objective, same inputs)
+            vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.args.device)
+            vec = self.accelerator.reduce(vec, reduction="sum")
+            sums = dict(zip(keys, vec.tolist()))
+        n = sums.pop("__tokens__", 0.0)
+        if n <= 0:
+            return {}
+        return {k: v / n for k, v in sums.items()}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs = dict(logs)
+        is_eval = any(k.startswith("eval_") for k in logs)
+        if is_eval:
+            logs.update({f"eval_{k}": v for k, v in self._reduced_means("eval").items()})
+        elif "loss" in logs:
+            logs.update(self._reduced_means("train"))
+            now = time.perf_counter()
+            tokens = torch.tensor(float(self._tokens_seen_since_log), device=self.args.device)
+            if self.args.world_size > 1:
+                tokens = self.accelerator.reduce(tokens, reduction="sum")
+            if self._last_log_time is not None:
+                logs["tokens_per_s"] = float(tokens) / max(now - self._last_log_time, 1e-9)
+            self._last_log_time = now
+            self._tokens_seen_since_log = 0
+            if self.is_psft:
+                logs["psft_refreshes"] = float(self.psft_refreshes)
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        self._last_log_time = time.perf_counter()
+        return super().train(*args, **kwargs)
+
+    # ---- atomic checkpoints ------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        if getattr(self, "_staging", False):
+            return os.path.join(run_dir, STAGING_DIR)
+        return run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write checkpoint-N into a staging folder, then rename it into place (atomic on POSIX), so a
+        crash mid-save never leaves a half-written checkpoint that `--resume` would pick."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial)
+        staging = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best and STAGING_DIR in best:
+                self.state.best_model_checkpoint = best.replace(os.sep + STAGING_DIR, "")
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    from qtarget.training.forward import unwrap
+
+    return unwrap(model)
+
+
+def unwrap_peft_or_self(model: nn.Module) -> nn.Module:
+    from qtarget.training.forward import unwrap
+
+    return unwrap(model)
