@@ -42,6 +42,12 @@ def objective_parameters(name: str) -> dict[str, Any]:
             for p in sig.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
+def objective_doc(name: str) -> str:
+    """First line of the docstring of the objective's factory."""
+    doc = (_lookup(name).__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
 def _lookup(name: str) -> Callable[..., Objective]:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
