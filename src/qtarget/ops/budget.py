@@ -1,0 +1,59 @@
+"""How many token rows one chunk of the fused engine holds, from a memory budget.
+
+A chunk of `c` supervised rows keeps a handful of `[c, V]` float32 temporaries alive at once: the
+logits, log-softmax, sg(p), the logit gradient and the objective's own intermediates (residual
+log-probs, top-k masks, the teacher's or reference model's logits and log-softmax). The engine sizes
+chunks so that those temporaries fit in the budget:
+
+    rows = budget_bytes // (4 * V * k)          k = TEMPORARIES_STUDENT (+ TEMPORARIES_PER_AUX per
+                                                teacher / reference model given)
+
+rounded down to a multiple of 8 (at least 8). The constants were measured with
+`benchmarks/loss_engine.py --calibrate` (peak bytes above the inputs divided by 4 * V * rows), rounded
+up. The budget defaults to 256 MiB; set it per call (`memory_budget=` bytes) or process-wide with the
+environment variable QTARGET_FUSED_BUDGET_MB. An explicit `chunk_size=` wins over both.
+"""
+from __future__ import annotations
+
+import os
+
+DEFAULT_BUDGET_BYTES = 256 * 2**20
+BUDGET_ENV = "QTARGET_FUSED_BUDGET_MB"
+# [c, V] float32 temporaries alive at the peak of one chunk (forward + logit gradient + metrics).
+TEMPORARIES_STUDENT = 8
+TEMPORARIES_PER_AUX = 4
+ROW_MULTIPLE = 8
+
+
+def budget_bytes(memory_budget: int | None = None) -> int:
+    """The budget in bytes: the argument, else $QTARGET_FUSED_BUDGET_MB, else 256 MiB."""
+    if memory_budget is not None:
+        if int(memory_budget) <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+        return int(memory_budget)
+    env = os.environ.get(BUDGET_ENV)
+    if env:
+        try:
+            mb = float(env)
+        except ValueError:
+            raise ValueError(f"environment variable {BUDGET_ENV} must be a number of MiB, got {env!r}") from None
+        if mb <= 0:
+            raise ValueError(f"environment variable {BUDGET_ENV} must be > 0 MiB, got {env!r}")
+        return int(mb * 2**20)
+    return DEFAULT_BUDGET_BYTES
+
+
+def chunk_rows(vocab_size: int, n_aux_models: int = 0, memory_budget: int | None = None) -> int:
+    """Rows per chunk for vocabulary `vocab_size` with `n_aux_models` teacher/reference distributions."""
+    k = TEMPORARIES_STUDENT + TEMPORARIES_PER_AUX * n_aux_models
+    rows = budget_bytes(memory_budget) // (4 * max(int(vocab_size), 1) * k)
+    return max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
+
+
+def resolve_chunk_size(chunk_size: int | None, vocab_size: int, n_aux_models: int,
+                       memory_budget: int | None = None) -> int:
+    if chunk_size is None:
+        return chunk_rows(vocab_size, n_aux_models, memory_budget)
+    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive integer number of rows, got {chunk_size!r}")
+    return int(chunk_size)

@@ -1,0 +1,424 @@
+"""Layer 2: any objective computed from hidden states and the LM-head weight, chunk by chunk.
+
+The `[N, V]` logits are never held: the supervised rows are cut into chunks of `c` rows, and for each
+chunk the engine forms the float32 logits `[c, V]`, runs the objective's own `terms` on them (the same
+code as the reference path), takes the logit gradient with `torch.autograd.grad` and chains it
+through softcap, scale and the matmul:
+
+    raw = h_c @ W^T + b            (matmul in the compute dtype: the inputs' or autocast's)
+    z   = softcap * tanh(scale * raw / softcap)      (or scale * raw without softcap)
+    g   = dL/dz                    (autograd on the objective, float32)
+    g_raw = g * scale * (1 - tanh^2)
+    grad_h_c = g_raw @ W,  grad_W += g_raw^T @ h_c  (float32 accumulator),  grad_b += sum_rows g_raw
+
+No per-objective backward code exists, so every registered objective (user ones included) is exact.
+Teacher and reference logits are formed chunk by chunk in the same way from their own hidden states
+and heads, under no_grad.
+
+Two modes:
+- "forward" (default): the gradients are formed during the forward pass (like Liger-Kernel's fused
+  linear cross-entropy); backward only scales them by the incoming scalar gradient. One logits
+  matmul per chunk instead of two; the saved gradients (`[n, H]` and float32 `[V, H]`) are freed by
+  the first backward, so a second backward through the same graph (retain_graph) is refused.
+- "recompute": forward saves only its inputs; backward recomputes every chunk. Use it when the
+  backward may run more than once or the loss is not consumed right away.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qtarget.objectives.base import Objective, TokenInputs
+from qtarget.objectives.batching import (
+    LossResult,
+    MetricSums,
+    check_aux,
+    check_finite as assert_finite,
+    check_labels,
+    reduction_weights,
+    token_metrics,
+)
+from qtarget.objectives.registry import get_objective
+from qtarget.ops.budget import resolve_chunk_size
+
+MODES = ("auto", "forward", "recompute")
+
+
+@dataclass(eq=False)
+class _Problem:
+    """One call's fixed (non-differentiable) data, restricted to the n supervised rows."""
+
+    objective: Objective
+    labels: Tensor  # [n] int64
+    weights: Tensor  # [n] float32 reduction weights: loss = sum(per_token * weights)
+    compute_dtype: torch.dtype  # dtype of the student matmuls
+    logit_scale: float
+    softcap: float | None
+    chunk: int
+    metrics: bool
+    teacher_logits: Tensor | None = None  # [n, V]
+    ref_logits: Tensor | None = None  # [n, V]
+    teacher_hidden: Tensor | None = None  # [n, H_teacher]
+    teacher_weight: Tensor | None = None  # [V, H_teacher]
+    teacher_dtype: torch.dtype | None = None
+    ref_hidden: Tensor | None = None  # [n, H_ref]
+    ref_weight: Tensor | None = None  # [V, H_ref]
+    ref_dtype: torch.dtype | None = None
+    old_logprobs: Tensor | None = None  # [n] float32
+    token_weights: Tensor | None = None  # [n] float32
+
+
+@dataclass
+class _PassOutput:
+    loss: Tensor  # [] float32, detached
+    per_token: Tensor  # [n] float32, detached
+    metrics: dict[str, float]
+    grad_hidden: Tensor | None  # [n, H] compute dtype
+    grad_weight: Tensor | None  # [V, H] float32
+    grad_bias: Tensor | None  # [V] float32
+
+
+def _no_autocast(device_type: str):
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (RuntimeError, ValueError, TypeError):
+        pass
+    return None
+
+
+def _accumulate_weight_grad(acc: Tensor, g: Tensor, g_low: Tensor, h_c: Tensor) -> None:
+    """acc [V, H] += g^T @ h_c without rounding a low-precision product to bf16/fp16 first.
+    g [c, V] in the accumulator's dtype, g_low the same in h_c's (compute) dtype."""
+    if h_c.dtype == acc.dtype:
+        acc.addmm_(g.t(), h_c)
+        return
+    if acc.device.type == "cuda":
+        try:  # low-precision GEMM with float32 output (torch >= 2.8 on CUDA)
+            torch.addmm(acc, g_low.t(), h_c, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError):
+            pass
+    acc.addmm_(g.t(), h_c.to(acc.dtype))
+
+
+def _aux_chunk(logits: Tensor | None, hidden: Tensor | None, weight: Tensor | None, sl: slice) -> Tensor | None:
+    """[c, V] float32 detached teacher / reference logits for the rows in `sl`."""
+    if logits is not None:
+        return logits[sl] if logits.dtype == torch.float64 else logits[sl].float()
+    if hidden is not None:
+        out = torch.mm(hidden[sl].to(weight.dtype), weight.t())
+        return out if out.dtype == torch.float64 else out.float()
+    return None
+
+
+def _run_chunks(p: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None, *,
+                grad_hidden: bool, grad_weight: bool, grad_bias: bool, collect: bool) -> _PassOutput:
+    """One pass over the supervised rows `hidden [n, H]` in chunks of `p.chunk` rows.
+
+    Returns the weighted loss, the per-token loss [n] and metrics (when `collect`), and the requested
+    gradients of the weighted loss (for grad_output = 1). Nothing returned keeps a graph."""
+    cdt = p.compute_dtype
+    want_grad = grad_hidden or grad_weight or grad_bias
+    hidden, weight = hidden.detach(), weight.detach()
+    n, H = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    w_c = weight.to(cdt)
+    b_c = None if bias is None else bias.detach().to(cdt)
+    t_w = None if p.teacher_weight is None else p.teacher_weight.detach().to(p.teacher_dtype)
+    r_w = None if p.ref_weight is None else p.ref_weight.detach().to(p.ref_dtype)
+
+    loss_dtype = torch.float64 if cdt == torch.float64 else torch.float32
+    total = torch.zeros((), dtype=loss_dtype, device=device)
+    per_token = torch.zeros(n, dtype=torch.float32, device=device)
+    g_h = torch.empty((n, H), dtype=cdt, device=device) if grad_hidden else None
+    g_w = torch.zeros((V, H), dtype=loss_dtype, device=device) if grad_weight else None
+    g_b = torch.zeros(V, dtype=loss_dtype, device=device) if grad_bias else None
+    sums = MetricSums()
+    scale, cap = float(p.logit_scale), p.softcap
+
+    for start in range(0, n, p.chunk):
+        sl = slice(start, min(n, start + p.chunk))
+        h_c = hidden[sl].to(cdt)
+        raw = torch.mm(h_c, w_c.t()) if b_c is None else torch.addmm(b_c, h_c, w_c.t())
+        # loss math in float32 (float64 inputs stay float64, e.g. for gradcheck)
+        z = raw if raw.dtype == torch.float64 else raw.float()
+        del raw
+        if scale != 1.0:
+            z = z * scale
+        t = None
+        if cap is not None:
+            t = torch.tanh(z / cap)
+            z = t * cap
+        z.requires_grad_(want_grad)
+        x = TokenInputs(
+            logits=z,
+            labels=p.labels[sl],
+            teacher_logits=_aux_chunk(p.teacher_logits, p.teacher_hidden, t_w, sl),
+            ref_logits=_aux_chunk(p.ref_logits, p.ref_hidden, r_w, sl),
+            old_logprobs=None if p.old_logprobs is None else p.old_logprobs[sl],
+            token_weights=None if p.token_weights is None else p.token_weights[sl],
+        )
+        with torch.enable_grad() if want_grad else torch.no_grad():
+            terms = p.objective.terms(x)
+            if tuple(terms.loss.shape) != (sl.stop - sl.start,):
+                raise ValueError(f"objective {p.objective.name!r} returned a per-token loss of shape "
+                                 f"{tuple(terms.loss.shape)}, expected [{sl.stop - sl.start}]")
+            weighted = (terms.loss * p.weights[sl].to(terms.loss.dtype)).sum()
+        if want_grad:
+            g = None
+            if weighted.requires_grad:
+                (g,) = torch.autograd.grad(weighted, z, allow_unused=True)
+            if g is None:  # the loss does not depend on these logits (e.g. every token clipped)
+                g = torch.zeros_like(z)
+            # chain through softcap and scale: dz/draw = scale * (1 - tanh^2)
+            if t is not None:
+                g.mul_(t.square_().neg_().add_(1.0))
+            if scale != 1.0:
+                g.mul_(scale)
+            g_low = g.to(cdt)
+            if g_h is not None:
+                g_h[sl] = torch.mm(g_low, w_c)
+            if g_w is not None:
+                _accumulate_weight_grad(g_w, g, g_low, h_c)
+            if g_b is not None:
+                g_b += g.sum(0)
+            del g, g_low
+        total += weighted.detach()
+        if collect:
+            per_token[sl] = terms.loss.detach().float()
+            if p.metrics:
+                sums.add(token_metrics(x, terms))
+        del x, terms, z, t, weighted  # free this chunk's [c, V] temporaries before the next one
+    metrics = sums.means() if (collect and p.metrics) else {}
+    return _PassOutput(total, per_token, metrics, g_h, g_w, g_b)
+
+
+class _FusedLoss(torch.autograd.Function):
+    """loss = sum_rows weights * objective(logits(hidden, weight, bias)); inputs hidden [n, H],
+    weight [V, H], bias [V] | None. Returns (loss [], per_token [n] non-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, problem: _Problem, mode: str, sink: dict):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mode = mode
+        with _no_autocast(hidden.device.type):
+            if mode == "forward":
+                out = _run_chunks(problem, hidden, weight, bias, grad_hidden=need_h, grad_weight=need_w,
+                                  grad_bias=need_b, collect=True)
+                ctx.grads = (out.grad_hidden, out.grad_weight, out.grad_bias)
+            else:
+                out = _run_chunks(problem, hidden, weight, bias, grad_hidden=False, grad_weight=False,
+                                  grad_bias=False, collect=True)
+                ctx.problem = problem
+                ctx.save_for_backward(hidden, weight, bias)
+        sink["metrics"] = out.metrics
+        ctx.mark_non_differentiable(out.per_token)
+        return out.loss, out.per_token
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_per_token):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.mode == "forward":
+            if ctx.grads is None:
+                raise RuntimeError("fused_token_loss(mode='forward') frees its saved gradients after the first "
+                                   "backward; use mode='recompute' to backward through the same loss twice")
+            g_h, g_w, g_b = ctx.grads
+            ctx.grads = None
+        else:
+            hidden, weight, bias = ctx.saved_tensors
+            with _no_autocast(hidden.device.type):
+                out = _run_chunks(ctx.problem, hidden, weight, bias, grad_hidden=need_h, grad_weight=need_w,
+                                  grad_bias=need_b and bias is not None, collect=False)
+            g_h, g_w, g_b = out.grad_hidden, out.grad_weight, out.grad_bias
+        h_dt, w_dt, b_dt = ctx.dtypes
+        grad_h = None if g_h is None or not need_h else (g_h * grad_loss.to(g_h.dtype)).to(h_dt)
+        grad_w = None if g_w is None or not need_w else (g_w * grad_loss.to(g_w.dtype)).to(w_dt)
+        grad_b = None if g_b is None or not need_b else (g_b * grad_loss.to(g_b.dtype)).to(b_dt)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _as_rows(name: str, value: Tensor | None, positions: tuple[int, ...], flat: Tensor) -> Tensor | None:
+    """Rows [n, D] of a [..., D] tensor at the supervised positions."""
+    if value is None:
+        return None
+    if not isinstance(value, Tensor) or value.dim() != len(positions) + 1 or tuple(value.shape[:-1]) != positions:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"`{name}` has shape {shape}, expected {positions + ('D',)} (the labels' shape plus a "
+                         f"feature dimension)")
+    return value.reshape(-1, value.shape[-1])[flat]
+
+
+def _check_head(name: str, weight: Tensor, hidden_name: str, hidden: Tensor, vocab_size: int | None) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"`{name}` must be a [V, H] tensor, got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if not weight.dtype.is_floating_point or not hidden.dtype.is_floating_point:
+        raise ValueError(f"`{name}` and `{hidden_name}` must be floating point, got {weight.dtype} and {hidden.dtype}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"`{name}` has hidden size {weight.shape[1]} (shape {tuple(weight.shape)}) but "
+                         f"`{hidden_name}` has hidden size {hidden.shape[-1]}")
+    if vocab_size is not None and weight.shape[0] != vocab_size:
+        raise ValueError(f"`{name}` has vocabulary size {weight.shape[0]} but the student's lm_head_weight has "
+                         f"{vocab_size}: the {name.split('_')[0]} model must share the student's vocabulary")
+
+
+def fused_token_loss(
+    objective: str | Objective,
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    lm_head_bias: Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    ref_logits: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
+    token_weights: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    mode: str = "auto",
+    metrics: bool = True,
+    check_finite: bool = True,
+) -> LossResult:
+    """Loss of `objective` on logits = softcap(logit_scale * (hidden @ lm_head_weight^T + lm_head_bias)),
+    without materialising the `[N, V]` logits. Same result as `token_loss` on those logits.
+
+    hidden [..., H] (e.g. [N, H] or [B, T, H]) aligned with labels [...] (no shift inside; shift
+    before calling); lm_head_weight [V, H]; lm_head_bias [V]. softcap(z) = softcap * tanh(z / softcap),
+    applied after the scale. Matmuls run in the inputs' dtype (or the autocast dtype under
+    `torch.autocast`), the loss in float32; grad of the weight is accumulated in float32.
+
+    Teacher / reference distributions: either `teacher_hidden [..., H_t]` + `teacher_weight [V, H_t]`
+    (their logits are formed per chunk under no_grad, no bias/scale/softcap) or precomputed
+    `teacher_logits [..., V]`; likewise `ref_hidden`/`ref_weight` or `ref_logits`. All are detached.
+    `old_logprobs`/`token_weights` [...] as in `token_loss`.
+
+    reduction / normalizer: as `token_loss`. chunk_size: rows per chunk; by default chosen from
+    `memory_budget` bytes (see qtarget.ops.budget). mode: "auto" (= "forward"), "forward" (gradients
+    formed in the forward pass) or "recompute" (backward recomputes each chunk). metrics=False skips the
+    metric values. Returns LossResult(loss [] float32, per_token [labels.shape] float32 detached, metrics).
+    """
+    objective = get_objective(objective)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"labels must be a tensor, got {type(labels).__name__}")
+    if not isinstance(hidden, Tensor) or hidden.dim() != labels.dim() + 1 or tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden shape {shape} does not match labels shape {tuple(labels.shape)}: expected "
+                         f"hidden [..., H] with [...] == labels' shape")
+    _check_head("lm_head_weight", lm_head_weight, "hidden", hidden, None)
+    V = lm_head_weight.shape[0]
+    if lm_head_bias is not None and (not isinstance(lm_head_bias, Tensor) or tuple(lm_head_bias.shape) != (V,)):
+        raise ValueError(f"lm_head_bias must have shape ({V},), got "
+                         f"{tuple(lm_head_bias.shape) if isinstance(lm_head_bias, Tensor) else lm_head_bias!r}")
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if not torch.isfinite(torch.tensor(float(logit_scale))):
+        raise ValueError(f"logit_scale must be a finite number, got {logit_scale}")
+    positions = tuple(labels.shape)
+
+    # Teacher / reference sources: hidden + head, or precomputed logits, never both.
+    given = {"teacher_logits": teacher_logits, "ref_logits": ref_logits,
+             "old_logprobs": old_logprobs, "token_weights": token_weights}
+    for who, h_aux, w_aux, logits_aux in (("teacher", teacher_hidden, teacher_weight, teacher_logits),
+                                          ("ref", ref_hidden, ref_weight, ref_logits)):
+        if (h_aux is None) != (w_aux is None):
+            raise ValueError(f"`{who}_hidden` and `{who}_weight` must be given together")
+        if h_aux is not None:
+            if logits_aux is not None:
+                raise ValueError(f"give either `{who}_logits` or `{who}_hidden` + `{who}_weight`, not both")
+            _check_head(f"{who}_weight", w_aux, f"{who}_hidden", h_aux, V)
+            if tuple(h_aux.shape[:-1]) != positions:
+                raise ValueError(f"`{who}_hidden` has shape {tuple(h_aux.shape)}, expected {positions + ('H',)}")
+            # A zero-stride stand-in lets the shared validator see the [..., V] shape without memory.
+            given[f"{who}_logits"] = torch.zeros((), device=h_aux.device).expand(positions + (V,))
+    check_aux(objective, given, positions, V)
+    mask = check_labels(labels, V, ignore_index)
+    if check_finite:
+        for name, value in (("hidden", hidden), ("lm_head_weight", lm_head_weight), ("lm_head_bias", lm_head_bias),
+                            ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                            ("ref_hidden", ref_hidden), ("ref_weight", ref_weight)):
+            if value is not None:
+                assert_finite(name, value.detach())
+
+    flat = mask.reshape(-1)
+    device_type = hidden.device.type
+    autocast = _autocast_dtype(device_type)
+    cdt = autocast or torch.promote_types(hidden.dtype, lm_head_weight.dtype)
+
+    def rows(value: Tensor | None) -> Tensor | None:
+        return None if value is None else value.detach().reshape(-1)[flat].to(torch.float32)
+
+    def aux_logits(name: str, value: Tensor | None) -> Tensor | None:
+        if value is None:
+            return None
+        out = value.detach().reshape(-1, V)[flat]
+        if check_finite:
+            assert_finite(name, out)
+        return out
+
+    n_aux = sum(x is not None for x in (teacher_hidden, teacher_logits)) + \
+        sum(x is not None for x in (ref_hidden, ref_logits))
+    problem = _Problem(
+        objective=objective,
+        labels=labels.reshape(-1)[flat].long(),
+        weights=reduction_weights(mask, reduction, normalizer).reshape(-1)[flat],
+        compute_dtype=cdt,
+        logit_scale=float(logit_scale),
+        softcap=None if softcap is None else float(softcap),
+        chunk=resolve_chunk_size(chunk_size, V, n_aux, memory_budget),
+        metrics=metrics,
+        teacher_logits=aux_logits("teacher_logits", teacher_logits),
+        ref_logits=aux_logits("ref_logits", ref_logits),
+        teacher_hidden=_as_rows("teacher_hidden", None if teacher_hidden is None else teacher_hidden.detach(),
+                                positions, flat),
+        teacher_weight=teacher_weight,
+        teacher_dtype=None if teacher_weight is None else
+        (autocast or torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype)),
+        ref_hidden=_as_rows("ref_hidden", None if ref_hidden is None else ref_hidden.detach(), positions, flat),
+        ref_weight=ref_weight,
+        ref_dtype=None if ref_weight is None else (autocast or torch.promote_types(ref_hidden.dtype, ref_weight.dtype)),
+        old_logprobs=rows(old_logprobs),
+        token_weights=rows(token_weights),
+    )
+
+    h_rows = hidden.reshape(-1, hidden.shape[-1])[flat]  # differentiable gather of supervised rows
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias))
+    if needs_grad:
+        sink: dict = {}
+        loss, per_rows = _FusedLoss.apply(h_rows, lm_head_weight, lm_head_bias, problem,
+                                          "recompute" if mode == "recompute" else "forward", sink)
+        result_metrics = sink["metrics"]
+    else:
+        with torch.no_grad(), _no_autocast(device_type):
+            out = _run_chunks(problem, h_rows, lm_head_weight, lm_head_bias, grad_hidden=False,
+                              grad_weight=False, grad_bias=False, collect=True)
+        loss, per_rows, result_metrics = out.loss, out.per_token, out.metrics
+    per_token = torch.zeros(flat.shape, dtype=torch.float32, device=hidden.device)
+    per_token = per_token.masked_scatter(flat, per_rows).reshape(positions)
+    return LossResult(loss=loss, per_token=per_token, metrics=result_metrics)
