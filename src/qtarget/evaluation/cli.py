@@ -1,0 +1,119 @@
+"""`qtarget eval`: evaluate a causal LM on reasoning benchmarks.
+
+    qtarget eval --model PATH --benchmarks gsm8k_100,champ --samples 4 --temperature 1.0
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qtarget eval",
+        description="Generate answers to reasoning problems and score them (accuracy, avg@k, pass@k, "
+                    "response length, cut rate, token entropy). Rerunning into the same --output_dir resumes.",
+    )
+    p.add_argument("--model", required=True,
+                   help="local folder or hub id of a causal LM; 'smollm2' = the offline SmolLM2-135M-Instruct")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: same as --model)")
+    p.add_argument("--benchmarks", default="gsm8k_100",
+                   help="comma-separated: gsm8k_100, champ, arith, arith:N, math500, aime24, amc23, "
+                        "minerva_math, olympiadbench, gpqa_diamond, or path.jsonl (question/answer fields)")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem (n of pass@k / avg@n)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt_style", choices=["auto", "chat", "plain"], default="auto")
+    p.add_argument("--instruction", default=None, help="replaces the default 'reason step by step ... \\boxed{}'")
+    p.add_argument("--system_prompt", default=None)
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="generation backend")
+    p.add_argument("--answer_backend", choices=["auto", "math_verify", "sympy"], default="auto",
+                   help="symbolic equivalence: math-verify (when installed) or the sympy fallback")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--output_dir", default=None, help="default: eval_out/<model name>")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _resolve_model_path(name: str) -> str:
+    if name == "smollm2":
+        from qtarget.models import smollm2_dir
+
+        return str(smollm2_dir())
+    return name
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from qtarget.evaluation.benchmarks import HubUnavailableError, load_benchmarks
+
+    try:
+        problems = load_benchmarks(args.benchmarks, limit=args.limit, seed=args.seed)
+    except (HubUnavailableError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"qtarget eval: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtarget.evaluation.runner import evaluate
+
+    model_path = _resolve_model_path(args.model)
+    tok_path = _resolve_model_path(args.tokenizer) if args.tokenizer else model_path
+    output_dir = Path(args.output_dir or Path("eval_out") / Path(args.model.rstrip("/")).name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    except Exception as e:
+        print(f"qtarget eval: cannot load tokenizer {tok_path!r}: {e}", file=sys.stderr)
+        return 2
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    generator = None
+    model = None
+    if args.backend == "vllm":
+        from qtarget.evaluation.generation import VLLMGenerator, vllm_available
+
+        if not vllm_available():
+            print("qtarget eval: --backend vllm needs the vllm package (pip install vllm)", file=sys.stderr)
+            return 2
+        generator = VLLMGenerator(model_path, tokenizer=tokenizer, seed=args.seed,
+                                  dtype=args.dtype if args.dtype != "float32" else "auto")
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        except Exception as e:
+            print(f"qtarget eval: cannot load model {model_path!r}: {e}", file=sys.stderr)
+            return 2
+
+    try:
+        result = evaluate(
+            model, tokenizer, problems, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+            output_dir=output_dir, prompt_style=args.prompt_style, instruction=args.instruction,
+            system_prompt=args.system_prompt, progress=not args.no_progress, generator=generator,
+            answer_backend=args.answer_backend, model_name=args.model,
+        )
+    except ValueError as e:
+        print(f"qtarget eval: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nqtarget eval: interrupted; finished batches are in {output_dir}; rerun to resume",
+              file=sys.stderr)
+        return 130
+    print(result.table)
+    print(f"wrote {output_dir}/samples.jsonl, summary.json, summary.md "
+          f"({result.summary['generated']} samples generated now)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
