@@ -178,7 +178,7 @@ def fake_gguf(tmp_path, monkeypatch, smollm2_tokenizer):
     src = tmp_path / "fake.gguf"
     src.write_bytes(b"not really a gguf")
     monkeypatch.setenv("QTARGET_SMOLLM2_GGUF", str(src))
-    monkeypatch.setattr(smollm2_mod, "load_tokenizer", lambda name="smollm2": smollm2_tokenizer)
+    monkeypatch.setattr(smollm2_mod, "smollm2_tokenizer", lambda cache_dir=None: smollm2_tokenizer)
     state = {"calls": 0, "gate": None, "fail": False}
 
     def fake_load(dtype=torch.float32):

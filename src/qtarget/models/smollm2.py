@@ -24,7 +24,7 @@ from transformers import (
 
 from qtarget.models._cache import atomic_dir, cache_root, check_manifest, file_lock, log, write_manifest
 from qtarget.models.sources import smollm2_gguf_path
-from qtarget.models.tokenizers import _finish_smollm2, load_tokenizer
+from qtarget.models.tokenizers import _finish_smollm2, smollm2_tokenizer
 
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
 _DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
@@ -78,7 +78,7 @@ def smollm2_dir(cache_dir: str | Path | None = None, *, verify: bool = False) ->
             return folder
         log(f"converting SmolLM2-135M-Instruct from {gguf.name} into {folder} ({reason}) ...")
         t0 = time.perf_counter()
-        tokenizer = load_tokenizer("smollm2")
+        tokenizer = smollm2_tokenizer(root)
         model = _plain_copy(load_smollm2_gguf(torch.float32), tokenizer)
         t1 = time.perf_counter()
         log(f"dequantised in {t1 - t0:.1f} s; writing safetensors ...")

@@ -29,10 +29,12 @@ SMOLLM2_CHAT_TEMPLATE = (
 )
 
 
-def smollm2_tokenizer_dir() -> Path:
-    """Folder holding the SmolLM2 tokenizer converted from the GGUF (built on first use, ~10 s)."""
+def smollm2_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
+    """Folder ``<cache root>/tokenizers/smollm2-135m-instruct`` holding the SmolLM2 tokenizer converted from the
+    GGUF (built on first use, ~10 s; later calls check the manifest only)."""
     gguf = smollm2_gguf_path()
-    folder = cache_root() / "tokenizers" / "smollm2-135m-instruct"
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    folder = root / "tokenizers" / "smollm2-135m-instruct"
     if check_manifest(folder, gguf) is None:
         return folder
     with file_lock(folder.parent / f".{folder.name}.lock"):
@@ -77,6 +79,13 @@ def _gpt2() -> PreTrainedTokenizerBase:
     return tok
 
 
+def smollm2_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """A fresh SmolLM2 tokenizer from the cache under ``cache_dir`` (default: the qtarget cache root)."""
+    tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir(cache_dir)))
+    _finish_smollm2(tok)  # idempotent; guards against settings lost on save/load
+    return tok
+
+
 def load_tokenizer(name: str = "smollm2") -> PreTrainedTokenizerBase:
     """A fresh tokenizer, offline.
 
@@ -85,9 +94,7 @@ def load_tokenizer(name: str = "smollm2") -> PreTrainedTokenizerBase:
     eos = pad = ``<|endoftext|>``=50256).
     """
     if name == "smollm2":
-        tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
-        _finish_smollm2(tok)  # idempotent; guards against settings lost on save/load
-        return tok
+        return smollm2_tokenizer()
     if name == "gpt2":
         return _gpt2()
     raise ValueError(f"load_tokenizer: unknown name {name!r}; expected one of {list(TOKENIZER_NAMES)}")
