@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
             help_text = f"{help_text} [default: {getattr(default, 'value', default)}]".replace("%", "%%")
         group = ours if name in qt_names else hf
         kwargs: dict[str, Any] = {"metavar": "VALUE", "help": help_text}
-        if "bool" in str(f.type) and "None" not in str(f.type):
+        if "bool" in str(f.type) and "dict" not in str(f.type):
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         if name == "resume":
             kwargs.update(nargs="?", const="last", metavar="[last|CHECKPOINT]")
