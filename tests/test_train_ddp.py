@@ -1,0 +1,53 @@
+"""2-process CPU data parallel (torchrun, gloo) ends with the same parameters as one process with the
+same global batch: the loss normaliser counts the supervised tokens of all ranks."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = textwrap.dedent('''
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from qtarget.data import prepare_data
+    from qtarget.training import train
+    from test_train_support import config, tiny, tokenizer, toy_rows
+
+    out, per_device, objective = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    tok = tokenizer()
+    data = prepare_data(toy_rows(16), tok, max_length=64)
+    extra = dict(ddp_backend="gloo") if per_device == 2 else {{}}
+    cfg = config(out, objective=objective, per_device_train_batch_size=per_device, max_steps=3,
+                 gradient_accumulation_steps=2, learning_rate=1e-2, dataloader_drop_last=True, **extra)
+    train(cfg, model=tiny(), tokenizer=tok, train_dataset=data.train)
+''')
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.parametrize("objective", ["dft"])
+def test_two_process_ddp_equals_single_process(tmp_path, objective):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    _run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(script),
+          str(tmp_path / "ddp"), "2", objective], tmp_path)
+    _run([sys.executable, str(script), str(tmp_path / "single"), "4", objective], tmp_path)
+    ddp = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
+    single = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
+    assert ddp.keys() == single.keys()
+    init = dict(__import__("test_train_support").tiny().state_dict())
+    moved = max(float((single[k] - init[k]).abs().max()) for k in single)
+    assert moved > 1e-3  # training changed the weights
+    diff = max(float((ddp[k] - single[k]).abs().max()) for k in ddp)
+    assert diff < 1e-5, diff
