@@ -246,9 +246,11 @@ class _FusedLoss(torch.autograd.Function):
                                   grad_bias=need_b and bias is not None, collect=False)
             g_h, g_w, g_b = out.grad_hidden, out.grad_weight, out.grad_bias
         h_dt, w_dt, b_dt = ctx.dtypes
-        grad_h = None if g_h is None or not need_h else (g_h * grad_loss.to(g_h.dtype)).to(h_dt)
-        grad_w = None if g_w is None or not need_w else (g_w * grad_loss.to(g_w.dtype)).to(w_dt)
-        grad_b = None if g_b is None or not need_b else (g_b * grad_loss.to(g_b.dtype)).to(b_dt)
+        # The buffers belong to this backward alone (freed or freshly recomputed): scale in place, so
+        # the float32 [V, H] gradient exists once.
+        grad_h = None if g_h is None or not need_h else g_h.mul_(grad_loss.to(g_h.dtype)).to(h_dt)
+        grad_w = None if g_w is None or not need_w else g_w.mul_(grad_loss.to(g_w.dtype)).to(w_dt)
+        grad_b = None if g_b is None or not need_b else g_b.mul_(grad_loss.to(g_b.dtype)).to(b_dt)
         return grad_h, grad_w, grad_b, None, None, None
 
 
