@@ -54,16 +54,18 @@ def full_logits(h, W, b, scale=1.0, softcap=None):
     return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
-def aux_kwargs(obj, c, as_logits: bool):
+def aux_kwargs(obj, c, as_logits: bool, scale=1.0, softcap=None):
+    """Teacher / reference inputs; as logits they carry the student head's scale and softcap, as the
+    engine applies them to hidden + head inputs."""
     out = {}
     if "teacher" in obj.needs:
         if as_logits:
-            out["teacher_logits"] = c["teacher_hidden"] @ c["teacher_weight"].T
+            out["teacher_logits"] = full_logits(c["teacher_hidden"], c["teacher_weight"], None, scale, softcap)
         else:
             out.update(teacher_hidden=c["teacher_hidden"], teacher_weight=c["teacher_weight"])
     if "ref" in obj.needs:
         if as_logits:
-            out["ref_logits"] = c["ref_hidden"] @ c["ref_weight"].T
+            out["ref_logits"] = full_logits(c["ref_hidden"], c["ref_weight"], None, scale, softcap)
         else:
             out.update(ref_hidden=c["ref_hidden"], ref_weight=c["ref_weight"])
     for key in ("old_logprobs", "token_weights"):
@@ -77,13 +79,14 @@ def run_both(obj, c, *, bias=True, scale=1.0, softcap=None, aux_as_logits=False,
     """(fused result, fused grads, reference result, reference grads) for the same problem."""
     h, W, b = leaves(c, bias)
     got = fused_token_loss(obj, h, W, c["labels"], lm_head_bias=b, logit_scale=scale, softcap=softcap,
-                           reduction=reduction, normalizer=normalizer, **aux_kwargs(obj, c, aux_as_logits),
+                           reduction=reduction, normalizer=normalizer,
+                           **aux_kwargs(obj, c, aux_as_logits, scale, softcap),
                            **fused_kw)
     params = [t for t in (h, W, b) if t is not None]
     got_grads = torch.autograd.grad(got.loss, params)
     h2, W2, b2 = leaves(c, bias)
     want = token_loss(obj, full_logits(h2, W2, b2, scale, softcap), c["labels"], reduction=reduction,
-                      normalizer=normalizer, **aux_kwargs(obj, c, True))
+                      normalizer=normalizer, **aux_kwargs(obj, c, True, scale, softcap))
     want_grads = torch.autograd.grad(want.loss, [t for t in (h2, W2, b2) if t is not None])
     return got, got_grads, want, want_grads
 

@@ -112,13 +112,25 @@ def _accumulate_weight_grad(acc: Tensor, g: Tensor, g_low: Tensor, h_c: Tensor) 
     acc.addmm_(g.t(), h_c.to(acc.dtype))
 
 
-def _aux_chunk(logits: Tensor | None, hidden: Tensor | None, weight: Tensor | None, sl: slice) -> Tensor | None:
-    """[c, V] float32 detached teacher / reference logits for the rows in `sl`."""
+def _transform(z: Tensor, scale: float, cap: float | None) -> tuple[Tensor, Tensor | None]:
+    """(softcap(scale * z), tanh term or None) on float logits [c, V]."""
+    if scale != 1.0:
+        z = z * scale
+    if cap is None:
+        return z, None
+    t = torch.tanh(z / cap)
+    return t * cap, t
+
+
+def _aux_chunk(logits: Tensor | None, hidden: Tensor | None, weight: Tensor | None, sl: slice,
+               scale: float, cap: float | None) -> Tensor | None:
+    """[c, V] float detached teacher / reference logits for the rows in `sl`: precomputed logits as
+    given, or softcap(scale * hidden @ weight^T) with the student head's scale and softcap."""
     if logits is not None:
         return logits[sl] if logits.dtype == torch.float64 else logits[sl].float()
     if hidden is not None:
         out = torch.mm(hidden[sl].to(weight.dtype), weight.t())
-        return out if out.dtype == torch.float64 else out.float()
+        return _transform(out if out.dtype == torch.float64 else out.float(), scale, cap)[0]
     return None
 
 
@@ -155,18 +167,13 @@ def _run_chunks(p: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None
         # loss math in float32 (float64 inputs stay float64, e.g. for gradcheck)
         z = raw if raw.dtype == torch.float64 else raw.float()
         del raw
-        if scale != 1.0:
-            z = z * scale
-        t = None
-        if cap is not None:
-            t = torch.tanh(z / cap)
-            z = t * cap
+        z, t = _transform(z, scale, cap)
         z.requires_grad_(want_grad)
         x = TokenInputs(
             logits=z,
             labels=p.labels[sl],
-            teacher_logits=_aux_chunk(p.teacher_logits, p.teacher_hidden, t_w, sl),
-            ref_logits=_aux_chunk(p.ref_logits, p.ref_hidden, r_w, sl),
+            teacher_logits=_aux_chunk(p.teacher_logits, p.teacher_hidden, t_w, sl, scale, cap),
+            ref_logits=_aux_chunk(p.ref_logits, p.ref_hidden, r_w, sl, scale, cap),
             old_logprobs=None if p.old_logprobs is None else p.old_logprobs[sl],
             token_weights=None if p.token_weights is None else p.token_weights[sl],
         )
@@ -314,7 +321,8 @@ def fused_token_loss(
     `torch.autocast`), the loss in float32; grad of the weight is accumulated in float32.
 
     Teacher / reference distributions: either `teacher_hidden [..., H_t]` + `teacher_weight [V, H_t]`
-    (their logits are formed per chunk under no_grad, no bias/scale/softcap) or precomputed
+    (logits softcap(logit_scale * teacher_hidden @ teacher_weight^T), formed per chunk under no_grad:
+    same-family models share the head's scale and softcap; no bias) or precomputed
     `teacher_logits [..., V]`; likewise `ref_hidden`/`ref_weight` or `ref_logits`. All are detached.
     `old_logprobs`/`token_weights` [...] as in `token_loss`.
 
