@@ -133,6 +133,18 @@ def run_case(case: dict) -> dict:
         step()
         times.append(time.perf_counter() - t0)
         clear()
+    if case.get("pair"):
+        # The machine is shared: time the naive path in this process too, alternating with this one,
+        # so that the ratio compares runs under the same load.
+        naive = _step_fn({**case, "path": "naive"}, hidden, weight, labels, aux)
+        naive_times = []
+        for _ in range(int(case["pair"])):
+            for fn, sink in ((naive, naive_times), (step, times)):
+                t0 = time.perf_counter()
+                fn()
+                sink.append(time.perf_counter() - t0)
+                clear()
+        out["naive_seconds_same_process"] = min(naive_times)
     out["seconds"] = min(times)
     out["times"] = times
     return out
@@ -165,7 +177,7 @@ def _spawn(case: dict, timeout: float) -> dict:
 
 
 def grid(quick: bool, objectives: list[str], paths: list[str], Ns: list[int] | None = None,
-         Vs: list[int] | None = None, reps: int | None = None) -> list[dict]:
+         Vs: list[int] | None = None, reps: int | None = None, pair: int = 0) -> list[dict]:
     Ns = Ns or ([2048, 8192] if quick else [2048, 8192, 32768])
     Vs = Vs or ([49152] if quick else [49152, 151936])
     cases = []
@@ -181,6 +193,8 @@ def grid(quick: bool, objectives: list[str], paths: list[str], Ns: list[int] | N
                         case["reps"] = 1
                     if reps is not None:
                         case["reps"] = reps
+                    if pair and path != "naive":
+                        case["pair"] = pair
                     if path == "naive":
                         k = NAIVE_TEMPORARIES + (3 if obj in NEEDS_AUX_MODEL else 0)
                         if N * V * 4 * k > NAIVE_LIMIT_BYTES:
@@ -197,7 +211,7 @@ def table(rows: list[dict]) -> str:
     head = ["V", "N", "objective"]
     for p in paths:
         head += [f"{p} s", f"{p} MiB"]
-    head += ["fused/naive time", "fused/naive mem"]
+    head += ["fused/naive time", "same-process time ratio", "fused/naive mem"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     index = {(r["V"], r["N"], r["objective"], r["path"]): r for r in rows}
     for V, N, obj in keys:
@@ -211,10 +225,13 @@ def table(rows: list[dict]) -> str:
             else:
                 cells += [r.get("skip") or r.get("error", "?"), ""]
         naive, fused = index.get((V, N, obj, "naive")), index.get((V, N, obj, "fused"))
+        pair = (f"{fused['seconds'] / fused['naive_seconds_same_process']:.2f}"
+                if fused and "naive_seconds_same_process" in fused else "")
         if naive and fused and "seconds" in naive and "seconds" in fused:
-            cells += [f"{fused['seconds'] / naive['seconds']:.2f}", f"{fused['peak_bytes'] / naive['peak_bytes']:.3f}"]
+            cells += [f"{fused['seconds'] / naive['seconds']:.2f}", pair,
+                      f"{fused['peak_bytes'] / naive['peak_bytes']:.3f}"]
         else:
-            cells += ["", ""]
+            cells += ["", pair, ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -244,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--V", help="comma-separated vocabulary sizes (overrides the grid's)")
     ap.add_argument("--reps", type=int, help="fwd+bwd repetitions per case (first one also measures memory)")
     ap.add_argument("--append", action="store_true", help="add to the cases already in --out")
+    ap.add_argument("--pair", type=int, default=0,
+                    help="also time the naive path this many times in each case's process, alternating")
     ap.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
     args = ap.parse_args(argv)
     if args.case:
@@ -264,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = json.loads(out.read_text())["cases"] if (args.append or args.table_only) and out.exists() else []
     ints = (lambda s: [int(x) for x in s.split(",")] if s else None)
     todo = [] if args.table_only else grid(args.quick, args.objectives.split(","), paths, ints(args.N),
-                                           ints(args.V), args.reps)
+                                           ints(args.V), args.reps, args.pair)
     for case in todo:
         rows = [r for r in rows if not all(r.get(k) == case[k] for k in ("objective", "path", "N", "V"))]
         if "skip" in case:

@@ -49,9 +49,12 @@ MODES = ("auto", "forward", "recompute")
 
 @dataclass(eq=False)
 class _Problem:
-    """One call's fixed (non-differentiable) data, restricted to the n supervised rows."""
+    """One call's fixed (non-differentiable) data. `rows` [n] indexes the supervised positions in
+    the flattened [N, ...] inputs; per-row tensors below are already restricted to them, while the
+    big ones (hidden states, precomputed logits) stay whole and are indexed chunk by chunk."""
 
     objective: Objective
+    rows: Tensor  # [n] int64 positions of supervised tokens in [0, N)
     labels: Tensor  # [n] int64
     weights: Tensor  # [n] float32 reduction weights: loss = sum(per_token * weights)
     compute_dtype: torch.dtype  # dtype of the student matmuls
@@ -59,12 +62,12 @@ class _Problem:
     softcap: float | None
     chunk: int
     metrics: bool
-    teacher_logits: Tensor | None = None  # [n, V]
-    ref_logits: Tensor | None = None  # [n, V]
-    teacher_hidden: Tensor | None = None  # [n, H_teacher]
+    teacher_logits: Tensor | None = None  # [N, V]
+    ref_logits: Tensor | None = None  # [N, V]
+    teacher_hidden: Tensor | None = None  # [N, H_teacher]
     teacher_weight: Tensor | None = None  # [V, H_teacher]
     teacher_dtype: torch.dtype | None = None
-    ref_hidden: Tensor | None = None  # [n, H_ref]
+    ref_hidden: Tensor | None = None  # [N, H_ref]
     ref_weight: Tensor | None = None  # [V, H_ref]
     ref_dtype: torch.dtype | None = None
     old_logprobs: Tensor | None = None  # [n] float32
@@ -76,7 +79,7 @@ class _PassOutput:
     loss: Tensor  # [] float32, detached
     per_token: Tensor  # [n] float32, detached
     metrics: dict[str, float]
-    grad_hidden: Tensor | None  # [n, H] compute dtype
+    grad_hidden: Tensor | None  # [N, H] hidden's dtype, 0 at unsupervised rows
     grad_weight: Tensor | None  # [V, H] float32
     grad_bias: Tensor | None  # [V] float32
 
@@ -122,28 +125,30 @@ def _transform(z: Tensor, scale: float, cap: float | None) -> tuple[Tensor, Tens
     return t * cap, t
 
 
-def _aux_chunk(logits: Tensor | None, hidden: Tensor | None, weight: Tensor | None, sl: slice,
+def _aux_chunk(logits: Tensor | None, hidden: Tensor | None, weight: Tensor | None, idx: Tensor,
                scale: float, cap: float | None) -> Tensor | None:
-    """[c, V] float detached teacher / reference logits for the rows in `sl`: precomputed logits as
-    given, or softcap(scale * hidden @ weight^T) with the student head's scale and softcap."""
+    """[c, V] float detached teacher / reference logits for the positions `idx`: precomputed logits
+    as given, or softcap(scale * hidden @ weight^T) with the student head's scale and softcap."""
     if logits is not None:
-        return logits[sl] if logits.dtype == torch.float64 else logits[sl].float()
+        out = logits.index_select(0, idx)
+        return out if out.dtype == torch.float64 else out.float()
     if hidden is not None:
-        out = torch.mm(hidden[sl].to(weight.dtype), weight.t())
+        out = torch.mm(hidden.index_select(0, idx).to(weight.dtype), weight.t())
         return _transform(out if out.dtype == torch.float64 else out.float(), scale, cap)[0]
     return None
 
 
 def _run_chunks(p: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None, *,
                 grad_hidden: bool, grad_weight: bool, grad_bias: bool, collect: bool) -> _PassOutput:
-    """One pass over the supervised rows `hidden [n, H]` in chunks of `p.chunk` rows.
+    """One pass over the supervised rows `p.rows` of `hidden [N, H]` in chunks of `p.chunk` rows.
 
     Returns the weighted loss, the per-token loss [n] and metrics (when `collect`), and the requested
     gradients of the weighted loss (for grad_output = 1). Nothing returned keeps a graph."""
     cdt = p.compute_dtype
     want_grad = grad_hidden or grad_weight or grad_bias
     hidden, weight = hidden.detach(), weight.detach()
-    n, H = hidden.shape
+    N, H = hidden.shape
+    n = p.rows.numel()
     V = weight.shape[0]
     device = hidden.device
     w_c = weight.to(cdt)
@@ -154,7 +159,7 @@ def _run_chunks(p: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None
     loss_dtype = torch.float64 if cdt == torch.float64 else torch.float32
     total = torch.zeros((), dtype=loss_dtype, device=device)
     per_token = torch.zeros(n, dtype=torch.float32, device=device)
-    g_h = torch.empty((n, H), dtype=cdt, device=device) if grad_hidden else None
+    g_h = torch.zeros((N, H), dtype=hidden.dtype, device=device) if grad_hidden else None
     g_w = torch.zeros((V, H), dtype=loss_dtype, device=device) if grad_weight else None
     g_b = torch.zeros(V, dtype=loss_dtype, device=device) if grad_bias else None
     sums = MetricSums()
@@ -162,7 +167,8 @@ def _run_chunks(p: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None
 
     for start in range(0, n, p.chunk):
         sl = slice(start, min(n, start + p.chunk))
-        h_c = hidden[sl].to(cdt)
+        idx = p.rows[sl]
+        h_c = hidden.index_select(0, idx).to(cdt)
         raw = torch.mm(h_c, w_c.t()) if b_c is None else torch.addmm(b_c, h_c, w_c.t())
         # loss math in float32 (float64 inputs stay float64, e.g. for gradcheck)
         z = raw if raw.dtype == torch.float64 else raw.float()
@@ -172,8 +178,8 @@ def _run_chunks(p: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None
         x = TokenInputs(
             logits=z,
             labels=p.labels[sl],
-            teacher_logits=_aux_chunk(p.teacher_logits, p.teacher_hidden, t_w, sl, scale, cap),
-            ref_logits=_aux_chunk(p.ref_logits, p.ref_hidden, r_w, sl, scale, cap),
+            teacher_logits=_aux_chunk(p.teacher_logits, p.teacher_hidden, t_w, idx, scale, cap),
+            ref_logits=_aux_chunk(p.ref_logits, p.ref_hidden, r_w, idx, scale, cap),
             old_logprobs=None if p.old_logprobs is None else p.old_logprobs[sl],
             token_weights=None if p.token_weights is None else p.token_weights[sl],
         )
@@ -196,7 +202,7 @@ def _run_chunks(p: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None
                 g.mul_(scale)
             g_low = g.to(cdt)
             if g_h is not None:
-                g_h[sl] = torch.mm(g_low, w_c)
+                g_h.index_copy_(0, idx, torch.mm(g_low, w_c).to(g_h.dtype))
             if g_w is not None:
                 _accumulate_weight_grad(g_w, g, g_low, h_c)
             if g_b is not None:
@@ -213,7 +219,7 @@ def _run_chunks(p: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None
 
 
 class _FusedLoss(torch.autograd.Function):
-    """loss = sum_rows weights * objective(logits(hidden, weight, bias)); inputs hidden [n, H],
+    """loss = sum_rows weights * objective(logits(hidden, weight, bias)); inputs hidden [N, H],
     weight [V, H], bias [V] | None. Returns (loss [], per_token [n] non-differentiable)."""
 
     @staticmethod
@@ -259,17 +265,6 @@ class _FusedLoss(torch.autograd.Function):
         grad_w = None if g_w is None or not need_w else g_w.mul_(grad_loss.to(g_w.dtype)).to(w_dt)
         grad_b = None if g_b is None or not need_b else g_b.mul_(grad_loss.to(g_b.dtype)).to(b_dt)
         return grad_h, grad_w, grad_b, None, None, None
-
-
-def _as_rows(name: str, value: Tensor | None, positions: tuple[int, ...], flat: Tensor) -> Tensor | None:
-    """Rows [n, D] of a [..., D] tensor at the supervised positions."""
-    if value is None:
-        return None
-    if not isinstance(value, Tensor) or value.dim() != len(positions) + 1 or tuple(value.shape[:-1]) != positions:
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"`{name}` has shape {shape}, expected {positions + ('D',)} (the labels' shape plus a "
-                         f"feature dimension)")
-    return value.reshape(-1, value.shape[-1])[flat]
 
 
 def _check_head(name: str, weight: Tensor, hidden_name: str, hidden: Tensor, vocab_size: int | None) -> None:
@@ -384,17 +379,21 @@ def fused_token_loss(
         return None if value is None else value.detach().reshape(-1)[flat].to(torch.float32)
 
     def aux_logits(name: str, value: Tensor | None) -> Tensor | None:
+        """[N, V] view (no copy: rows are gathered chunk by chunk)."""
         if value is None:
             return None
-        out = value.detach().reshape(-1, V)[flat]
         if check_finite:
-            assert_finite(name, out)
-        return out
+            assert_finite(name, value.detach())
+        return value.detach().reshape(-1, V)
+
+    def flat_hidden(value: Tensor | None) -> Tensor | None:
+        return None if value is None else value.detach().reshape(-1, value.shape[-1])
 
     n_aux = sum(x is not None for x in (teacher_hidden, teacher_logits)) + \
         sum(x is not None for x in (ref_hidden, ref_logits))
     problem = _Problem(
         objective=objective,
+        rows=flat.nonzero().squeeze(-1),
         labels=labels.reshape(-1)[flat].long(),
         weights=reduction_weights(mask, reduction, normalizer).reshape(-1)[flat],
         compute_dtype=cdt,
@@ -404,29 +403,28 @@ def fused_token_loss(
         metrics=metrics,
         teacher_logits=aux_logits("teacher_logits", teacher_logits),
         ref_logits=aux_logits("ref_logits", ref_logits),
-        teacher_hidden=_as_rows("teacher_hidden", None if teacher_hidden is None else teacher_hidden.detach(),
-                                positions, flat),
+        teacher_hidden=flat_hidden(teacher_hidden),
         teacher_weight=teacher_weight,
         teacher_dtype=None if teacher_weight is None else
         (autocast or torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype)),
-        ref_hidden=_as_rows("ref_hidden", None if ref_hidden is None else ref_hidden.detach(), positions, flat),
+        ref_hidden=flat_hidden(ref_hidden),
         ref_weight=ref_weight,
         ref_dtype=None if ref_weight is None else (autocast or torch.promote_types(ref_hidden.dtype, ref_weight.dtype)),
         old_logprobs=rows(old_logprobs),
         token_weights=rows(token_weights),
     )
 
-    h_rows = hidden.reshape(-1, hidden.shape[-1])[flat]  # differentiable gather of supervised rows
+    h_flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H] view; supervised rows are gathered per chunk
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias))
     if needs_grad:
         sink: dict = {}
-        loss, per_rows = _FusedLoss.apply(h_rows, lm_head_weight, lm_head_bias, problem,
+        loss, per_rows = _FusedLoss.apply(h_flat, lm_head_weight, lm_head_bias, problem,
                                           "recompute" if mode == "recompute" else "forward", sink)
         result_metrics = sink["metrics"]
     else:
         with torch.no_grad(), _no_autocast(device_type):
-            out = _run_chunks(problem, h_rows, lm_head_weight, lm_head_bias, grad_hidden=False,
+            out = _run_chunks(problem, h_flat, lm_head_weight, lm_head_bias, grad_hidden=False,
                               grad_weight=False, grad_bias=False, collect=True)
         loss, per_rows, result_metrics = out.loss, out.per_token, out.metrics
     per_token = torch.zeros(flat.shape, dtype=torch.float32, device=hidden.device)
