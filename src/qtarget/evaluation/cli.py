@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symbolic equivalence: math-verify (when installed) or the sympy fallback")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output_dir", default=None, help="default: eval_out/<model name>")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
@@ -64,11 +65,18 @@ def main(argv: list[str]) -> int:
 
     from qtarget.evaluation.runner import evaluate
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_path = _resolve_model_path(args.model)
     tok_path = _resolve_model_path(args.tokenizer) if args.tokenizer else model_path
     output_dir = Path(args.output_dir or Path("eval_out") / Path(args.model.rstrip("/")).name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        if (args.tokenizer or args.model) == "smollm2":
+            from qtarget.models import load_tokenizer
+
+            tokenizer = load_tokenizer("smollm2")  # chat template and pad token set
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tok_path)
     except Exception as e:
         print(f"qtarget eval: cannot load tokenizer {tok_path!r}: {e}", file=sys.stderr)
         return 2
