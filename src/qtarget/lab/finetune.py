@@ -1,0 +1,101 @@
+"""One lab fine-tuning run through the library's real trainer (`qtarget.training.train`).
+
+Every run starts from a fresh copy of the base model with the same trainable set: the top
+`train_top_layers` decoder layers and the final norm. The embeddings (tied to the LM head) and the
+bottom layers stay frozen, so their activations need no backward pass; that is what makes a 135M
+model trainable in minutes on 2 CPU cores, and it is the same for every objective.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from qtarget.lab.settings import LabSettings
+
+
+def set_trainable(model: nn.Module, top_layers: int) -> dict[str, int]:
+    """Freeze everything but the top `top_layers` decoder layers and the final norm (0 = train all).
+    Returns {trainable, total} parameter counts (tied weights counted once)."""
+    for p in model.parameters():
+        p.requires_grad_(top_layers == 0)
+    if top_layers > 0:
+        decoder = model.get_decoder()
+        layers = decoder.layers
+        if top_layers > len(layers):
+            raise ValueError(f"train_top_layers={top_layers} but the model has only {len(layers)} layers")
+        for layer in layers[len(layers) - top_layers:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        for p in decoder.norm.parameters():
+            p.requires_grad_(True)
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return {"trainable": trainable, "total": total}
+
+
+class StepCallback(TrainerCallback):
+    """Calls `on_step()` after every optimizer step (drives the lab's single progress display)."""
+
+    def __init__(self, on_step: Callable[[], None]) -> None:
+        self.on_step = on_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.on_step()
+
+
+def train_config(settings: LabSettings, objective: str, seed: int, output_dir: Path, *, steps: int | None = None):
+    """The QTargetConfig every lab run shares; only objective, its parameters and the seed vary."""
+    from qtarget.training import QTargetConfig
+
+    steps = int(steps or settings.steps)
+    return QTargetConfig(
+        output_dir=str(output_dir), objective=objective, objective_args=dict(settings.objective_args.get(objective, {})),
+        max_steps=steps, per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=1,
+        learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=max(1, round(settings.warmup_ratio * steps)) if settings.warmup_ratio > 0 else 0,
+        weight_decay=settings.weight_decay, max_grad_norm=1.0, seed=seed, data_seed=seed,
+        psft_updates_per_batch=settings.psft_updates_per_batch, max_length=settings.max_length,
+        logging_steps=1, save_strategy="no", report_to="none", plot=False, disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, dtype="float32",
+    )
+
+
+def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: list[dict[str, Any]],
+             objective: str, seed: int, output_dir: Path, *, teacher: nn.Module | None = None,
+             steps: int | None = None, on_step: Callable[[], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune a copy of `base` with `objective`. The frozen `base` itself is the ASFT reference
+    (pi_base) and `teacher` the target_sft teacher. Returns (model, {history, seconds, params})."""
+    from qtarget.data import ExampleDataset
+    from qtarget.training import train
+
+    model = copy.deepcopy(base)
+    params = set_trainable(model, settings.train_top_layers)
+    model.train()
+    config = train_config(settings, objective, seed, output_dir, steps=steps)
+    needs = config.objective_needs
+    t0 = time.perf_counter()
+    result = train(config, model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train_examples),
+                   teacher=teacher if "teacher" in needs else None, ref=base if "ref" in needs else None,
+                   callbacks=[StepCallback(on_step)] if on_step else None, save_final=False)
+    seconds = time.perf_counter() - t0
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if result.global_step != config.max_steps:
+        raise RuntimeError(f"{objective}: trained {result.global_step} steps, expected {config.max_steps}")
+    info = {"history": result.history, "seconds": seconds, "params": params, "steps": result.global_step,
+            "psft_refreshes": getattr(result.trainer, "psft_refreshes", None)}
+    del result
+    return model, info

@@ -1,0 +1,279 @@
+"""The lab's procedural tasks: every problem is generated from a seed and has a checkable answer.
+
+In-domain ("shop"): multi-step arithmetic word problems with a compact chain of thought, one equation
+per step, ending in "The answer is N." The training demonstrations come from here, optionally noisy:
+
+- `corrupt`: one step's result is wrong (off by a small amount) and the error is carried to the end,
+  so the demonstrated final answer is wrong (a noisy label);
+- `alternative`: a correct solution in a different surface form (operands swapped, words instead of
+  symbols, a different closing phrase): non-unique tokens for the same reasoning.
+
+Out-of-domain ("convert"): unit conversions ("How many minutes are in 7 hours?"), a task type the
+demonstrations never show. Its accuracy before and after fine-tuning measures forgetting.
+
+Every generator is a pure function of its seed (`random.Random(seed)`), so a run is reproducible.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+INSTRUCTION = "Solve step by step. End with: The answer is N."
+NOISE_KINDS = ("corrupt", "alternative")
+
+_NAMES = ("Mia", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Sara", "Ben", "Nina", "Tom",
+          "Lena", "Ivan", "Maya", "Raj", "Ella", "Sam", "Yuki", "Ana")
+_ITEMS = ("apples", "stickers", "marbles", "books", "pencils", "cookies", "stamps", "shells", "cards",
+          "coins", "eggs", "flowers", "toy cars", "beads", "oranges")
+_CONTAINERS = ("bags", "boxes", "packs", "jars", "baskets")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One written step `left op right = result` (op in + - *). `result` is what the step *states*;
+    it differs from the true value only in a corrupted demonstration."""
+
+    op: str
+    left: int
+    right: int
+    result: int
+
+    @property
+    def true_result(self) -> int:
+        return apply_op(self.op, self.left, self.right)
+
+
+@dataclass
+class LabProblem:
+    """A generated problem. `answer` is the correct final answer; `steps` the correct solution."""
+
+    id: str
+    task: str
+    question: str
+    answer: int
+    events: list[tuple] = field(default_factory=list)
+    start: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> list[Step]:
+        """The correct written solution."""
+        return solve(self.start, self.events)[0]
+
+    @property
+    def prompt(self) -> str:
+        """The user turn (question + instruction), identical in training and evaluation."""
+        return f"{self.question}\n\n{INSTRUCTION}"
+
+
+def apply_op(op: str, a: int, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    raise ValueError(f"unknown operator {op!r}; expected one of + - *")
+
+
+# ---------------------------------------------------------------------------------------------
+# in-domain: shop arithmetic
+# ---------------------------------------------------------------------------------------------
+
+def solve(start: int, events: list[tuple], *, corrupt_at: int | None = None, delta: int = 0
+          ) -> tuple[list[Step], int]:
+    """The written steps for `events` applied to `start`, and the final value they reach.
+
+    Events: ("add", k), ("sub", k), ("packs", a, b) (two steps: a * b, then total + product). With
+    `corrupt_at`, the step of that index states its result off by `delta` and every later step
+    computes from the wrong value (the error is carried to the final answer)."""
+    steps: list[Step] = []
+    total = start
+
+    def write(op: str, a: int, b: int) -> int:
+        value = apply_op(op, a, b)
+        if corrupt_at is not None and len(steps) == corrupt_at:
+            value += delta
+        steps.append(Step(op, a, b, value))
+        return value
+
+    for ev in events:
+        if ev[0] == "add":
+            total = write("+", total, ev[1])
+        elif ev[0] == "sub":
+            total = write("-", total, ev[1])
+        elif ev[0] == "packs":
+            product = write("*", ev[1], ev[2])
+            total = write("+", total, product)
+        else:
+            raise ValueError(f"unknown event {ev!r}")
+    return steps, total
+
+
+def _shop_problem(rng: random.Random, index: int, seed: int, n_events: tuple[int, int]) -> LabProblem:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    start = rng.randint(3, 30)
+    x = start
+    sentences = [f"{name} has {start} {item}."]
+    events: list[tuple] = []
+    for _ in range(rng.randint(*n_events)):
+        kind = rng.choice(("buy", "give", "packs", "find"))
+        if kind == "give" and x < 4:
+            kind = "find"
+        if kind in ("buy", "find"):
+            k = rng.randint(2, 20)
+            sentences.append(f"{'Then ' if events else ''}{name} {'buys' if kind == 'buy' else 'finds'} {k} more.")
+            events.append(("add", k))
+            x += k
+        elif kind == "give":
+            k = rng.randint(1, x - 1)
+            sentences.append(f"{'Then ' if events else ''}{name} gives away {k}.")
+            events.append(("sub", k))
+            x -= k
+        else:
+            a, b = rng.randint(2, 5), rng.randint(2, 9)
+            sentences.append(f"{name} gets {a} {rng.choice(_CONTAINERS)} with {b} {item} in each.")
+            events.append(("packs", a, b))
+            x += a * b
+    sentences.append(f"How many {item} does {name} have now?")
+    return LabProblem(id=f"shop/{seed}/{index}", task="shop", question=" ".join(sentences), answer=x,
+                      events=events, start=start)
+
+
+def shop_problems(n: int, seed: int, *, n_events: tuple[int, int] = (2, 3)) -> list[LabProblem]:
+    """`n` in-domain problems from `seed` (2-3 events; a 'packs' event is two steps)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"shop:{seed}")
+    return [_shop_problem(rng, i, seed, n_events) for i in range(n)]
+
+
+def solution_text(steps: list[Step], answer: int, *, style: str = "symbols", swap: bool = False,
+                  closing: str = "The answer is {}.") -> str:
+    """The chain of thought for `steps`: 'a + b = c.' per step, then the closing sentence.
+
+    style "symbols" writes `3 * 5 = 15.`; "words" writes `3 times 5 is 15.`; `swap` writes commutative
+    operands (+, *) in the other order. The results shown are the steps' own `result` values."""
+    words = {"+": "plus", "-": "minus", "*": "times"}
+    parts = []
+    for s in steps:
+        a, b = (s.right, s.left) if swap and s.op in "+*" else (s.left, s.right)
+        if style == "symbols":
+            parts.append(f"{a} {s.op} {b} = {s.result}.")
+        elif style == "words":
+            parts.append(f"{a} {words[s.op]} {b} is {s.result}.")
+        else:
+            raise ValueError(f"unknown solution style {style!r}; expected 'symbols' or 'words'")
+    parts.append(closing.format(answer))
+    return " ".join(parts)
+
+
+def corrupt_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step], int]:
+    """A wrong demonstration: one step states a result off by a small nonzero amount and the later
+    steps compute from it. Returns (steps, the wrong final answer)."""
+    n_steps = len(problem.steps)
+    at = rng.randrange(n_steps)
+    delta = rng.choice((-3, -2, -1, 1, 2, 3, 10))
+    steps, final = solve(problem.start, problem.events, corrupt_at=at, delta=delta)
+    return steps, final
+
+
+def demonstration(problem: LabProblem, kind: str | None, rng: random.Random) -> tuple[str, int]:
+    """The demonstrated response for `problem`: clean (kind None), 'corrupt' or 'alternative'.
+    Returns (response text, the final answer it states)."""
+    if kind is None:
+        return solution_text(problem.steps, problem.answer), problem.answer
+    if kind == "corrupt":
+        steps, wrong = corrupt_solution(problem, rng)
+        return solution_text(steps, wrong), wrong
+    if kind == "alternative":
+        variant = rng.choice(("swap", "words", "closing"))
+        if variant == "swap" and not any(s.op in "+*" for s in problem.steps):
+            variant = "words"
+        if variant == "swap":
+            return solution_text(problem.steps, problem.answer, swap=True), problem.answer
+        if variant == "words":
+            return solution_text(problem.steps, problem.answer, style="words"), problem.answer
+        return solution_text(problem.steps, problem.answer, closing="So the answer is {}."), problem.answer
+    raise ValueError(f"unknown noise kind {kind!r}; expected None or one of {NOISE_KINDS}")
+
+
+def demonstrations(problems: list[LabProblem], noise: float, seed: int) -> list[dict[str, Any]]:
+    """Training rows {prompt, response, noise, stated_answer, answer} for `problems`.
+
+    Exactly round(noise * n) rows are noisy (chosen with `seed`), alternating corrupt / alternative
+    in a seeded order, so the noisy share is what was asked for."""
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be in [0, 1] (the share of noisy demonstrations), got {noise}")
+    rng = random.Random(f"noise:{seed}")
+    n = len(problems)
+    n_noisy = int(round(noise * n))
+    noisy = set(rng.sample(range(n), n_noisy))
+    kinds = [NOISE_KINDS[i % 2] for i in range(n_noisy)]
+    rng.shuffle(kinds)
+    kind_of = dict(zip(sorted(noisy), kinds))
+    rows = []
+    for i, p in enumerate(problems):
+        kind = kind_of.get(i)
+        response, stated = demonstration(p, kind, rng)
+        rows.append({"prompt": p.prompt, "response": response, "noise": kind or "clean",
+                     "stated_answer": stated, "answer": p.answer, "id": p.id})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# out-of-domain: unit conversion
+# ---------------------------------------------------------------------------------------------
+
+_CONVERSIONS = (
+    ("minutes", "hours", 60), ("seconds", "minutes", 60), ("hours", "days", 24), ("days", "weeks", 7),
+    ("months", "years", 12), ("centimeters", "meters", 100), ("grams", "kilograms", 1000),
+    ("meters", "kilometers", 1000), ("eggs", "dozens", 12), ("cents", "dollars", 100),
+)
+
+
+def convert_problems(n: int, seed: int) -> list[LabProblem]:
+    """`n` one-step unit conversions ("How many minutes are in 7 hours?"); answer = k * factor."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"convert:{seed}")
+    out = []
+    for i in range(n):
+        small, big, factor = rng.choice(_CONVERSIONS)
+        k = rng.randint(2, 9)
+        question = f"How many {small} are in {k} {big}?"
+        out.append(LabProblem(id=f"convert/{seed}/{i}", task="convert", question=question, answer=k * factor,
+                              meta={"factor": factor, "k": k}))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# answer checking
+# ---------------------------------------------------------------------------------------------
+
+_ANSWER_RE = re.compile(r"answer is\s*:?\s*\$?(-?[\d,]+(?:\.\d+)?)", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_final(response: str) -> int | None:
+    """The final integer a response states: the last 'answer is N', else the last number in the text
+    (a \\boxed{N} also ends as the last number). None when there is none or it is not an integer."""
+    if not isinstance(response, str):
+        raise TypeError(f"response must be a str, got {type(response).__name__}")
+    found = _ANSWER_RE.findall(response)
+    text = found[-1] if found else (_NUMBER_RE.findall(response) or [None])[-1]
+    if text is None:
+        return None
+    text = text.replace(",", "")
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value == int(value) else None
+
+
+def is_correct(response: str, answer: int) -> bool:
+    """Whether the response's final answer equals `answer` exactly."""
+    return extract_final(response) == int(answer)
