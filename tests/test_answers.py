@@ -60,6 +60,9 @@ TRICKY = [
     ("Answer: D", "D", True),
     (r"so \boxed{\text{(A)}}", "A", True),
     ("Options (A) and (C) are wrong, so the answer is B", "B", True),
+    # an empty box and an "answer is within \boxed{}" sentence are skipped (seen from SmolLM2)
+    ("This gives $0.\n\nSo, the final answer is 0.\n\nThe answer is within \\boxed{}.", "0", True),
+    (r"\boxed{} hmm, 12 in total", "12", True),
     # nothing to extract / cut mid-box
     (r"The answer is \boxed{", "5", False),
     ("no digits here", "5", False),

@@ -118,3 +118,23 @@ def test_bad_parameters(model, tok, prompts):
         gen.generate(prompts, max_new_tokens=2, temperature=1.0, top_p=0)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         gen.generate([prompts[0], []], max_new_tokens=2)
+
+
+@pytest.mark.slow
+def test_smollm2_batched_greedy_equals_one_by_one(smollm2_path):
+    from transformers import AutoModelForCausalLM
+
+    from qtarget.evaluation.benchmarks import load_benchmark
+    from qtarget.evaluation.prompts import prompt_ids
+    from qtarget.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_path), dtype=torch.float32).eval()
+    problems = load_benchmark("gsm8k_100", limit=2)
+    prompts = [prompt_ids(tok, p) for p in problems]
+    assert len(prompts[0]) != len(prompts[1])
+    gen = HFGenerator(model, tok, batch_size=2)
+    batched = gen.generate(prompts, max_new_tokens=8)
+    single = [gen.generate([p], max_new_tokens=8)[0] for p in prompts]
+    assert [s.token_ids for s in batched] == [s.token_ids for s in single]
+    assert all(s.text.strip() for s in batched)  # the instruct model answers in words

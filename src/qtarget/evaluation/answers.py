@@ -65,7 +65,7 @@ def _boxed_spans(text: str) -> Iterator[str]:
 
 def extract_boxed(text: str) -> str | None:
     """Contents of the last ``\\boxed{...}`` in `text`; nested boxes are unwrapped to the innermost."""
-    spans = list(_boxed_spans(text))
+    spans = [s for s in _boxed_spans(text) if s.strip()]  # an empty \boxed{} is not an answer
     if not spans:
         return None
     inner = spans[-1].strip()
@@ -102,9 +102,11 @@ def extract_answer(response: str) -> str | None:
     hashes = re.findall(r"####\s*(.+)", response)
     if hashes:
         return _strip_sentence(hashes[-1])
-    phrases = _ANSWER_PHRASE_RE.findall(response)
+    # the last "answer is X" whose X looks like a value (has a digit, or is at most three words)
+    phrases = [p for p in map(_strip_sentence, _ANSWER_PHRASE_RE.findall(response))
+               if p and (re.search(r"\d", p) or len(p.split()) <= 3) and "boxed" not in p]
     if phrases:
-        phrase = _strip_sentence(phrases[-1])
+        phrase = phrases[-1]
         dollars = re.fullmatch(r"\$([^$]+)\$", phrase)
         if dollars:  # "the answer is $\frac{1}{2}$"
             return dollars.group(1).strip()
