@@ -40,7 +40,7 @@ def test_two_process_ddp_equals_single_process(tmp_path, objective):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     torchrun = Path(sys.executable).parent / "torchrun"
-    _run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(script),
+    _run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
           str(tmp_path / "ddp"), "2", objective], tmp_path)
     _run([sys.executable, str(script), str(tmp_path / "single"), "4", objective], tmp_path)
     ddp = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
