@@ -79,6 +79,18 @@ def test_grading_and_summary_with_scripted_answers(tok, tmp_path):
                      batch_size=4)
     assert gen2.calls == [] and again.summary["generated"] == 0
     assert again.summary["overall"] == res.summary["overall"]
+    # regrade: a verdict stored by an older checker is recomputed from the stored response
+    recs = read_records(tmp_path / "samples.jsonl")
+    recs[0]["correct"] = not recs[0]["correct"]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    stale = evaluate(None, tok, problems, samples=2, generator=gen2, output_dir=tmp_path, progress=False,
+                     batch_size=4)
+    assert stale.summary["overall"] != res.summary["overall"]
+    fixed = evaluate(None, tok, problems, samples=2, generator=gen2, output_dir=tmp_path, progress=False,
+                     batch_size=4, regrade=True)
+    assert gen2.calls == [] and fixed.summary["overall"] == res.summary["overall"]
+    on_disk = {(r["problem_id"], r["sample_idx"]): r["correct"] for r in read_records(tmp_path / "samples.jsonl")}
+    assert on_disk == correct
 
 
 def _run(model, tok, problems, out, **kw):

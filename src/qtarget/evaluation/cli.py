@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output_dir", default=None, help="default: eval_out/<model name>")
+    p.add_argument("--regrade", action="store_true",
+                   help="re-check responses already in --output_dir with the current answer checker")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -108,7 +110,7 @@ def main(argv: list[str]) -> int:
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
             output_dir=output_dir, prompt_style=args.prompt_style, instruction=args.instruction,
             system_prompt=args.system_prompt, progress=not args.no_progress, generator=generator,
-            answer_backend=args.answer_backend, model_name=args.model,
+            answer_backend=args.answer_backend, model_name=args.model, regrade=args.regrade,
         )
     except ValueError as e:
         print(f"qtarget eval: {e}", file=sys.stderr)

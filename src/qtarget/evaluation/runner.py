@@ -108,6 +108,7 @@ def evaluate(
     ks: Sequence[int] | None = None,
     answer_backend: Backend = "auto",
     model_name: str | None = None,
+    regrade: bool = False,
 ) -> EvalResult:
     """Evaluate a causal LM on `problems`: `samples` responses each, graded by `check_answer`.
 
@@ -115,6 +116,8 @@ def evaluate(
     temperature: 0 = greedy; `samples` > 1 with temperature 0 repeats the same greedy answer.
     output_dir: when set, samples.jsonl / summary.json / summary.md / config.json are written there and an
         earlier, interrupted run in that folder is resumed.
+    regrade: re-check the responses already in samples.jsonl with the current `check_answer` (the file is
+        rewritten with the new verdicts); useful after the checker changed.
     Returns an `EvalResult` whose summary has accuracy, avg@n, pass@k (k = 1, 2, 4, ... <= n), mean
     response tokens, cut rate (share of responses that hit `max_new_tokens`) and mean token entropy.
     """
@@ -158,6 +161,11 @@ def evaluate(
                     f"use another output_dir or delete {samples_path}"
                 )
         records_on_disk = read_records(samples_path)
+        if regrade:
+            by_id = {p.id: p for p in problems}
+            for r in records_on_disk:
+                if r["problem_id"] in by_id:
+                    r["correct"], r["extracted"] = _grade(by_id[r["problem_id"]], r["response"], answer_backend)
         _rewrite(samples_path, records_on_disk)  # drop a torn last line before appending
         for r in records_on_disk:
             existing[(r["problem_id"], int(r["sample_idx"]))] = r
