@@ -58,7 +58,7 @@ def test_every_objective_trains_a_tiny_model(tmp_path, objective):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["sft", "dft", "psft", "asft", "target_sft"])
+@pytest.mark.parametrize("objective", ["dft", "target_sft"])
 def test_smollm2_short_fine_tune(tmp_path, objective):
     from qtarget.models import load_smollm2
 
