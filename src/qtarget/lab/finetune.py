@@ -7,7 +7,9 @@ model trainable in minutes on 2 CPU cores, and it is the same for every objectiv
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -86,9 +88,12 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
     config = train_config(settings, objective, seed, output_dir, steps=steps)
     needs = config.objective_needs
     t0 = time.perf_counter()
-    result = train(config, model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train_examples),
-                   teacher=teacher if "teacher" in needs else None, ref=base if "ref" in needs else None,
-                   callbacks=[StepCallback(on_step)] if on_step else None, save_final=False)
+    # the Trainer prints every log dict to stdout; the lab shows one progress display instead (the
+    # per-step metrics are kept in the history and in output_dir/metrics.jsonl)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train(config, model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train_examples),
+                       teacher=teacher if "teacher" in needs else None, ref=base if "ref" in needs else None,
+                       callbacks=[StepCallback(on_step)] if on_step else None, save_final=False)
     seconds = time.perf_counter() - t0
     model.eval()
     for p in model.parameters():

@@ -13,8 +13,8 @@ from qtarget.lab.tasks import INSTRUCTION, LabProblem, is_correct
 
 
 def as_eval_problems(problems: Sequence[LabProblem]):
-    """LabProblems -> `qtarget.evaluation.Problem`s (question without the instruction; `evaluate`
-    appends the same instruction the demonstrations were trained with)."""
+    """LabProblems -> `qtarget.evaluation.Problem`s (the question is the user turn; the instruction goes
+    in as the system prompt, exactly as in the training demonstrations)."""
     from qtarget.evaluation import Problem
 
     return [Problem(id=p.id, question=p.question, answer=str(p.answer), source=p.task) for p in problems]
@@ -28,7 +28,7 @@ def generation_metrics(model: nn.Module, tokenizer, problems: Sequence[LabProble
 
     res = evaluate(model, tokenizer, as_eval_problems(problems), samples=1, temperature=0.0,
                    max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=False,
-                   instruction=INSTRUCTION, prompt_style="chat", model_name="lab")
+                   instruction="", system_prompt=INSTRUCTION, prompt_style="chat", model_name="lab")
     by_id = {p.id: p for p in problems}
     samples, correct, agree = [], 0, 0
     for r in res.records:

@@ -94,11 +94,13 @@ def load_base(settings: LabSettings):
 
 
 def tokenize(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    """prompt/response rows -> tokenised chat examples (user + assistant turn, response supervised)."""
+    """prompt/response rows -> tokenised chat examples (system = the lab instruction, user = question,
+    assistant = response; only the response is supervised)."""
     from qtarget.data import TokenizeOptions, tokenize_rows
 
-    plain = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
-    examples, report = tokenize_rows(tokenizer, plain, TokenizeOptions(max_length=max_length, chat_template=True))
+    chats = [{"messages": [{"role": "system", "content": tasks.INSTRUCTION}, {"role": "user", "content": r["prompt"]},
+                           {"role": "assistant", "content": r["response"]}]} for r in rows]
+    examples, report = tokenize_rows(tokenizer, chats, TokenizeOptions(max_length=max_length))
     if report.truncated:
         raise ValueError(f"{report.truncated} lab demonstrations exceed max_length={max_length}; raise --max_length")
     return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
@@ -136,6 +138,7 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     _quiet_libraries()
@@ -204,6 +207,9 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
         torch.set_num_threads(threads_before)
 
     timings["total"] = time.perf_counter() - t_start
+    # CPU seconds of this process (all threads): on a machine shared with other jobs, cpu / threads is
+    # about what the wall time would be on otherwise idle cores
+    timings["cpu"] = time.process_time() - cpu_start
     noise_counts: dict[str, int] = {}
     for r in rows_by_seed[train_seeds[0]]:
         noise_counts[r["noise"]] = noise_counts.get(r["noise"], 0) + 1

@@ -100,8 +100,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(steps=8, train_examples=64, teacher_examples=128, teacher_steps=16, eval_in_domain=24,
                   eval_ood=24, eval_entropy=16, max_new_tokens=48, eval_batch_size=24),
     # a random 2-layer model on the real tokenizer: the whole pipeline at toy scale, for the test suite
-    "tiny": dict(model="tiny", steps=4, batch_size=4, train_examples=16, teacher_examples=16, teacher_steps=4,
-                 eval_in_domain=6, eval_ood=6, eval_entropy=6, max_new_tokens=12, eval_batch_size=6,
+    "tiny": dict(model="tiny", steps=4, batch_size=2, train_examples=8, teacher_examples=8, teacher_steps=2,
+                 eval_in_domain=4, eval_ood=4, eval_entropy=4, max_new_tokens=8, eval_batch_size=4,
                  train_top_layers=1, psft_updates_per_batch=2, learning_rate=1e-3, max_length=160),
 }
 

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+# The instruction is the chat's system turn (it replaces SmolLM2's default system prompt, which would
+# cost ~20 more tokens per example); the user turn is the question alone. Same in training and eval.
 INSTRUCTION = "Solve step by step. End with: The answer is N."
 NOISE_KINDS = ("corrupt", "alternative")
 
@@ -64,8 +66,8 @@ class LabProblem:
 
     @property
     def prompt(self) -> str:
-        """The user turn (question + instruction), identical in training and evaluation."""
-        return f"{self.question}\n\n{INSTRUCTION}"
+        """The user turn (the question; the instruction is the system turn), as in evaluation."""
+        return self.question
 
 
 def apply_op(op: str, a: int, b: int) -> int:

@@ -1,0 +1,156 @@
+"""The lab's task generators, noise injection and answer checker, against independent computation."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from qtarget.lab import tasks
+from qtarget.lab.settings import LabSettings, settings_for
+
+NUM = r"(-?\d+)"
+STEP_SYMBOLS = re.compile(rf"{NUM} ([+\-*]) {NUM} = {NUM}\.")
+STEP_WORDS = re.compile(rf"{NUM} (plus|minus|times) {NUM} is {NUM}\.")
+
+
+def answer_from_question(question: str) -> int:
+    """Independent reading of a shop question: parse each sentence and compute the total."""
+    total = None
+    for sentence in re.split(r"(?<=[.?])\s+", question):
+        if m := re.fullmatch(r"\w+ has (\d+) [\w ]+\.", sentence):
+            total = int(m.group(1))
+        elif m := re.fullmatch(r"(?:Then )?\w+ (?:buys|finds) (\d+) more\.", sentence):
+            total += int(m.group(1))
+        elif m := re.fullmatch(r"(?:Then )?\w+ gives away (\d+)\.", sentence):
+            total -= int(m.group(1))
+        elif m := re.fullmatch(r"\w+ gets (\d+) \w+ with (\d+) [\w ]+ in each\.", sentence):
+            total += int(m.group(1)) * int(m.group(2))
+        elif sentence.startswith("How many"):
+            continue
+        else:
+            raise AssertionError(f"unparsed sentence {sentence!r}")
+    return total
+
+
+def written_steps(response: str) -> list[tuple[int, str, int, int]]:
+    ops = {"plus": "+", "minus": "-", "times": "*"}
+    out = [(int(a), op, int(b), int(c)) for a, op, b, c in STEP_SYMBOLS.findall(response)]
+    out += [(int(a), ops[op], int(b), int(c)) for a, op, b, c in STEP_WORDS.findall(response)]
+    return out
+
+
+def evaluate_step(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+def test_shop_answers_match_an_independent_parse():
+    problems = tasks.shop_problems(300, seed=3)
+    for p in problems:
+        assert answer_from_question(p.question) == p.answer, p.question
+        assert p.answer >= 0
+        assert p.prompt == p.question
+
+
+def test_clean_demonstrations_are_correct_step_by_step():
+    rows = tasks.demonstrations(tasks.shop_problems(200, seed=5), noise=0.0, seed=5)
+    for r in rows:
+        steps = written_steps(r["response"])
+        assert steps, r["response"]
+        assert all(evaluate_step(a, op, b) == c for a, op, b, c in steps), r["response"]
+        assert steps[-1][3] == r["answer"]
+        assert r["response"].endswith(f"The answer is {r['answer']}.")
+        assert tasks.is_correct(r["response"], r["answer"])
+
+
+def test_noise_share_and_kinds():
+    n = 400
+    for noise in (0.0, 0.2, 0.5, 1.0):
+        rows = tasks.demonstrations(tasks.shop_problems(n, seed=1), noise=noise, seed=1)
+        kinds = [r["noise"] for r in rows]
+        noisy = sum(k != "clean" for k in kinds)
+        assert noisy == round(noise * n)
+        assert abs(kinds.count("corrupt") - kinds.count("alternative")) <= 1
+
+
+def test_corrupted_demonstrations_have_exactly_one_wrong_step_and_a_wrong_answer():
+    rows = tasks.demonstrations(tasks.shop_problems(300, seed=2), noise=1.0, seed=2)
+    corrupt = [r for r in rows if r["noise"] == "corrupt"]
+    assert len(corrupt) == 150
+    for r in corrupt:
+        steps = written_steps(r["response"])
+        wrong = [s for s in steps if evaluate_step(*s[:3]) != s[3]]
+        assert len(wrong) == 1, r["response"]
+        # later steps compute from the wrong value, so the stated answer is wrong too
+        assert r["stated_answer"] != r["answer"]
+        assert tasks.extract_final(r["response"]) == r["stated_answer"]
+        assert not tasks.is_correct(r["response"], r["answer"])
+
+
+def test_alternative_forms_are_correct_but_differ_from_the_clean_text():
+    problems = tasks.shop_problems(200, seed=4)
+    clean = {r["id"]: r["response"] for r in tasks.demonstrations(problems, noise=0.0, seed=4)}
+    rows = tasks.demonstrations(problems, noise=1.0, seed=4)
+    alternative = [r for r in rows if r["noise"] == "alternative"]
+    assert alternative
+    for r in alternative:
+        assert r["response"] != clean[r["id"]]
+        steps = written_steps(r["response"])
+        assert all(evaluate_step(a, op, b) == c for a, op, b, c in steps), r["response"]
+        assert tasks.is_correct(r["response"], r["answer"])
+
+
+def test_generators_are_deterministic_by_seed_and_differ_across_seeds():
+    a = tasks.demonstrations(tasks.shop_problems(50, seed=7), noise=0.3, seed=7)
+    b = tasks.demonstrations(tasks.shop_problems(50, seed=7), noise=0.3, seed=7)
+    c = tasks.demonstrations(tasks.shop_problems(50, seed=8), noise=0.3, seed=8)
+    assert a == b
+    assert [r["prompt"] for r in a] != [r["prompt"] for r in c]
+    assert [p.question for p in tasks.convert_problems(20, 1)] == [p.question for p in tasks.convert_problems(20, 1)]
+    # a prefix of a longer draw is the shorter draw (held-out sets are prefixes of the eval set)
+    assert [p.question for p in tasks.shop_problems(10, 9)] == [p.question for p in tasks.shop_problems(30, 9)[:10]]
+
+
+def test_convert_answers():
+    factors = {("minutes", "hours"): 60, ("seconds", "minutes"): 60, ("hours", "days"): 24, ("days", "weeks"): 7,
+               ("months", "years"): 12, ("centimeters", "meters"): 100, ("grams", "kilograms"): 1000,
+               ("meters", "kilometers"): 1000, ("eggs", "dozens"): 12, ("cents", "dollars"): 100}
+    for p in tasks.convert_problems(200, seed=0):
+        m = re.fullmatch(r"How many (\w+) are in (\d+) (\w+)\?", p.question)
+        assert m, p.question
+        assert p.answer == int(m.group(2)) * factors[(m.group(1), m.group(3))]
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("3 + 4 = 7. The answer is 7.", 7),
+    ("The answer is 12. Wait, 3 * 5 = 15. The answer is 15.", 15),
+    ("So the answer is 1,200.", 1200),
+    ("the answer is: -4", -4),
+    ("12 + 3 = 15", 15),             # no phrase: last number
+    ("\\boxed{42}", 42),
+    ("The answer is 7.5.", None),    # not an integer
+    ("no numbers here", None),
+    ("", None),
+])
+def test_extract_final(response, expected):
+    assert tasks.extract_final(response) == expected
+
+
+def test_is_correct_is_exact():
+    assert tasks.is_correct("5 * 60 = 300. The answer is 300.", 300)
+    assert not tasks.is_correct("5 * 60 = 300. The answer is 301.", 300)
+    assert not tasks.is_correct("The answer is 300 but the answer is 30.", 300)
+    with pytest.raises(TypeError):
+        tasks.extract_final(None)
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="noise"):
+        tasks.demonstrations(tasks.shop_problems(3, 0), noise=1.5, seed=0)
+    with pytest.raises(ValueError, match="noise"):
+        settings_for("quick", noise=-0.1)
+    with pytest.raises(ValueError, match="objectives"):
+        LabSettings(objectives=("sft", "nope"))
+    with pytest.raises(ValueError, match="steps"):
+        settings_for("default", steps=0)
+    with pytest.raises(ValueError, match="preset"):
+        settings_for("huge")
