@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from qtarget.evaluation.answers import check_answer
+from qtarget.evaluation.answers import check_answer, gold_candidates
 from qtarget.evaluation.benchmarks import (
     arithmetic_problems, jsonl_file, list_benchmarks, load_benchmark, load_benchmarks,
 )
@@ -33,6 +33,9 @@ def test_champ_has_270_problems_in_five_categories():
     by_id = {p.id: p for p in probs}
     assert by_id["champ/P_Combinatorics_1"].answer == "239"
     assert check_answer(r"\boxed{252}", by_id["champ/P_Combinatorics_2"].answer)
+    # every gold answer (numbers, expressions, words, prose) is reachable by a boxed response
+    for p in probs:
+        assert check_answer("\\boxed{" + gold_candidates(p.answer)[-1] + "}", p.answer), p.id
 
 
 def _solve_arith(question: str) -> int:
