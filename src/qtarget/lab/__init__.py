@@ -1,1 +1,22 @@
+"""The lab: compare objectives on a real pretrained model, on a CPU, in minutes (`qtarget lab`).
 
+    from qtarget.lab import run_lab, settings_for
+    results = run_lab(settings_for("quick"), "lab_output")   # writes report.md, *.png, results.json
+
+Modules: `tasks` (procedural problems, noisy demonstrations, answer checker), `settings` (presets),
+`finetune` (one run through `qtarget.training.train`), `teacher` (the cached target_sft teacher),
+`measure` (accuracy, entropy, NLL), `runner` (orchestration), `report` (markdown, plots, JSON), `cli`.
+"""
+from __future__ import annotations
+
+from qtarget.lab.settings import OBJECTIVES, PRESETS, LabSettings, settings_for
+
+__all__ = ["OBJECTIVES", "PRESETS", "LabSettings", "settings_for", "run_lab"]
+
+
+def __getattr__(name: str):
+    if name == "run_lab":
+        from qtarget.lab.runner import run_lab
+
+        return run_lab
+    raise AttributeError(f"module 'qtarget.lab' has no attribute {name!r}")
