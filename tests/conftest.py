@@ -18,6 +18,9 @@ import pytest
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP workers sleep instead of spinning: on a shared 2-core box spinning threads made small
+# batched matmuls an order of magnitude slower (measured by the eval tests).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session", autouse=True)
