@@ -47,6 +47,13 @@ class Progress:
         else:
             logging.getLogger("qtarget.lab").info(text)
 
+    def note(self, text: str) -> None:
+        """A line printed above the bar (one per finished row)."""
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            logging.getLogger("qtarget.lab").info(text)
+
     def step(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
@@ -174,6 +181,9 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
                               max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size,
                               seed=settings.seed, on_part=lambda _part: bar.step())
             m["eval_seconds"] = time.perf_counter() - t
+            bar.note(f"{label:>22}: in-domain acc {m['in_domain']['accuracy']:.3f}, OOD acc {m['ood']['accuracy']:.3f}, "
+                     f"held-out entropy {m['heldout']['entropy']:.3f}, NLL {m['heldout']['nll']:.3f}  "
+                     f"[{time.perf_counter() - t_start:.0f} s]")
             return m
 
         rows: dict[str, Any] = {}

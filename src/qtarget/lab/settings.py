@@ -40,7 +40,7 @@ class LabSettings:
     train_examples: int = 128           # demonstrations per run (each seed draws its own)
     steps: int = 16                     # optimizer steps
     batch_size: int = 8                 # rows per optimizer step
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-4
     warmup_ratio: float = 0.1
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
@@ -97,8 +97,8 @@ class LabSettings:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "quick": dict(steps=8, train_examples=64, teacher_examples=128, teacher_steps=16, eval_in_domain=24,
-                  eval_ood=24, eval_entropy=16, max_new_tokens=48, eval_batch_size=24),
+    "quick": dict(steps=8, train_examples=64, teacher_examples=128, teacher_steps=16, eval_in_domain=16,
+                  eval_ood=16, eval_entropy=8, max_new_tokens=48, eval_batch_size=16),
     # a random 2-layer model on the real tokenizer: the whole pipeline at toy scale, for the test suite
     "tiny": dict(model="tiny", steps=4, batch_size=2, train_examples=8, teacher_examples=8, teacher_steps=2,
                  eval_in_domain=4, eval_ood=4, eval_entropy=4, max_new_tokens=8, eval_batch_size=4,
