@@ -154,3 +154,26 @@ def test_bad_inputs_name_the_argument():
         settings_for("default", steps=0)
     with pytest.raises(ValueError, match="preset"):
         settings_for("huge")
+
+
+def test_cli_rejects_bad_settings_with_the_flag_name(capsys):
+    from qtarget.lab.cli import main
+
+    assert main(["--tiny", "--noise", "1.5", "--output_dir", "unused"]) == 2
+    assert "--noise" in capsys.readouterr().err
+    assert main(["--quick", "--objectives", "sft,sftt", "--output_dir", "unused"]) == 2
+    assert "--objectives" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--quick", "--tiny"])  # mutually exclusive presets
+
+
+def test_presets_give_every_objective_the_same_budget():
+    for preset in ("default", "quick", "tiny"):
+        s = settings_for(preset)
+        assert s.objectives == ("sft", "dft", "psft", "asft", "target_sft")
+        assert s.objective_args["psft"]["eps"] == 0.28 and s.objective_args["asft"]["lam"] == 0.05
+        assert s.objective_args["target_sft"]["eta"] == 0.5
+        assert s.steps % s.psft_updates_per_batch == 0  # PSFT ends on a full global batch
+        assert s.steps * s.batch_size <= s.train_examples  # at most one pass over the demonstrations
+    assert settings_for("quick").digest() != settings_for("default").digest()
+    assert settings_for("quick", seed=1).digest() == settings_for("quick", seed=1).digest()

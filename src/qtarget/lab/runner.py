@@ -261,4 +261,5 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars: the lab has its own display
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
