@@ -200,16 +200,31 @@ def render_markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         "## Time",
         "",
-        f"Total {t['total']:.0f} s on {results['torch_threads']} torch threads"
-        + (f" (base model load {t['load_model']:.0f} s" + (f", of which {model['cache_seconds']:.0f} s converting "
-           "the GGUF into the cache on this first run" if not model.get("was_cached") else "") + ")")
-        + (f"; teacher {t['teacher']:.0f} s" if "teacher" in t else "") + ".",
+        _time_text(results),
         "",
         "Everything above comes out of the run as is: no objective-specific tuning. `results.json` holds "
         "every number, the per-step training history, the settings and each generated answer.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _time_text(results: dict[str, Any]) -> str:
+    t, model, threads = results["timings"], results["model"], results["torch_threads"]
+    teacher = results.get("teacher") or {}
+    text = f"Wall time {t['total']:.0f} s on {threads} torch threads (model load {t['load_model']:.0f} s"
+    if not model.get("was_cached"):
+        text += f", of which {model['cache_seconds']:.0f} s converting the GGUF into the cache on this first run"
+    text += ")"
+    if "teacher" in t:
+        text += (f"; the teacher was loaded from the cache in {t['teacher']:.0f} s" if teacher.get("cached") else
+                 f"; training the teacher took {t['teacher']:.0f} s (a one-time cost: later runs load it)")
+    text += "."
+    if "cpu" in t:
+        text += (f" The process used {t['cpu']:.0f} CPU-seconds; on a machine shared with other jobs the wall time "
+                 f"grows, while CPU-seconds / {threads} (≈ {t['cpu'] / threads:.0f} s) is about the wall time on "
+                 f"{threads} otherwise idle cores.")
+    return text
 
 
 def _trainable_text(results: dict[str, Any]) -> str:
