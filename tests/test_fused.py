@@ -12,7 +12,7 @@ import qtarget
 from objective_reference import CATALOGUE_PARAMS
 from qtarget import fused_token_loss, token_loss
 from qtarget.ops import chunked as chunked_mod
-from qtarget.ops.budget import BUDGET_ENV, TEMPORARIES_PER_AUX, TEMPORARIES_STUDENT, chunk_rows
+from qtarget.ops.budget import BUDGET_ENV, DEFAULT_BUDGET_BYTES, TEMPORARIES_PER_AUX, TEMPORARIES_STUDENT, chunk_rows
 
 H, V = 24, 1000
 
@@ -390,8 +390,9 @@ def test_chunk_size_from_budget(monkeypatch):
     assert chunk_rows(1000, 2, 2**20) == (2**20 // (4 * 1000 * (TEMPORARIES_STUDENT + 2 * TEMPORARIES_PER_AUX))) // 8 * 8
     assert chunk_rows(151936, 0, 1) == 8  # never below one block of rows
     default = chunk_rows(49152)
-    monkeypatch.setenv(BUDGET_ENV, "512")
-    assert chunk_rows(49152) == pytest.approx(2 * default, abs=8)
+    assert default == (DEFAULT_BUDGET_BYTES // (4 * 49152 * TEMPORARIES_STUDENT)) // 8 * 8
+    monkeypatch.setenv(BUDGET_ENV, str(DEFAULT_BUDGET_BYTES / 2**20 / 2))
+    assert chunk_rows(49152) == pytest.approx(default / 2, abs=8)
     monkeypatch.setenv(BUDGET_ENV, "lots")
     with pytest.raises(ValueError, match=BUDGET_ENV):
         chunk_rows(49152)
