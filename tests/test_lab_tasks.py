@@ -23,7 +23,7 @@ def answer_from_question(question: str) -> int:
             total += int(m.group(1))
         elif m := re.fullmatch(r"(?:Then )?\w+ gives away (\d+)\.", sentence):
             total -= int(m.group(1))
-        elif m := re.fullmatch(r"\w+ gets (\d+) \w+ with (\d+) [\w ]+ in each\.", sentence):
+        elif m := re.fullmatch(r"(?:Then )?\w+ gets (\d+) \w+ with (\d+) [\w ]+ in each\.", sentence):
             total += int(m.group(1)) * int(m.group(2))
         elif sentence.startswith("How many"):
             continue

@@ -23,6 +23,7 @@ from typing import Any
 # The instruction is the chat's system turn (it replaces SmolLM2's default system prompt, which would
 # cost ~20 more tokens per example); the user turn is the question alone. Same in training and eval.
 INSTRUCTION = "Solve step by step. End with: The answer is N."
+TASK_VERSION = 2  # part of the teacher cache key: bump when a generator changes
 NOISE_KINDS = ("corrupt", "alternative")
 
 _NAMES = ("Mia", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Sara", "Ben", "Nina", "Tom",
@@ -115,28 +116,31 @@ def solve(start: int, events: list[tuple], *, corrupt_at: int | None = None, del
 
 
 def _shop_problem(rng: random.Random, index: int, seed: int, n_events: tuple[int, int]) -> LabProblem:
+    # Small numbers (single-digit operands, totals mostly below 40): a 135M model trained for a few
+    # dozen steps must be able to get some of these right, or accuracy cannot separate objectives.
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    start = rng.randint(3, 30)
+    start = rng.randint(3, 20)
     x = start
     sentences = [f"{name} has {start} {item}."]
     events: list[tuple] = []
     for _ in range(rng.randint(*n_events)):
         kind = rng.choice(("buy", "give", "packs", "find"))
-        if kind == "give" and x < 4:
+        if kind == "give" and x < 3:
             kind = "find"
         if kind in ("buy", "find"):
-            k = rng.randint(2, 20)
+            k = rng.randint(2, 9)
             sentences.append(f"{'Then ' if events else ''}{name} {'buys' if kind == 'buy' else 'finds'} {k} more.")
             events.append(("add", k))
             x += k
         elif kind == "give":
-            k = rng.randint(1, x - 1)
+            k = rng.randint(1, min(9, x - 1))
             sentences.append(f"{'Then ' if events else ''}{name} gives away {k}.")
             events.append(("sub", k))
             x -= k
         else:
-            a, b = rng.randint(2, 5), rng.randint(2, 9)
-            sentences.append(f"{name} gets {a} {rng.choice(_CONTAINERS)} with {b} {item} in each.")
+            a, b = rng.randint(2, 3), rng.randint(2, 5)
+            sentences.append(f"{'Then ' if events else ''}{name} gets {a} {rng.choice(_CONTAINERS)} with {b} "
+                             f"{item} in each.")
             events.append(("packs", a, b))
             x += a * b
     sentences.append(f"How many {item} does {name} have now?")
@@ -144,8 +148,8 @@ def _shop_problem(rng: random.Random, index: int, seed: int, n_events: tuple[int
                       events=events, start=start)
 
 
-def shop_problems(n: int, seed: int, *, n_events: tuple[int, int] = (2, 3)) -> list[LabProblem]:
-    """`n` in-domain problems from `seed` (2-3 events; a 'packs' event is two steps)."""
+def shop_problems(n: int, seed: int, *, n_events: tuple[int, int] = (1, 2)) -> list[LabProblem]:
+    """`n` in-domain problems from `seed` (1-2 events; a 'packs' event is two steps)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(f"shop:{seed}")
@@ -195,7 +199,10 @@ def demonstration(problem: LabProblem, kind: str | None, rng: random.Random) -> 
         if variant == "swap" and not any(s.op in "+*" for s in problem.steps):
             variant = "words"
         if variant == "swap":
-            return solution_text(problem.steps, problem.answer, swap=True), problem.answer
+            text = solution_text(problem.steps, problem.answer, swap=True)
+            if text != solution_text(problem.steps, problem.answer):  # "5 + 5" swaps to itself
+                return text, problem.answer
+            variant = "words"
         if variant == "words":
             return solution_text(problem.steps, problem.answer, style="words"), problem.answer
         return solution_text(problem.steps, problem.answer, closing="So the answer is {}."), problem.answer

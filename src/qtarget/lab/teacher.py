@@ -27,7 +27,10 @@ TEACHER_DATA_SEED = 7_000_000  # the teacher's problems: a stream no student or 
 def teacher_key(settings: LabSettings, model_id: str) -> str:
     import hashlib
 
-    body = json.dumps({"model_id": model_id, **{k: settings.to_dict()[k] for k in TEACHER_KEYS}}, sort_keys=True)
+    from qtarget.lab.tasks import TASK_VERSION
+
+    body = json.dumps({"model_id": model_id, "task_version": TASK_VERSION,
+                       **{k: settings.to_dict()[k] for k in TEACHER_KEYS}}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
