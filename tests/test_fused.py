@@ -396,3 +396,27 @@ def test_chunk_size_from_budget(monkeypatch):
     monkeypatch.setenv(BUDGET_ENV, "lots")
     with pytest.raises(ValueError, match=BUDGET_ENV):
         chunk_rows(49152)
+
+
+def test_memory_budget_sets_chunk_rows_and_metrics_can_be_skipped():
+    class Counting(qtarget.Objective):
+        name = "counting_sft"
+
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def terms(self, x):
+            self.rows.append(x.logits.shape[0])
+            return qtarget.TokenTerms(loss=-x.logp_y, gamma=torch.ones_like(x.p_y_detached))
+
+    c = make_problem((100,), seed=21)
+    n = int((c["labels"] != -100).sum())
+    obj = Counting()
+    budget = 4 * V * TEMPORARIES_STUDENT * 16  # 16 rows per chunk
+    h, W, _ = leaves(c, bias=False)
+    out = fused_token_loss(obj, h, W, c["labels"], memory_budget=budget, metrics=False)
+    assert obj.rows == [16] * (n // 16) + ([n % 16] if n % 16 else [])
+    assert out.metrics == {}
+    want = token_loss("sft", c["hidden"] @ c["weight"].T, c["labels"])
+    assert float(out.loss.detach()) == pytest.approx(float(want.loss), rel=1e-5)
