@@ -212,7 +212,7 @@ def render_markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
 def _time_text(results: dict[str, Any]) -> str:
     t, model, threads = results["timings"], results["model"], results["torch_threads"]
     teacher = results.get("teacher") or {}
-    text = f"Wall time {t['total']:.0f} s on {threads} torch threads (model load {t['load_model']:.0f} s"
+    text = f"Wall time {t['total']:.0f} s with {threads} torch thread(s) (model load {t['load_model']:.0f} s"
     if not model.get("was_cached"):
         text += f", of which {model['cache_seconds']:.0f} s converting the GGUF into the cache on this first run"
     text += ")"
@@ -222,8 +222,8 @@ def _time_text(results: dict[str, Any]) -> str:
     text += "."
     if "cpu" in t:
         text += (f" The process used {t['cpu']:.0f} CPU-seconds; on a machine shared with other jobs the wall time "
-                 f"grows, while CPU-seconds / {threads} (≈ {t['cpu'] / threads:.0f} s) is about the wall time on "
-                 f"{threads} otherwise idle cores.")
+                 f"grows, while CPU-seconds / {threads} (≈ {t['cpu'] / threads:.0f} s) is about the wall time with "
+                 f"{threads} otherwise idle core(s).")
     return text
 
 
