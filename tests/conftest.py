@@ -35,6 +35,18 @@ def _offline_and_threads():
     yield
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Generation is many tiny ops: on a loaded 2-core box, 2 spinning OpenMP threads were measured ~10x
+    slower than 1 thread, so generation tests decode single-threaded."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     from qtarget.models import load_tokenizer

@@ -8,14 +8,8 @@ from qtarget.evaluation.generation import HFGenerator, token_entropy
 from qtarget.models import tiny_causal_lm
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Generation is many tiny ops: on a loaded 2-core box, 2 spinning OpenMP threads were measured ~10x
-    slower than 1 thread, so these tests decode single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# decode single-threaded (see the `one_torch_thread` fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

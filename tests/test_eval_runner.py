@@ -39,14 +39,8 @@ class SpyGenerator(HFGenerator):
         return super().generate(prompts, **kw)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Generation is many tiny ops: on a loaded 2-core box, 2 spinning OpenMP threads were measured ~10x
-    slower than 1 thread, so these tests decode single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# decode single-threaded (see the `one_torch_thread` fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
