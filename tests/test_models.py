@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qtarget.models import load_tokenizer, tiny_causal_lm
 from qtarget.models import smollm2 as smollm2_mod
-from qtarget.models._cache import MANIFEST, atomic_dir, check_manifest, write_manifest
+from qtarget.models.cache import MANIFEST, atomic_dir, check_manifest, write_manifest
 
 # --------------------------------------------------------------------------------------------- tokenizers
 

@@ -80,7 +80,7 @@ def load_base(settings: LabSettings):
         from transformers import AutoModelForCausalLM
 
         from qtarget.models import smollm2_dir
-        from qtarget.models._cache import cache_root
+        from qtarget.models.cache import cache_root
 
         folder_expected = cache_root() / "models" / "smollm2-135m-instruct" / "qtarget-manifest.json"
         was_cached = folder_expected.exists()

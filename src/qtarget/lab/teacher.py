@@ -35,7 +35,7 @@ def teacher_key(settings: LabSettings, model_id: str) -> str:
 
 
 def teacher_dir(settings: LabSettings, model_id: str, cache_dir: Path | None = None) -> Path:
-    from qtarget.models._cache import cache_root
+    from qtarget.models.cache import cache_root
 
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     return root / "lab-teachers" / teacher_key(settings, model_id)
@@ -77,7 +77,7 @@ def obtain_teacher(settings: LabSettings, base: nn.Module, tokenizer, *, model_i
                             output_dir=work_dir, steps=settings.teacher_steps, on_step=on_step)
     info.update(cached=False, seconds=run["seconds"], history=run["history"], trained_seconds=run["seconds"])
     if use_cache:
-        from qtarget.models._cache import atomic_dir, file_lock
+        from qtarget.models.cache import atomic_dir, file_lock
 
         with file_lock(folder.parent / f".{folder.name}.lock"):
             with atomic_dir(folder) as tmp:

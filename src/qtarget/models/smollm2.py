@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from qtarget.models._cache import atomic_dir, cache_root, check_manifest, file_lock, log, write_manifest
+from qtarget.models.cache import atomic_dir, cache_root, check_manifest, file_lock, log, write_manifest
 from qtarget.models.sources import smollm2_gguf_path
 from qtarget.models.tokenizers import _finish_smollm2, smollm2_tokenizer
 

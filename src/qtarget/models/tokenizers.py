@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from qtarget.models._cache import atomic_dir, cache_root, check_manifest, file_lock, log, write_manifest
+from qtarget.models.cache import atomic_dir, cache_root, check_manifest, file_lock, log, write_manifest
 from qtarget.models.sources import gpt2_bpe_files, smollm2_gguf_path
 
 TOKENIZER_NAMES = ("smollm2", "gpt2")
