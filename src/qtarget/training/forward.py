@@ -89,38 +89,3 @@ def shift(batch: dict[str, Any], key: str) -> Tensor | None:
     """batch[key][:, 1:] (targets aligned with hidden[:, :-1]) or None."""
     value = batch.get(key)
     return None if value is None else value[:, 1:]
-
-
-def fused_loss_fn():
-    """qtarget.fused_token_loss when the engine is available, else a full-logits fallback with the
-    same signature (layer 1's `token_loss` on materialised logits)."""
-    try:
-        from qtarget.ops import fused_token_loss
-
-        return fused_token_loss
-    except ImportError:
-        return _fallback_fused_loss
-
-
-def _fallback_fused_loss(objective, hidden, lm_head_weight, labels, *, lm_head_bias=None, logit_scale=1.0,
-                         softcap=None, teacher_hidden=None, teacher_weight=None, ref_hidden=None,
-                         ref_weight=None, teacher_logits=None, ref_logits=None, chunk_size=None, **kwargs):
-    from qtarget.objectives import token_loss
-
-    def logits_of(h, w, b=None):
-        z = h.float() @ w.float().T
-        if b is not None:
-            z = z + b.float()
-        z = z * logit_scale
-        if softcap:
-            z = torch.tanh(z / softcap) * softcap
-        return z
-
-    if teacher_hidden is not None:
-        with torch.no_grad():
-            teacher_logits = logits_of(teacher_hidden, teacher_weight)
-    if ref_hidden is not None:
-        with torch.no_grad():
-            ref_logits = logits_of(ref_hidden, ref_weight)
-    return token_loss(objective, logits_of(hidden, lm_head_weight, lm_head_bias), labels,
-                      teacher_logits=teacher_logits, ref_logits=ref_logits, **kwargs)

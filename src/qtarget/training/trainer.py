@@ -29,12 +29,12 @@ from torch import nn
 from transformers import Trainer
 
 from qtarget.data import Collator
+from qtarget.ops import fused_token_loss
 from qtarget.training.config import QTargetConfig
 from qtarget.training.forward import (
     base_causal_lm,
     last_hidden_states,
     lm_head_of,
-    fused_loss_fn,
     shift,
 )
 
@@ -100,7 +100,6 @@ class QTargetTrainer(Trainer):
         if self.is_psft and args.psft_updates_per_batch == 1:
             warnings.warn("psft with psft_updates_per_batch=1: the ratio is 1 at every step, so PSFT is then "
                           "exactly SFT; use M > 1 (the paper uses 8)", stacklevel=2)
-        self._loss_fn = fused_loss_fn()
         self._sums = {"train": {}, "eval": {}}
         self._tokens_seen_since_log = 0
         self._last_log_time = None
@@ -148,7 +147,7 @@ class QTargetTrainer(Trainer):
         normalizer = num_items_in_batch if (training and num_items_in_batch is not None) else None
         if normalizer is not None:
             normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device).clamp_min(1.0)
-        result = self._loss_fn(
+        result = fused_token_loss(
             self.objective, hidden, head.weight, labels, lm_head_bias=head.bias, logit_scale=head.logit_scale,
             softcap=head.softcap, old_logprobs=shift(inputs, "old_logprobs"),
             token_weights=shift(inputs, "token_weights"), normalizer=normalizer,
@@ -195,7 +194,7 @@ class QTargetTrainer(Trainer):
             head = lm_head_of(model)
             from qtarget.objectives import get_objective
 
-            res = self._loss_fn(get_objective("sft"), hidden, head.weight.detach(), batch["labels"][:, 1:],
+            res = fused_token_loss(get_objective("sft"), hidden, head.weight.detach(), batch["labels"][:, 1:],
                                 lm_head_bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap,
                                 reduction="sum", chunk_size=self.args.chunk_size)
         finally:
