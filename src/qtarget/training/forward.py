@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
