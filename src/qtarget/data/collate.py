@@ -39,19 +39,43 @@ def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
     return rows
 
 
+CACHE_ROW = "teacher_cache_row"  # example key: the row's index in the teacher cache split
+CACHE_SPLIT = "teacher_cache_split"  # example key: that split ("train" / "eval"); default "train"
+
+
+class CacheRows(torch.utils.data.Dataset):
+    """A dataset of tokenised examples whose items also carry their row index in a teacher cache
+    split (CACHE_ROW, CACHE_SPLIT), for a Collator with `teacher_cache`."""
+
+    def __init__(self, examples: Sequence[dict[str, Any]], split: str = "train") -> None:
+        self.examples, self.split = examples, split
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.examples[i], CACHE_ROW: int(i), CACHE_SPLIT: self.split}
+
+
 class Collator:
     """Pads a list of examples to the longest one (right padding).
 
     Returns input_ids [B, T], labels [B, T] (-100 on padding), token_weights [B, T] (when any example
     has them) and either attention_mask [B, T] or, for packed rows, position_ids [B, T] (padding gets
     its own position run so it forms a separate, unsupervised segment).
+
+    With `teacher_cache` (a `qtarget.teacher_cache.TeacherCache`), every example must carry its cache
+    row (see CacheRows) and the batch also holds the cached teacher, aligned with the unshifted labels:
+    teacher_topk_ids [B, T, k] int64, teacher_topk_logprobs [B, T, k] float32 and
+    teacher_topk_log_tail [B, T] float32 (a valid filler at unsupervised positions).
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, teacher_cache: Any = None) -> None:
         if pad_token_id is None:
             raise ValueError("the tokenizer has no pad token id: set tokenizer.pad_token")
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.teacher_cache = teacher_cache
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
@@ -85,4 +109,16 @@ class Collator:
             batch["attention_mask"] = attn
         if tw is not None:
             batch["token_weights"] = tw
+        if self.teacher_cache is not None:
+            batch.update(self._cached_teacher(examples, labels))
         return batch
+
+    def _cached_teacher(self, examples: Sequence[dict[str, Any]], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows, splits = [], []
+        for b, ex in enumerate(examples):
+            if CACHE_ROW not in ex:
+                raise ValueError(f"batch example {b} has no {CACHE_ROW!r}: with a teacher cache, each example must "
+                                 f"carry its cache row index (wrap the dataset in qtarget.data.collate.CacheRows)")
+            rows.append(int(ex[CACHE_ROW]))
+            splits.append(ex.get(CACHE_SPLIT, "train"))
+        return self.teacher_cache.batch(splits, rows, labels)

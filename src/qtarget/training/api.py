@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qtarget.data import Collator, ExampleDataset, PreparedData, TokenizeReport, prepare_data
+from qtarget.teacher_cache.training import attach_teacher_cache, data_settings
 from qtarget.training.config import QTargetConfig
 from qtarget.training.logs import MetricsWriter
 from qtarget.training.trainer import STAGING_DIR, QTargetTrainer
@@ -34,8 +35,11 @@ class TrainResult:
 def check_requirements(config: QTargetConfig, *, teacher_given: bool = False) -> None:
     """Everything that can be checked before a model loads."""
     needs = config.objective_needs
-    if "teacher" in needs and not teacher_given and not config.teacher_model:
-        raise ValueError(f"objective {config.objective!r} needs a teacher model (--teacher_model)")
+    if "teacher" in needs and not teacher_given and not config.teacher_model and not config.teacher_cache:
+        raise ValueError(f"objective {config.objective!r} needs a teacher model (--teacher_model) or a teacher "
+                         f"cache (--teacher_cache)")
+    if teacher_given and config.teacher_cache:
+        raise ValueError("pass either teacher= or config.teacher_cache (--teacher_cache), not both")
 
 
 def _resolve_path(name: str) -> str:
@@ -156,7 +160,12 @@ def train(
     needs = config.objective_needs
     if isinstance(model, str) or model is None:
         model = load_model(model_name, config)
-    if "teacher" in needs:
+    collator = Collator(tokenizer.pad_token_id)
+    if config.teacher_cache:  # the teacher comes from the cache: none is loaded
+        train_ds, eval_ds, collator = attach_teacher_cache(
+            config.teacher_cache, tokenizer=tokenizer, student=model, train_dataset=train_ds, eval_dataset=eval_ds,
+            settings=data_settings(config) if report is not None else None)
+    if "teacher" in needs and not config.teacher_cache:
         if teacher is None or isinstance(teacher, str):
             teacher_name = teacher or config.teacher_model
             teacher_tok = None
@@ -186,7 +195,7 @@ def train(
             (output_dir / name).unlink(missing_ok=True)
     trainer = QTargetTrainer(
         model=model, args=config, teacher=teacher, ref=ref, train_dataset=train_ds, eval_dataset=eval_ds,
-        processing_class=tokenizer, data_collator=Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer, data_collator=collator,
         callbacks=[writer] + list(callbacks or []),
     )
     resume = config.resume

@@ -10,6 +10,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from qtarget.objectives import get_objective
+from qtarget.ops.sparse_teacher import TAILS
 
 
 def _f(default: Any, help: str) -> Any:
@@ -40,6 +41,12 @@ class QTargetConfig(TrainingArguments):
     chunk_size: int | None = _f(None, "Token chunk size of the fused loss engine (None = automatic).")
     teacher_model: str | None = _f(None, "Teacher (target_sft, kd, distill_hybrid): hub id or folder; must share the "
                                          "student's vocabulary.")
+    teacher_cache: str | None = _f(None, "Folder of a teacher cache built by `qtarget teacher-cache` (the teacher's top-k "
+                                         "log-probs per supervised token): train from it with no teacher in memory. It must "
+                                         "match this run's data, tokenizer and student vocabulary.")
+    teacher_tail: str = _f("student", "With teacher_cache: where the teacher's mass outside the cached top-k goes: "
+                                      "'student' (spread in proportion to the student's sg(p)), 'renormalize' (dropped; "
+                                      "top-k renormalised) or 'uniform' (spread evenly). See docs/teacher_cache.md.")
     ref_model: str | None = _f(None, "Reference / base model (sft_kl, asft). Default: the frozen initial student "
                                      "(with LoRA: the student with adapters disabled, no second copy).")
     psft_updates_per_batch: int = _f(8, "PSFT: optimizer steps (mini-batches) per global batch that share one pi_old. "
@@ -86,6 +93,8 @@ class QTargetConfig(TrainingArguments):
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.packing and self.max_length is None:
             raise ValueError("packing=True needs max_length")
+        if self.teacher_tail not in TAILS:
+            raise ValueError(f"teacher_tail must be one of {', '.join(TAILS)}; got {self.teacher_tail!r}")
         self.build_objective()  # unknown objective / parameter -> error now, before any model loads
         super().__post_init__()
 
