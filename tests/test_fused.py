@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import qtarget
 from objective_reference import CATALOGUE_PARAMS
 from qtarget import fused_token_loss, token_loss
+from qtarget.models.head import LMHead
 from qtarget.ops import chunked as chunked_mod
 from qtarget.ops.budget import BUDGET_ENV, DEFAULT_BUDGET_BYTES, TEMPORARIES_PER_AUX, TEMPORARIES_STUDENT, chunk_rows
 
@@ -35,8 +36,8 @@ def make_problem(lead, seed=0, hidden_size=H, vocab=V, dtype=torch.float32, teac
     rW = W + 0.1 * torch.randn(W.shape, generator=g)
     return {
         "hidden": h.to(dtype), "weight": W.to(dtype), "bias": b.to(dtype), "labels": y,
-        "teacher_hidden": th.to(dtype), "teacher_weight": tW.to(dtype),
-        "ref_hidden": rh.to(dtype), "ref_weight": rW.to(dtype),
+        "teacher_hidden": th.to(dtype), "teacher_head": tW.to(dtype),
+        "ref_hidden": rh.to(dtype), "ref_head": rW.to(dtype),
         "old_logprobs": logp_y + 0.5 * torch.randn(logp_y.shape, generator=g),
         "token_weights": torch.rand(tuple(lead), generator=g),
     }
@@ -55,19 +56,20 @@ def full_logits(h, W, b, scale=1.0, softcap=None):
 
 
 def aux_kwargs(obj, c, as_logits: bool, scale=1.0, softcap=None):
-    """Teacher / reference inputs; as logits they carry the student head's scale and softcap, as the
-    engine applies them to hidden + head inputs."""
+    """Teacher / reference inputs, each through its own head (here with the same scale and softcap as
+    the student's): as full logits, or as hidden states + an LMHead."""
     out = {}
     if "teacher" in obj.needs:
         if as_logits:
-            out["teacher_logits"] = full_logits(c["teacher_hidden"], c["teacher_weight"], None, scale, softcap)
+            out["teacher_logits"] = full_logits(c["teacher_hidden"], c["teacher_head"], None, scale, softcap)
         else:
-            out.update(teacher_hidden=c["teacher_hidden"], teacher_weight=c["teacher_weight"])
+            out.update(teacher_hidden=c["teacher_hidden"],
+                       teacher_head=LMHead(c["teacher_head"], logit_scale=scale, softcap=softcap))
     if "ref" in obj.needs:
         if as_logits:
-            out["ref_logits"] = full_logits(c["ref_hidden"], c["ref_weight"], None, scale, softcap)
+            out["ref_logits"] = full_logits(c["ref_hidden"], c["ref_head"], None, scale, softcap)
         else:
-            out.update(ref_hidden=c["ref_hidden"], ref_weight=c["ref_weight"])
+            out.update(ref_hidden=c["ref_hidden"], ref_head=LMHead(c["ref_head"], logit_scale=scale, softcap=softcap))
     for key in ("old_logprobs", "token_weights"):
         if {"old_logprobs": "old_logprobs", "token_weights": "token_weights"}[key] in obj.needs:
             out[key] = c[key]
@@ -187,10 +189,10 @@ def test_gradient_accumulation_with_normalizer_equals_full_batch():
     total = int((c["labels"] != -100).sum())
     for part in (slice(0, 1), slice(1, 4)):
         fused_token_loss(obj, h[part], W, c["labels"][part], lm_head_bias=b, normalizer=total, chunk_size=8,
-                         teacher_hidden=c["teacher_hidden"][part], teacher_weight=c["teacher_weight"]).loss.backward()
+                         teacher_hidden=c["teacher_hidden"][part], teacher_head=c["teacher_head"]).loss.backward()
     h2, W2, b2 = leaves(c)
     token_loss(obj, full_logits(h2, W2, b2), c["labels"],
-               teacher_logits=c["teacher_hidden"] @ c["teacher_weight"].T).loss.backward()
+               teacher_logits=c["teacher_hidden"] @ c["teacher_head"].T).loss.backward()
     for a, bb in ((h, h2), (W, W2), (b, b2)):
         assert_rel(a.grad, bb.grad, 1e-5)
 
@@ -200,7 +202,7 @@ def test_all_masked_gives_zero_loss_and_zero_grads():
     h, W, b = leaves(c)
     labels = torch.full((2, 6), -100)
     out = fused_token_loss("asft", h, W, labels, lm_head_bias=b, ref_hidden=c["ref_hidden"],
-                           ref_weight=c["ref_weight"])
+                           ref_head=c["ref_head"])
     assert float(out.loss.detach()) == 0.0 and out.metrics["n_tokens"] == 0.0
     out.loss.backward()
     assert torch.all(h.grad == 0) and torch.all(W.grad == 0) and torch.all(b.grad == 0)
@@ -257,9 +259,9 @@ def test_no_grad_path_equals_reference():
     c = make_problem((20,), seed=7)
     with torch.no_grad():
         got = fused_token_loss("sft_kl", c["hidden"], c["weight"], c["labels"], ref_hidden=c["ref_hidden"],
-                               ref_weight=c["ref_weight"], chunk_size=3)
+                               ref_head=c["ref_head"], chunk_size=3)
         want = token_loss("sft_kl", c["hidden"] @ c["weight"].T, c["labels"],
-                          ref_logits=c["ref_hidden"] @ c["ref_weight"].T)
+                          ref_logits=c["ref_hidden"] @ c["ref_head"].T)
     assert not got.loss.requires_grad
     assert float(got.loss.detach()) == pytest.approx(float(want.loss.detach()), rel=1e-5)
     assert got.metrics["kl_ref"] == pytest.approx(want.metrics["kl_ref"], rel=1e-4)
@@ -323,7 +325,7 @@ def test_autocast_bf16_matches_autocast_reference(name):
     h2, W2, b2 = leaves(c)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = F.linear(h2, W2, b2)
-        teacher = (c["teacher_hidden"] @ c["teacher_weight"].T) if "teacher" in obj.needs else None
+        teacher = (c["teacher_hidden"] @ c["teacher_head"].T) if "teacher" in obj.needs else None
         assert logits.dtype == torch.bfloat16
         want = token_loss(obj, logits, c["labels"], teacher_logits=teacher)
     wh, wW, wb = torch.autograd.grad(want.loss, [h2, W2, b2])
@@ -356,15 +358,15 @@ def test_gradcheck_float64(name):
 def test_errors_name_the_argument():
     c = make_problem((10,), seed=0)
     h, W, y = c["hidden"], c["weight"], c["labels"]
-    with pytest.raises(ValueError, match=r"teacher_weight` has vocabulary size 999 .* has 1000"):
-        fused_token_loss("kd", h, W, y, teacher_hidden=c["teacher_hidden"], teacher_weight=c["teacher_weight"][:999])
+    with pytest.raises(ValueError, match=r"teacher_head` gives logits over 999 tokens .* has 1000"):
+        fused_token_loss("kd", h, W, y, teacher_hidden=c["teacher_hidden"], teacher_head=c["teacher_head"][:999])
     with pytest.raises(ValueError, match="teacher_logits"):
         fused_token_loss("kd", h, W, y)
     with pytest.raises(ValueError, match="hidden shape"):
         fused_token_loss("sft", h[:9], W, y)
     with pytest.raises(ValueError, match="hidden size"):
         fused_token_loss("sft", h, W[:, :5], y)
-    with pytest.raises(ValueError, match="lm_head_bias"):
+    with pytest.raises(ValueError, match="lm_head` bias"):
         fused_token_loss("sft", h, W, y, lm_head_bias=torch.zeros(7))
     with pytest.raises(ValueError, match=r"labels contain 1000"):
         fused_token_loss("sft", h, W, torch.full_like(y, 1000))
@@ -379,8 +381,8 @@ def test_errors_name_the_argument():
         fused_token_loss("sft", h, W, y, chunk_size=0)
     with pytest.raises(ValueError, match="together"):
         fused_token_loss("kd", h, W, y, teacher_hidden=c["teacher_hidden"])
-    with pytest.raises(ValueError, match="not both"):
-        fused_token_loss("kd", h, W, y, teacher_hidden=c["teacher_hidden"], teacher_weight=c["teacher_weight"],
+    with pytest.raises(ValueError, match="one source for the teacher"):
+        fused_token_loss("kd", h, W, y, teacher_hidden=c["teacher_hidden"], teacher_head=c["teacher_head"],
                          teacher_logits=torch.zeros(10, V))
 
 

@@ -26,6 +26,7 @@ Two modes:
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,14 +42,48 @@ from qtarget.objectives.batching import (
     reduction_weights,
     token_metrics,
 )
+from qtarget.models.head import LMHead
 from qtarget.objectives.registry import get_objective
 from qtarget.ops.budget import resolve_chunk_size
+from qtarget.ops.sparse_teacher import TeacherTopK, check_teacher_topk, dense_teacher_logprobs
 
 MODES = ("auto", "forward", "recompute")
 
 
 @dataclass(eq=False)
-class _Problem:
+class AuxSource:
+    """Where one auxiliary distribution (teacher or reference) comes from, for the rows of a chunk:
+    precomputed logits [N, V], hidden states [N, H_aux] through the aux model's own head (its bias,
+    scale and softcap; put on the student's V by `LMHead.vocab_size`), or a sparse top-k teacher
+    densified per chunk (`teacher_tail` decides the mass outside the top-k). All detached."""
+
+    logits: Tensor | None = None  # [N, V]
+    hidden: Tensor | None = None  # [N, H_aux]
+    head: LMHead | None = None
+    compute_dtype: torch.dtype | None = None
+    topk: TeacherTopK | None = None  # [n, k] already restricted to the supervised rows
+    tail: str = "student"
+
+    def chunk(self, idx: Tensor, rows: slice, student_logits: Tensor) -> Tensor:
+        """[c, V] float logits (or log-probs) for positions `idx` (= supervised rows `rows`)."""
+        if self.logits is not None:
+            out = self.logits.index_select(0, idx)
+            return out if out.dtype == torch.float64 else out.float()
+        if self.topk is not None:
+            return dense_teacher_logprobs(self.topk.ids[rows], self.topk.logprobs[rows], self.topk.log_tail[rows],
+                                          student_logits.detach(), self.tail)
+        head = self.head
+        h = self.hidden.index_select(0, idx).to(self.compute_dtype)
+        w = head.weight.to(self.compute_dtype)
+        raw = torch.mm(h, w.t()) if head.bias is None else torch.addmm(head.bias.to(self.compute_dtype), h, w.t())
+        z = _transform(raw if raw.dtype == torch.float64 else raw.float(), head.logit_scale, head.softcap)[0]
+        if head.vocab > head.rows:  # rows the aux head lacks: probability 0
+            z = torch.cat([z, z.new_full((z.shape[0], head.vocab - head.rows), float("-inf"))], dim=-1)
+        return z
+
+
+@dataclass(eq=False)
+class _ChunkPlan:
     """One call's fixed (non-differentiable) data. `rows` [n] indexes the supervised positions in
     the flattened [N, ...] inputs; per-row tensors below are already restricted to them, while the
     big ones (hidden states, precomputed logits) stay whole and are indexed chunk by chunk."""
@@ -62,14 +97,8 @@ class _Problem:
     softcap: float | None
     chunk: int
     metrics: bool
-    teacher_logits: Tensor | None = None  # [N, V]
-    ref_logits: Tensor | None = None  # [N, V]
-    teacher_hidden: Tensor | None = None  # [N, H_teacher]
-    teacher_weight: Tensor | None = None  # [V, H_teacher]
-    teacher_dtype: torch.dtype | None = None
-    ref_hidden: Tensor | None = None  # [N, H_ref]
-    ref_weight: Tensor | None = None  # [V, H_ref]
-    ref_dtype: torch.dtype | None = None
+    teacher: AuxSource | None = None
+    ref: AuxSource | None = None
     old_logprobs: Tensor | None = None  # [n] float32
     token_weights: Tensor | None = None  # [n] float32
 
@@ -125,20 +154,7 @@ def _transform(z: Tensor, scale: float, cap: float | None) -> tuple[Tensor, Tens
     return t * cap, t
 
 
-def _aux_chunk(logits: Tensor | None, hidden: Tensor | None, weight: Tensor | None, idx: Tensor,
-               scale: float, cap: float | None) -> Tensor | None:
-    """[c, V] float detached teacher / reference logits for the positions `idx`: precomputed logits
-    as given, or softcap(scale * hidden @ weight^T) with the student head's scale and softcap."""
-    if logits is not None:
-        out = logits.index_select(0, idx)
-        return out if out.dtype == torch.float64 else out.float()
-    if hidden is not None:
-        out = torch.mm(hidden.index_select(0, idx).to(weight.dtype), weight.t())
-        return _transform(out if out.dtype == torch.float64 else out.float(), scale, cap)[0]
-    return None
-
-
-def _run_chunks(p: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None, *,
+def _run_chunks(p: _ChunkPlan, hidden: Tensor, weight: Tensor, bias: Tensor | None, *,
                 grad_hidden: bool, grad_weight: bool, grad_bias: bool, collect: bool) -> _PassOutput:
     """One pass over the supervised rows `p.rows` of `hidden [N, H]` in chunks of `p.chunk` rows.
 
@@ -153,8 +169,6 @@ def _run_chunks(p: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None
     device = hidden.device
     w_c = weight.to(cdt)
     b_c = None if bias is None else bias.detach().to(cdt)
-    t_w = None if p.teacher_weight is None else p.teacher_weight.detach().to(p.teacher_dtype)
-    r_w = None if p.ref_weight is None else p.ref_weight.detach().to(p.ref_dtype)
 
     loss_dtype = torch.float64 if cdt == torch.float64 else torch.float32
     total = torch.zeros((), dtype=loss_dtype, device=device)
@@ -178,8 +192,8 @@ def _run_chunks(p: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None
         x = TokenInputs(
             logits=z,
             labels=p.labels[sl],
-            teacher_logits=_aux_chunk(p.teacher_logits, p.teacher_hidden, t_w, idx, scale, cap),
-            ref_logits=_aux_chunk(p.ref_logits, p.ref_hidden, r_w, idx, scale, cap),
+            teacher_logits=None if p.teacher is None else p.teacher.chunk(idx, sl, z),
+            ref_logits=None if p.ref is None else p.ref.chunk(idx, sl, z),
             old_logprobs=None if p.old_logprobs is None else p.old_logprobs[sl],
             token_weights=None if p.token_weights is None else p.token_weights[sl],
         )
@@ -223,20 +237,20 @@ class _FusedLoss(torch.autograd.Function):
     weight [V, H], bias [V] | None. Returns (loss [], per_token [n] non-differentiable)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, problem: _Problem, mode: str, sink: dict):
+    def forward(ctx, hidden, weight, bias, plan: _ChunkPlan, mode: str, sink: dict):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mode = mode
         with _no_autocast(hidden.device.type):
             if mode == "forward":
-                out = _run_chunks(problem, hidden, weight, bias, grad_hidden=need_h, grad_weight=need_w,
+                out = _run_chunks(plan, hidden, weight, bias, grad_hidden=need_h, grad_weight=need_w,
                                   grad_bias=need_b, collect=True)
                 ctx.grads = (out.grad_hidden, out.grad_weight, out.grad_bias)
             else:
-                out = _run_chunks(problem, hidden, weight, bias, grad_hidden=False, grad_weight=False,
+                out = _run_chunks(plan, hidden, weight, bias, grad_hidden=False, grad_weight=False,
                                   grad_bias=False, collect=True)
-                ctx.problem = problem
+                ctx.plan = plan
                 ctx.save_for_backward(hidden, weight, bias)
         sink["metrics"] = out.metrics
         ctx.mark_non_differentiable(out.per_token)
@@ -255,7 +269,7 @@ class _FusedLoss(torch.autograd.Function):
         else:
             hidden, weight, bias = ctx.saved_tensors
             with _no_autocast(hidden.device.type):
-                out = _run_chunks(ctx.problem, hidden, weight, bias, grad_hidden=need_h, grad_weight=need_w,
+                out = _run_chunks(ctx.plan, hidden, weight, bias, grad_hidden=need_h, grad_weight=need_w,
                                   grad_bias=need_b and bias is not None, collect=False)
             g_h, g_w, g_b = out.grad_hidden, out.grad_weight, out.grad_bias
         h_dt, w_dt, b_dt = ctx.dtypes
@@ -267,35 +281,48 @@ class _FusedLoss(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
-def _check_head(name: str, weight: Tensor, hidden_name: str, hidden: Tensor, vocab_size: int | None) -> None:
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"`{name}` must be a [V, H] tensor, got "
-                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    if not weight.dtype.is_floating_point or not hidden.dtype.is_floating_point:
-        raise ValueError(f"`{name}` and `{hidden_name}` must be floating point, got {weight.dtype} and {hidden.dtype}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"`{name}` has hidden size {weight.shape[1]} (shape {tuple(weight.shape)}) but "
+def _as_head(name: str, head: LMHead | Tensor, hidden_name: str, hidden: Tensor) -> LMHead:
+    """An LMHead from an LMHead or a bare [V, H] weight (no bias, scale 1, no softcap), checked."""
+    if isinstance(head, Tensor):
+        head = LMHead(weight=head)
+    if not isinstance(head, LMHead):
+        raise ValueError(f"`{name}` must be an LMHead or a [V, H] tensor, got {type(head).__name__}")
+    w = head.weight
+    if not isinstance(w, Tensor) or w.dim() != 2:
+        raise ValueError(f"`{name}` weight must be a [V, H] tensor, got "
+                         f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
+    if not w.dtype.is_floating_point or not hidden.dtype.is_floating_point:
+        raise ValueError(f"`{name}` and `{hidden_name}` must be floating point, got {w.dtype} and {hidden.dtype}")
+    if w.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"`{name}` has hidden size {w.shape[1]} (shape {tuple(w.shape)}) but "
                          f"`{hidden_name}` has hidden size {hidden.shape[-1]}")
-    if vocab_size is not None and weight.shape[0] != vocab_size:
-        raise ValueError(f"`{name}` has vocabulary size {weight.shape[0]} but the student's lm_head_weight has "
-                         f"{vocab_size}: the {name.split('_')[0]} model must share the student's vocabulary")
+    if head.bias is not None and (not isinstance(head.bias, Tensor) or tuple(head.bias.shape) != (head.rows,)):
+        raise ValueError(f"`{name}` bias must have shape ({head.rows},), got "
+                         f"{tuple(head.bias.shape) if isinstance(head.bias, Tensor) else head.bias!r}")
+    if head.softcap is not None and not float(head.softcap) > 0:
+        raise ValueError(f"`{name}` softcap must be None or > 0, got {head.softcap}")
+    if not math.isfinite(float(head.logit_scale)):
+        raise ValueError(f"`{name}` logit_scale must be a finite number, got {head.logit_scale}")
+    return head
 
 
 def fused_token_loss(
     objective: str | Objective,
     hidden: Tensor,
-    lm_head_weight: Tensor,
+    lm_head: LMHead | Tensor,
     labels: Tensor,
     *,
     lm_head_bias: Tensor | None = None,
     logit_scale: float = 1.0,
     softcap: float | None = None,
     teacher_hidden: Tensor | None = None,
-    teacher_weight: Tensor | None = None,
+    teacher_head: LMHead | Tensor | None = None,
     ref_hidden: Tensor | None = None,
-    ref_weight: Tensor | None = None,
+    ref_head: LMHead | Tensor | None = None,
     teacher_logits: Tensor | None = None,
     ref_logits: Tensor | None = None,
+    teacher_topk: TeacherTopK | None = None,
+    teacher_tail: str = "student",
     old_logprobs: Tensor | None = None,
     token_weights: Tensor | None = None,
     ignore_index: int = -100,
@@ -307,18 +334,23 @@ def fused_token_loss(
     metrics: bool = True,
     check_finite: bool = True,
 ) -> LossResult:
-    """Loss of `objective` on logits = softcap(logit_scale * (hidden @ lm_head_weight^T + lm_head_bias)),
-    without materialising the `[N, V]` logits. Same result as `token_loss` on those logits.
+    """Loss of `objective` on logits = softcap(logit_scale * (hidden @ W^T + b)) without materialising
+    the `[N, V]` logits. Same result as `token_loss` on those logits.
 
     hidden [..., H] (e.g. [N, H] or [B, T, H]) aligned with labels [...] (no shift inside; shift
-    before calling); lm_head_weight [V, H]; lm_head_bias [V]. softcap(z) = softcap * tanh(z / softcap),
-    applied after the scale. Matmuls run in the inputs' dtype (or the autocast dtype under
-    `torch.autocast`), the loss in float32; grad of the weight is accumulated in float32.
+    before calling). lm_head: an `LMHead` (weight [V, H], bias, logit_scale, softcap; see
+    `qtarget.models.head.lm_head_of`) or a bare weight [V, H] with `lm_head_bias` [V], `logit_scale`
+    and `softcap` given here. softcap(z) = softcap * tanh(z / softcap), applied after the scale.
+    Matmuls run in the inputs' dtype (or the autocast dtype under `torch.autocast`), the loss in
+    float32; grad of the weight is accumulated in float32.
 
-    Teacher / reference distributions: either `teacher_hidden [..., H_t]` + `teacher_weight [V, H_t]`
-    (logits softcap(logit_scale * teacher_hidden @ teacher_weight^T), formed per chunk under no_grad:
-    same-family models share the head's scale and softcap; no bias) or precomputed
-    `teacher_logits [..., V]`; likewise `ref_hidden`/`ref_weight` or `ref_logits`. All are detached.
+    Teacher / reference distributions (all detached), one source each:
+    - `teacher_hidden [..., H_t]` + `teacher_head` (an LMHead: the teacher's own weight, bias, scale
+      and softcap; `LMHead.on_vocab(V)` puts a head padded to another row count on the student's V;
+      a bare tensor means weight only), formed per chunk under no_grad; likewise `ref_hidden` + `ref_head`;
+    - precomputed `teacher_logits [..., V]` / `ref_logits [..., V]`;
+    - `teacher_topk` (a sparse top-k teacher, `qtarget.ops.sparse_teacher.TeacherTopK` [..., k]) with
+      `teacher_tail` deciding where the mass outside the top-k goes ("renormalize", "student", "uniform").
     `old_logprobs`/`token_weights` [...] as in `token_loss`.
 
     reduction / normalizer: as `token_loss`. chunk_size: rows per chunk; by default chosen from
@@ -335,98 +367,119 @@ def fused_token_loss(
         shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
         raise ValueError(f"hidden shape {shape} does not match labels shape {tuple(labels.shape)}: expected "
                          f"hidden [..., H] with [...] == labels' shape")
-    _check_head("lm_head_weight", lm_head_weight, "hidden", hidden, None)
-    V = lm_head_weight.shape[0]
-    if lm_head_bias is not None and (not isinstance(lm_head_bias, Tensor) or tuple(lm_head_bias.shape) != (V,)):
-        raise ValueError(f"lm_head_bias must have shape ({V},), got "
-                         f"{tuple(lm_head_bias.shape) if isinstance(lm_head_bias, Tensor) else lm_head_bias!r}")
-    if softcap is not None and not float(softcap) > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
-    if not torch.isfinite(torch.tensor(float(logit_scale))):
-        raise ValueError(f"logit_scale must be a finite number, got {logit_scale}")
+    if isinstance(lm_head, LMHead):
+        if lm_head_bias is not None or logit_scale != 1.0 or softcap is not None:
+            raise ValueError("give the bias, logit_scale and softcap inside the LMHead, not as arguments too")
+        head = _as_head("lm_head", lm_head, "hidden", hidden)
+        if head.vocab != head.rows:
+            raise ValueError(f"the student's lm_head must give logits for its own {head.rows} rows, "
+                             f"got vocab_size={head.vocab}")
+    else:
+        head = _as_head("lm_head", LMHead(weight=lm_head, bias=lm_head_bias, logit_scale=logit_scale,
+                                          softcap=softcap) if isinstance(lm_head, Tensor) else lm_head,
+                        "hidden", hidden)
+    V = head.rows
     positions = tuple(labels.shape)
 
-    # Teacher / reference sources: hidden + head, or precomputed logits, never both.
+    # Teacher / reference sources: hidden + head, precomputed logits or (teacher) a sparse top-k.
     given = {"teacher_logits": teacher_logits, "ref_logits": ref_logits,
              "old_logprobs": old_logprobs, "token_weights": token_weights}
-    for who, h_aux, w_aux, logits_aux in (("teacher", teacher_hidden, teacher_weight, teacher_logits),
-                                          ("ref", ref_hidden, ref_weight, ref_logits)):
-        if (h_aux is None) != (w_aux is None):
-            raise ValueError(f"`{who}_hidden` and `{who}_weight` must be given together")
-        if h_aux is not None:
-            if logits_aux is not None:
-                raise ValueError(f"give either `{who}_logits` or `{who}_hidden` + `{who}_weight`, not both")
-            _check_head(f"{who}_weight", w_aux, f"{who}_hidden", h_aux, V)
-            if tuple(h_aux.shape[:-1]) != positions:
-                raise ValueError(f"`{who}_hidden` has shape {tuple(h_aux.shape)}, expected {positions + ('H',)}")
-            # A zero-stride stand-in lets the shared validator see the [..., V] shape without memory.
-            given[f"{who}_logits"] = torch.zeros((), device=h_aux.device).expand(positions + (V,))
+    heads: dict[str, LMHead | None] = {}
+    for who, h_aux, head_aux, logits_aux in (("teacher", teacher_hidden, teacher_head, teacher_logits),
+                                             ("ref", ref_hidden, ref_head, ref_logits)):
+        if (h_aux is None) != (head_aux is None):
+            raise ValueError(f"`{who}_hidden` and `{who}_head` must be given together")
+        heads[who] = None
+        if h_aux is None:
+            continue
+        if logits_aux is not None or (who == "teacher" and teacher_topk is not None):
+            raise ValueError(f"give one source for the {who}: `{who}_logits`, `{who}_hidden` + `{who}_head`"
+                             + (" or `teacher_topk`" if who == "teacher" else ""))
+        aux_head = _as_head(f"{who}_head", head_aux, f"{who}_hidden", h_aux)
+        if aux_head.vocab != V:
+            raise ValueError(f"`{who}_head` gives logits over {aux_head.vocab} tokens but the student's lm_head has "
+                             f"{V}: the {who} model must share the student's vocabulary (for a head padded to "
+                             f"another size with the same tokenizer, pass LMHead.on_vocab({V}))")
+        if tuple(h_aux.shape[:-1]) != positions:
+            raise ValueError(f"`{who}_hidden` has shape {tuple(h_aux.shape)}, expected {positions + ('H',)}")
+        heads[who] = aux_head
+        # A zero-stride stand-in lets the shared validator see the [..., V] shape without memory.
+        given[f"{who}_logits"] = torch.zeros((), device=h_aux.device).expand(positions + (V,))
+    if teacher_topk is not None:
+        if teacher_logits is not None:
+            raise ValueError("give one source for the teacher: `teacher_logits`, `teacher_hidden` + "
+                             "`teacher_head` or `teacher_topk`")
+        if not isinstance(teacher_topk, TeacherTopK):
+            raise ValueError(f"`teacher_topk` must be a TeacherTopK, got {type(teacher_topk).__name__}")
+        given["teacher_logits"] = torch.zeros((), device=hidden.device).expand(positions + (V,))
     check_aux(objective, given, positions, V)
     mask = check_labels(labels, V, ignore_index)
+    if teacher_topk is not None:
+        check_teacher_topk(teacher_topk, positions, V, tail=teacher_tail, mask=mask)
     if check_finite:
-        for name, value in (("hidden", hidden), ("lm_head_weight", lm_head_weight), ("lm_head_bias", lm_head_bias),
-                            ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                            ("ref_hidden", ref_hidden), ("ref_weight", ref_weight)):
+        for name, value in (("hidden", hidden), ("lm_head weight", head.weight), ("lm_head bias", head.bias),
+                            ("teacher_hidden", teacher_hidden), ("teacher_head weight", _weight(heads["teacher"])),
+                            ("ref_hidden", ref_hidden), ("ref_head weight", _weight(heads["ref"]))):
             if value is not None:
                 assert_finite(name, value.detach())
 
     flat = mask.reshape(-1)
     device_type = hidden.device.type
     autocast = _autocast_dtype(device_type)
-    cdt = autocast or torch.promote_types(hidden.dtype, lm_head_weight.dtype)
+    cdt = autocast or torch.promote_types(hidden.dtype, head.weight.dtype)
 
     def rows(value: Tensor | None) -> Tensor | None:
         return None if value is None else value.detach().reshape(-1)[flat].to(torch.float32)
 
-    def aux_logits(name: str, value: Tensor | None) -> Tensor | None:
-        """[N, V] view (no copy: rows are gathered chunk by chunk)."""
-        if value is None:
-            return None
-        if check_finite:
-            assert_finite(name, value.detach())
-        return value.detach().reshape(-1, V)
+    def source(who: str, logits_aux: Tensor | None, h_aux: Tensor | None) -> AuxSource | None:
+        if logits_aux is not None:
+            if check_finite:
+                assert_finite(f"{who}_logits", logits_aux.detach())
+            return AuxSource(logits=logits_aux.detach().reshape(-1, V))  # [N, V] view; rows gathered per chunk
+        if h_aux is not None:
+            aux_head = heads[who].detached()
+            return AuxSource(hidden=h_aux.detach().reshape(-1, h_aux.shape[-1]), head=aux_head,
+                             compute_dtype=autocast or torch.promote_types(h_aux.dtype, aux_head.weight.dtype))
+        if who == "teacher" and teacher_topk is not None:
+            return AuxSource(topk=teacher_topk.flatten().index(flat), tail=teacher_tail)
+        return None
 
-    def flat_hidden(value: Tensor | None) -> Tensor | None:
-        return None if value is None else value.detach().reshape(-1, value.shape[-1])
-
-    n_aux = sum(x is not None for x in (teacher_hidden, teacher_logits)) + \
-        sum(x is not None for x in (ref_hidden, ref_logits))
-    problem = _Problem(
+    plan = _ChunkPlan(
         objective=objective,
         rows=flat.nonzero().squeeze(-1),
         labels=labels.reshape(-1)[flat].long(),
         weights=reduction_weights(mask, reduction, normalizer).reshape(-1)[flat],
         compute_dtype=cdt,
-        logit_scale=float(logit_scale),
-        softcap=None if softcap is None else float(softcap),
-        chunk=resolve_chunk_size(chunk_size, V, n_aux, memory_budget),
+        logit_scale=float(head.logit_scale),
+        softcap=None if head.softcap is None else float(head.softcap),
+        chunk=0,
         metrics=metrics,
-        teacher_logits=aux_logits("teacher_logits", teacher_logits),
-        ref_logits=aux_logits("ref_logits", ref_logits),
-        teacher_hidden=flat_hidden(teacher_hidden),
-        teacher_weight=teacher_weight,
-        teacher_dtype=None if teacher_weight is None else
-        (autocast or torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype)),
-        ref_hidden=flat_hidden(ref_hidden),
-        ref_weight=ref_weight,
-        ref_dtype=None if ref_weight is None else (autocast or torch.promote_types(ref_hidden.dtype, ref_weight.dtype)),
+        teacher=source("teacher", teacher_logits, teacher_hidden),
+        ref=source("ref", ref_logits, ref_hidden),
         old_logprobs=rows(old_logprobs),
         token_weights=rows(token_weights),
     )
+    plan.chunk = resolve_chunk_size(chunk_size, V, int(plan.teacher is not None) + int(plan.ref is not None),
+                                    memory_budget)
 
     h_flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H] view; supervised rows are gathered per chunk
+    weight, bias = head.weight, head.bias
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias))
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
         sink: dict = {}
-        loss, per_rows = _FusedLoss.apply(h_flat, lm_head_weight, lm_head_bias, problem,
+        loss, per_rows = _FusedLoss.apply(h_flat, weight, bias, plan,
                                           "recompute" if mode == "recompute" else "forward", sink)
         result_metrics = sink["metrics"]
     else:
         with torch.no_grad(), _no_autocast(device_type):
-            out = _run_chunks(problem, h_flat, lm_head_weight, lm_head_bias, grad_hidden=False,
+            out = _run_chunks(plan, h_flat, weight, bias, grad_hidden=False,
                               grad_weight=False, grad_bias=False, collect=True)
         loss, per_rows, result_metrics = out.loss, out.per_token, out.metrics
     per_token = torch.zeros(flat.shape, dtype=torch.float32, device=hidden.device)
     per_token = per_token.masked_scatter(flat, per_rows).reshape(positions)
     return LossResult(loss=loss, per_token=per_token, metrics=result_metrics)
+
+
+def _weight(head: LMHead | None) -> Tensor | None:
+    return None if head is None else head.weight
