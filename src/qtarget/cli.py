@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("qtarget.evaluation.cli", "evaluate reasoning answers (accuracy, avg@k, pass@k)"),
     "inspect": ("qtarget.inspect_cmd", "show p, the implied target Q, gamma and the residual per objective"),
     "objectives": ("qtarget.inspect_cmd:list_main", "list the objective catalogue and parameters"),
+    "teacher-cache": ("qtarget.teacher_cache.cli", "run a teacher once and cache its top-k per supervised token"),
 }
 
 

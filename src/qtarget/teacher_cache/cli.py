@@ -1,0 +1,157 @@
+"""`qtarget teacher-cache`: run a teacher once over the tokenised training data and store its top-k
+distribution per supervised token, for `qtarget train --teacher_cache DIR`.
+
+    qtarget teacher-cache --teacher_model T --model S --dataset D --output_dir DIR --top_k 64
+    qtarget teacher-cache --config recipe.yaml --top_k 64          # data keys (and teacher_cache as DIR) from a recipe
+    torchrun --nproc_per_node 8 -m qtarget.teacher_cache.cli ...   # each process builds its own shards
+
+The data keys (dataset, max_length, packing, chat_template, response_only, eval_fraction, seed, ...)
+mean what they mean for `qtarget train` and must be the same there: training checks every row.
+A re-run with the same arguments continues where an interrupted one stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from qtarget.data import prepare_data
+from qtarget.teacher_cache.build import build_cache
+from qtarget.teacher_cache.manifest import DATA_KEYS
+from qtarget.teacher_cache.schema import LOGPROB_DTYPES
+from qtarget.training.api import _resolve_path, load_model, load_tokenizer_for
+from qtarget.training.cli import coerce
+from qtarget.training.config import config_fields
+
+# keys shared with `qtarget train` (same meaning, same parsing)
+TRAIN_KEYS = ("model", "teacher_model", "dtype") + DATA_KEYS
+CACHE_OPTIONS = {
+    "output_dir": (str, None, "Cache folder (default: the recipe's teacher_cache)."),
+    "top_k": (int, 64, "Teacher tokens stored per supervised token."),
+    "temperature": (float, 1.0, "pi_T = softmax(teacher logits / temperature)."),
+    "batch_size": (int, 8, "Rows per teacher forward."),
+    "rows_per_shard": (int, 512, "Rows per shard file (the unit of resumption and of work per process)."),
+    "logprob_dtype": (str, "float32", f"Storage dtype of the log-probs: {', '.join(LOGPROB_DTYPES)}."),
+    "device": (str, None, "Teacher device (default: cuda:LOCAL_RANK when CUDA is available, else cpu)."),
+    "progress": (str, "true", "Show a progress bar (true/false)."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtarget teacher-cache", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML recipe of `qtarget train`: its data keys, model, teacher_model, "
+                                         "dtype and teacher_cache (as output_dir) are used; other keys are ignored.")
+    fields = config_fields()
+    group = parser.add_argument_group("keys shared with `qtarget train`")
+    for name in TRAIN_KEYS:
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = f"{(f.metadata or {}).get('help', '')} [default: {default}]".replace("%", "%%")
+        group.add_argument(f"--{name}", metavar="VALUE", help=help_text)
+    ours = parser.add_argument_group("cache options")
+    for name, (_, default, help_text) in CACHE_OPTIONS.items():
+        ours.add_argument(f"--{name}", metavar="VALUE", help=f"{help_text} [default: {default}]")
+    return parser
+
+
+def load_options(argv: list[str]) -> dict[str, Any]:
+    """argv -> every key of TRAIN_KEYS and CACHE_OPTIONS, typed; raises ValueError on a bad key."""
+    given = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    if "config" in given:
+        import yaml
+
+        path = Path(given.pop("config"))
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {str(path)!r} does not exist")
+        recipe = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(recipe, dict):
+            raise ValueError(f"--config {str(path)!r} must hold a mapping of keys to values")
+        values.update({k: v for k, v in recipe.items() if k in TRAIN_KEYS})
+        if recipe.get("teacher_cache"):
+            values["output_dir"] = recipe["teacher_cache"]
+    values.update(given)
+    fields = config_fields()
+    out: dict[str, Any] = {}
+    for name in TRAIN_KEYS:
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[name] = coerce(name, values[name]) if name in values else default
+    for name, (kind, default, _) in CACHE_OPTIONS.items():
+        value = values.get(name, default)
+        try:
+            out[name] = None if value is None else kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{name}: cannot read {value!r} as {kind.__name__}") from None
+    out["progress"] = str(out["progress"]).lower() in ("1", "true", "yes", "y", "on")
+    for key in ("model", "teacher_model", "dataset", "output_dir"):
+        if not out.get(key):
+            raise ValueError(f"--{key} is required")
+    if out["logprob_dtype"] not in LOGPROB_DTYPES:
+        raise ValueError(f"--logprob_dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {out['logprob_dtype']!r}")
+    return out
+
+
+def student_vocab_size(name: str) -> int:
+    """The student's LM-head rows, from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(_resolve_path(name))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def run(opts: dict[str, Any]):
+    tokenizer = load_tokenizer_for(opts["model"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = prepare_data(opts["dataset"], tokenizer, max_length=opts["max_length"], response_only=opts["response_only"],
+                        chat_template=opts["chat_template"], packing=opts["packing"],
+                        eval_fraction=opts["eval_fraction"], eval_source=opts["eval_dataset"], seed=opts["seed"],
+                        split=opts["dataset_split"], dataset_config=opts["dataset_config"], max_rows=opts["max_rows"])
+    try:
+        teacher_tok = load_tokenizer_for(opts["teacher_model"])
+    except Exception:  # noqa: BLE001 - a folder with weights only: the head-size check remains
+        teacher_tok = None
+    if teacher_tok is not None and teacher_tok.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"teacher {opts['teacher_model']!r} has a different tokenizer vocabulary from the student "
+                         f"{opts['model']!r}: the teacher must share the student's vocabulary")
+    device = opts["device"]
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    teacher = load_model(opts["teacher_model"], SimpleNamespace(dtype=opts["dtype"])).to(device)
+    return build_cache(
+        teacher, tokenizer, data.train, opts["output_dir"], top_k=opts["top_k"], temperature=opts["temperature"],
+        vocab_size=student_vocab_size(opts["model"]), eval_examples=data.eval,
+        settings={k: opts[k] for k in DATA_KEYS}, teacher_name=opts["teacher_model"], student=opts["model"],
+        batch_size=opts["batch_size"], rows_per_shard=opts["rows_per_shard"], logprob_dtype=opts["logprob_dtype"],
+        progress=opts["progress"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = load_options(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"qtarget teacher-cache: error: {e}", file=sys.stderr)
+        return 2
+    manifest = run(opts)
+    folder = Path(opts["output_dir"])
+    n_bytes = sum(p.stat().st_size for p in folder.glob("*/shard-*.safetensors"))
+    n_tokens = sum(s.supervised_tokens for s in manifest.splits.values())
+    rows = ", ".join(f"{name}: {s.rows} rows, {s.supervised_tokens} tokens" for name, s in manifest.splits.items())
+    print(f"[qtarget] teacher cache in {folder} ({rows}; k={manifest.top_k}; "
+          f"{n_bytes / max(n_tokens, 1):.0f} bytes per supervised token on disk so far)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
