@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qtarget.data.collate import Collator
+from qtarget.models.head import lm_head_of
 from qtarget.ops.sparse_teacher import TeacherTopK, topk_from_logits
 from qtarget.teacher_cache.manifest import Manifest, SplitInfo, describe, teacher_identity
 from qtarget.teacher_cache.schema import (
@@ -30,7 +31,7 @@ from qtarget.teacher_cache.schema import (
     tokenizer_fingerprint,
 )
 from qtarget.teacher_cache.storage import read_shard, shard_path, write_shard
-from qtarget.training.forward import LMHead, last_hidden_states, lm_head_of
+from qtarget.training.forward import last_hidden_states
 
 LOGITS_BYTES = 1 << 28  # float32 teacher logits formed at once: 256 MiB
 
@@ -52,17 +53,6 @@ def make_manifest(teacher: nn.Module, tokenizer, splits: Mapping[str, Sequence[M
         settings=dict(settings or {}), student=student)
 
 
-def head_logits(head: LMHead, hidden: Tensor, vocab_size: int) -> Tensor:
-    """[n, vocab_size] float32 logits of the first `vocab_size` LM-head rows (extra padding rows dropped)."""
-    raw = hidden.to(head.weight.dtype) @ head.weight[:vocab_size].T
-    if head.bias is not None:
-        raw = raw + head.bias[:vocab_size]
-    z = raw.to(torch.float32) * head.logit_scale
-    if head.softcap:
-        z = head.softcap * torch.tanh(z / head.softcap)
-    return z
-
-
 @torch.no_grad()
 def teacher_topk_rows(teacher: nn.Module, batch: dict[str, Tensor], *, top_k: int, temperature: float,
                       vocab_size: int) -> tuple[Tensor, TeacherTopK]:
@@ -73,9 +63,9 @@ def teacher_topk_rows(teacher: nn.Module, batch: dict[str, Tensor], *, top_k: in
     where = mask.nonzero()
     where[:, 1] += 1
     h = hidden[:, :-1][mask]  # [n, H]: the prefix up to t - 1 predicts labels[t]
-    head = lm_head_of(teacher)
+    head = lm_head_of(teacher).on_vocab(vocab_size).detached()  # rows past the student's V dropped
     chunk = max(1, LOGITS_BYTES // (4 * vocab_size))
-    parts = [topk_from_logits(head_logits(head, h[i:i + chunk], vocab_size), top_k, temperature)
+    parts = [topk_from_logits(head.logits(h[i:i + chunk]), top_k, temperature)
              for i in range(0, h.shape[0], chunk)]
     if not parts:
         empty = torch.empty(0, top_k, device=h.device)
@@ -138,7 +128,8 @@ def build_cache(
     "eval" split) in `output_dir`. Returns the manifest.
 
     vocab_size: the student's vocabulary (its LM-head rows; default len(tokenizer)); the teacher's
-      head rows beyond it are dropped and pi_T is normalised over [0, vocab_size).
+      head rows beyond it are dropped (missing ones get probability 0) and pi_T is normalised over
+      [0, vocab_size).
     settings: the tokenisation settings that produced the rows (recorded in the manifest).
     rank / world_size: this process's share (default: torch.distributed, else RANK / WORLD_SIZE).
     A re-run with the same arguments skips the shards that exist; one with other arguments raises,
@@ -151,10 +142,6 @@ def build_cache(
     if int(batch_size) < 1 or int(rows_per_shard) < 1:
         raise ValueError(f"batch_size and rows_per_shard must be >= 1, got {batch_size} and {rows_per_shard}")
     vocab_size = int(vocab_size or len(tokenizer))
-    head_rows = lm_head_of(teacher).weight.shape[0]
-    if head_rows < vocab_size:
-        raise ValueError(f"the teacher's LM head has {head_rows} rows but the student's vocabulary has {vocab_size} "
-                         f"tokens: the teacher must cover the student's vocabulary")
     if not 1 <= int(top_k) <= vocab_size:
         raise ValueError(f"top_k must be in [1, {vocab_size}] (the vocabulary size), got {top_k}")
     if float(temperature) <= 0:

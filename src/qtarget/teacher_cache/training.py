@@ -10,7 +10,7 @@ from torch import nn
 from qtarget.data.collate import CacheRows, Collator
 from qtarget.teacher_cache.manifest import DATA_KEYS
 from qtarget.teacher_cache.reader import TeacherCache
-from qtarget.training.forward import lm_head_of
+from qtarget.models.head import head_rows
 
 
 def data_settings(config: Any) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def open_for_training(folder: str, *, tokenizer, student: nn.Module, train_examp
     the tokenizer, the student's vocabulary size, the rows of the train (and eval) split."""
     cache = TeacherCache(folder, verify=verify)
     cache.check_tokenizer(tokenizer)
-    cache.check_vocab_size(lm_head_of(student).weight.shape[0])
+    cache.check_vocab_size(head_rows(student))
     cache.check_rows("train", train_examples, settings)
     if eval_examples is not None and len(eval_examples):
         cache.check_rows("eval", eval_examples, settings)
