@@ -28,9 +28,12 @@ LAUNCH = RECIPES / "launch"
 GPU_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith("cpu_"))
 
 # LM-head rows (config.json `vocab_size`) and `tie_word_embeddings` of the models the GPU recipes name, as
-# in each model's config.json on the Hugging Face Hub (huggingface.co/<name>/blob/main/config.json). All
-# are Qwen2ForCausalLM: q/k/v projections with a bias, o_proj and the LM head without. The tokenizer they
-# share has 151,665 tokens; the rows past it are padding.
+# in each model's config.json on the Hugging Face Hub (huggingface.co/<name>/blob/main/config.json). The
+# Hub is not reachable from the machine these were written on: the values were checked against copies of
+# Qwen2 / Qwen2.5 configs in public code (1.5B class: 151936 rows, tied; 7B class: 152064 rows, untied,
+# hidden 3584) and the Qwen2.5 report's "tied embeddings" for the small models. All are Qwen2ForCausalLM:
+# q/k/v projections with a bias, o_proj and the LM head without. The tokenizer they share has 151,665
+# tokens; the rows past it are padding.
 PUBLISHED_HEADS = {
     "Qwen/Qwen2.5-Math-1.5B": (151936, True),
     "Qwen/Qwen2.5-Math-7B": (152064, False),
