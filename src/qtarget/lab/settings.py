@@ -1,4 +1,4 @@
-"""Lab settings: one dataclass, three presets (default, --quick, --tiny), a stable hash.
+"""Lab settings: one dataclass, presets (default, --quick, --long, --tiny), a stable hash.
 
 Every objective gets the same model, data, steps, batch, learning rate, schedule and trainable layers;
 only the objective (and its paper parameters, scaled to the model where the paper's value assumes a
@@ -35,7 +35,7 @@ class LabSettings:
     objectives: tuple[str, ...] = OBJECTIVES
     seeds: int = 1                      # training seeds per objective: seed, seed+1, ...
     seed: int = 0
-    noise: float = 0.2                  # share of demonstrations with a corrupted step / alternative form
+    noise: float = 0.3                  # share of demonstrations with a corrupted step / alternative form
     # training (identical for every objective)
     train_examples: int = 128           # demonstrations per run (each seed draws its own)
     steps: int = 16                     # optimizer steps
@@ -50,18 +50,27 @@ class LabSettings:
     # teacher for target_sft: SFT of the base model on more, clean demonstrations (cached)
     teacher_examples: int = 256
     teacher_steps: int = 32
-    # evaluation
-    eval_in_domain: int = 48
-    eval_ood: int = 48
-    eval_entropy: int = 32              # held-out clean demonstrations for entropy / NLL
-    max_new_tokens: int = 56
-    eval_batch_size: int = 48
+    # evaluation: generation (greedy accuracy)
+    eval_in_domain: int = 200           # held-out problems answered by generation (95 % half-width <= 0.07)
+    max_new_tokens: int = 48
+    eval_batch_size: int = 50
+    # evaluation: teacher-forced (no generation)
+    rank_items: int = 300               # held-out problems for answer ranking (and held-out entropy / NLL)
+    rank_distractors: int = 2           # corrupted demonstrations ranked against the correct one
+    ood_texts: int = 300                # out-of-domain paragraphs for forgetting
+    ood_max_tokens: int = 48
+    score_batch_size: int = 16
+    n_boot: int = 2000                  # bootstrap replicates per interval
     threads: int = 2
-    objective_args: dict[str, dict[str, float]] = field(default_factory=lambda: {k: dict(v) for k, v in OBJECTIVE_ARGS.items()})
+    objective_args: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in OBJECTIVE_ARGS.items()})
+    # a sweep: ((objective, parameter, (values...)), ...); several entries form a grid over one objective
+    sweep: tuple = ()
 
     def __post_init__(self) -> None:
         self.objectives = tuple(self.objectives)
         unknown = [o for o in self.objectives if o not in OBJECTIVE_ARGS]
+        if self.sweep:
+            unknown = []  # a sweep decides its rows (sft + the swept objective)
         if unknown:
             raise ValueError(f"--objectives: unknown lab objective(s) {unknown}; choose from {', '.join(OBJECTIVES)}")
         if not self.objectives:
@@ -69,22 +78,42 @@ class LabSettings:
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"--noise must be in [0, 1] (share of noisy demonstrations), got {self.noise}")
         for name in ("seeds", "steps", "batch_size", "train_examples", "teacher_examples", "teacher_steps",
-                     "eval_in_domain", "eval_ood", "eval_entropy", "max_new_tokens", "eval_batch_size",
-                     "psft_updates_per_batch", "threads"):
+                     "eval_in_domain", "max_new_tokens", "eval_batch_size", "rank_items", "rank_distractors",
+                     "ood_texts", "ood_max_tokens", "score_batch_size", "psft_updates_per_batch", "threads"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.train_top_layers < 0:
             raise ValueError(f"--train_top_layers must be >= 0 (0 = all layers), got {self.train_top_layers}")
+        if self.n_boot < 100:
+            raise ValueError(f"--n_boot must be >= 100, got {self.n_boot}")
+        self.sweep = tuple((o, p, tuple(v)) for o, p, v in self.sweep)
+        if self.sweep and len({o for o, _, _ in self.sweep}) != 1:
+            raise ValueError(f"--sweep: every swept parameter must belong to one objective, got "
+                             f"{sorted({o for o, _, _ in self.sweep})}")
         if self.model not in ("smollm2", "tiny"):
             raise ValueError(f"model must be 'smollm2' or 'tiny', got {self.model!r}")
 
     @property
     def needs_teacher(self) -> bool:
-        return "target_sft" in self.objectives
+        from qtarget.objectives import get_objective
+
+        return any("teacher" in get_objective(o, **a).needs for o, a in self.runs())
+
+    def runs(self) -> list[tuple[str, dict[str, Any]]]:
+        """(objective, its parameters) of every trained row: the objectives, or sft plus the sweep's points."""
+        if not self.sweep:
+            return [(o, dict(self.objective_args.get(o, {}))) for o in self.objectives]
+        objective = self.sweep[0][0]
+        points: list[dict[str, Any]] = [{}]
+        for _, param, values in self.sweep:
+            points = [{**pt, param: v} for pt in points for v in values]
+        base_args = dict(self.objective_args.get(objective, {}))
+        return [("sft", {})] + [(objective, {**base_args, **pt}) for pt in points]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["objectives"] = list(self.objectives)
+        d["sweep"] = [[o, p, list(v)] for o, p, v in self.sweep]
         return d
 
     def digest(self, keys: tuple[str, ...] | None = None) -> str:
@@ -97,12 +126,15 @@ class LabSettings:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "quick": dict(steps=8, train_examples=64, teacher_examples=128, teacher_steps=16, eval_in_domain=16,
-                  eval_ood=16, eval_entropy=8, max_new_tokens=48, eval_batch_size=16),
+    "quick": dict(steps=8, train_examples=64, teacher_examples=128, teacher_steps=16, eval_in_domain=40,
+                  rank_items=200, ood_texts=200, eval_batch_size=40),
+    # the committed example (docs/lab_example): the default run over 3 training seeds
+    "long": dict(seeds=3),
     # a random 2-layer model on the real tokenizer: the whole pipeline at toy scale, for the test suite
-    "tiny": dict(model="tiny", steps=4, batch_size=2, train_examples=8, teacher_examples=8, teacher_steps=2,
-                 eval_in_domain=4, eval_ood=4, eval_entropy=4, max_new_tokens=8, eval_batch_size=4,
-                 train_top_layers=1, psft_updates_per_batch=2, learning_rate=1e-3, max_length=160),
+    "tiny": dict(model="tiny", steps=4, batch_size=2, train_examples=10, teacher_examples=8, teacher_steps=2,
+                 eval_in_domain=4, max_new_tokens=8, eval_batch_size=4, rank_items=6, ood_texts=6,
+                 ood_max_tokens=24, score_batch_size=4, n_boot=200, train_top_layers=1, psft_updates_per_batch=2,
+                 learning_rate=1e-3, max_length=160),
 }
 
 

@@ -210,7 +210,8 @@ def demonstration(problem: LabProblem, kind: str | None, rng: random.Random) -> 
 
 
 def demonstrations(problems: list[LabProblem], noise: float, seed: int) -> list[dict[str, Any]]:
-    """Training rows {prompt, response, noise, stated_answer, answer} for `problems`.
+    """Training rows {prompt, response, noise, stated_answer, answer, id, clean_response} for `problems`
+    (`clean_response` is the correct demonstration, so the noisy tokens can be located).
 
     Exactly round(noise * n) rows are noisy (chosen with `seed`), alternating corrupt / alternative
     in a seeded order, so the noisy share is what was asked for."""
@@ -228,8 +229,32 @@ def demonstrations(problems: list[LabProblem], noise: float, seed: int) -> list[
         kind = kind_of.get(i)
         response, stated = demonstration(p, kind, rng)
         rows.append({"prompt": p.prompt, "response": response, "noise": kind or "clean",
-                     "stated_answer": stated, "answer": p.answer, "id": p.id})
+                     "stated_answer": stated, "answer": p.answer, "id": p.id,
+                     "clean_response": solution_text(p.steps, p.answer)})
     return rows
+
+
+def ranking_items(problems: list[LabProblem], distractors: int, seed: int) -> list[dict[str, Any]]:
+    """For answer ranking: per problem the correct demonstration first, then `distractors` corrupted ones
+    (one step off, carried to the end) whose final answers all differ from each other and the correct one.
+    Returns [{id, prompt, candidates: [correct, wrong, ...], answers: [answer, wrong answers...]}]."""
+    if distractors < 1:
+        raise ValueError(f"distractors must be >= 1, got {distractors}")
+    rng = random.Random(f"rank:{seed}")
+    items = []
+    for p in problems:
+        texts, answers = [solution_text(p.steps, p.answer)], [p.answer]
+        for _ in range(100 * distractors):
+            if len(texts) > distractors:
+                break
+            steps, wrong = corrupt_solution(p, rng)
+            if wrong not in answers:
+                texts.append(solution_text(steps, wrong))
+                answers.append(wrong)
+        if len(texts) <= distractors:
+            raise RuntimeError(f"could not build {distractors} distinct distractors for {p.id}")
+        items.append({"id": p.id, "prompt": p.prompt, "candidates": texts, "answers": answers})
+    return items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +303,19 @@ def extract_final(response: str) -> int | None:
     text = text.replace(",", "")
     try:
         value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value == int(value) else None
+
+
+def stated_answer(response: str) -> int | None:
+    """The integer in the response's last 'answer is N', or None when it states no answer (a format
+    failure: no fallback to other numbers)."""
+    found = _ANSWER_RE.findall(response)
+    if not found:
+        return None
+    try:
+        value = float(found[-1].replace(",", ""))
     except ValueError:
         return None
     return int(value) if value == int(value) else None

@@ -59,8 +59,9 @@ def obtain_teacher(settings: LabSettings, base: nn.Module, tokenizer, *, model_i
     from qtarget.lab.finetune import finetune
 
     folder = teacher_dir(settings, model_id, cache_dir)
+    # the cache entry relative to the cache root: reports carry no absolute path of the machine
     info: dict[str, Any] = {"description": describe(settings, model_name), "key": folder.name,
-                            "path": str(folder), "examples": settings.teacher_examples,
+                            "path": f"<qtarget cache>/lab-teachers/{folder.name}", "examples": settings.teacher_examples,
                             "steps": settings.teacher_steps}
     t0 = time.perf_counter()
     if use_cache and (folder / "lab-teacher.json").exists():
