@@ -17,9 +17,9 @@ in those rows (all rows of the shard, in row order, positions ascending):
     log_tail         [m]     float32  log(1 - sum_k pi_T): log of the mass outside the top-k (-inf: none)
 
 pi_T is softmax(teacher logits / temperature) over the student's vocabulary (the teacher's LM head
-rows beyond it are dropped before the softmax). Metadata (safetensors header, strings):
-format, version, split, shard, manifest_digest (`Manifest.digest()`), sha256 (of the tensors' bytes
-in the order of TENSORS).
+rows beyond it are dropped before the softmax). Metadata (safetensors header): one entry,
+"qtarget_teacher_cache", a JSON object (sorted keys) with format, version, split, shard,
+manifest_digest (`Manifest.digest()`) and sha256 (of the tensors' bytes in the order of TENSORS).
 """
 from __future__ import annotations
 

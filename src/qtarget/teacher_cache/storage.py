@@ -6,6 +6,7 @@ next build removes. Reading checks the format, the manifest digest and a sha256 
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from qtarget.teacher_cache.schema import FORMAT, TENSORS, VERSION, shard_name, tensors_sha256
+
+
+META_KEY = "qtarget_teacher_cache"
 
 
 class CorruptShardError(ValueError):
@@ -32,6 +36,9 @@ def write_shard(root: Path, split: str, shard: int, tensors: dict[str, torch.Ten
     tensors = {n: tensors[n].contiguous().cpu() for n in TENSORS}
     meta = {"format": FORMAT, "version": str(VERSION), "split": split, "shard": str(shard),
             "manifest_digest": manifest_digest, "sha256": tensors_sha256(tensors)}
+    # one metadata entry holding sorted JSON: safetensors keeps metadata in a hash map, so several
+    # entries would be written in a varying order and equal shards would differ in bytes
+    meta = {META_KEY: json.dumps(meta, sort_keys=True)}
     final = shard_path(root, split, shard)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -53,7 +60,7 @@ def read_shard(path: Path, *, split: str, shard: int, manifest_digest: str, veri
     fix = f"delete {path} and re-run `qtarget teacher-cache` with the same arguments to rebuild it"
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
         tensors = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CorruptShardError(f"teacher cache shard {path} cannot be read ({e}): {fix}") from None
