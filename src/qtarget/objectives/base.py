@@ -111,6 +111,12 @@ class Objective:
     def implied_scale(self, x: TokenInputs) -> Tensor | float:
         return 1.0
 
+    @property
+    def teacher_temperature(self) -> float:
+        """T of the teacher distribution this objective reads, softmax(teacher_logits / T); the
+        kl_teacher metric is measured against that distribution."""
+        return float(self.params.get("temperature", 1.0))
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{self.name}({args})"

@@ -81,8 +81,9 @@ def reduction_weights(mask: Tensor, reduction: str, normalizer: float | Tensor |
     raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)} (or pass normalizer=)")
 
 
-def token_metrics(x: TokenInputs, terms: TokenTerms) -> dict[str, Tensor]:
-    """Per-token metric values [n] (detached) for one chunk of supervised positions."""
+def token_metrics(x: TokenInputs, terms: TokenTerms, teacher_temperature: float = 1.0) -> dict[str, Tensor]:
+    """Per-token metric values [n] (detached) for one chunk of supervised positions. kl_teacher is
+    KL(pi_T || p) with pi_T = softmax(teacher_logits / teacher_temperature), the objective's pi_T."""
     with torch.no_grad():
         logp = x.logp.detach()
         out = {
@@ -90,11 +91,14 @@ def token_metrics(x: TokenInputs, terms: TokenTerms) -> dict[str, Tensor]:
             "p_y": x.p_y_detached,
             "entropy": -(logp.exp() * logp).sum(-1),
             "gamma": terms.gamma.detach().to(torch.float32),
+            "top1": (logp.argmax(-1) == x.labels).to(torch.float32),
         }
         if x.ref_logits is not None:
             out["kl_ref"] = kl_to(x.ref_logp, logp)
         if x.teacher_logits is not None:
-            out["kl_teacher"] = kl_to(x.teacher_logp, logp)
+            teacher_logp = x.teacher_logp if teacher_temperature == 1.0 else \
+                torch.log_softmax(x.teacher_logits / teacher_temperature, dim=-1)
+            out["kl_teacher"] = kl_to(teacher_logp, logp)
         for key, value in terms.extras.items():
             out[key] = value.detach().to(torch.float32)
     return out

@@ -41,6 +41,12 @@ class TargetObjective(Objective):
         residual_ce = cross_entropy_to(self.residual_rule.log_probs(x), x.logp)
         return TokenTerms(loss=-gamma * x.logp_y + (1.0 - gamma) * residual_ce, gamma=gamma)
 
+    @property
+    def teacher_temperature(self) -> float:
+        rule = self.residual_rule
+        rule = rule.params.get("inner", rule)  # a top-k truncated residual
+        return float(rule.params.get("temperature", 1.0))
+
 
 class SFT(Objective):
     """-log p_y."""
@@ -199,7 +205,11 @@ class GEM(Objective):
 
 
 def kd(temperature: float = 1.0) -> TargetObjective:
-    """-sum_v pi_T(v) log p_v, pi_T = softmax(teacher_logits / T); gamma = 0."""
+    """-sum_v pi_T(v) log p_v, pi_T = softmax(teacher_logits / T); gamma = 0.
+
+    Convention: only the teacher is softened; the student's p is not. The logit gradient is then
+    p - pi_T at unit scale for every T, so no T^2 factor is applied (Hinton et al.'s T^2 compensates
+    the 1/T that a softened *student* puts on the gradient, which this loss does not have)."""
     residual = TeacherResidual(temperature)
     return TargetObjective(ConstantGamma(0.0), residual, name="kd", temperature=residual.params["temperature"])
 

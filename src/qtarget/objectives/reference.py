@@ -77,7 +77,7 @@ def token_loss(
     per_token = torch.zeros(flat.shape, dtype=terms.loss.dtype, device=logits.device)
     per_token = per_token.masked_scatter(flat, terms.loss).reshape(positions)
     sums = MetricSums()
-    sums.add(token_metrics(x, terms))
+    sums.add(token_metrics(x, terms, objective.teacher_temperature))
     return LossResult(loss=loss, per_token=per_token, metrics=sums.means())
 
 

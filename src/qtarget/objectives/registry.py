@@ -11,6 +11,7 @@ from qtarget.objectives.rules import (
     GAMMA_ALIASES,
     GAMMA_RULES,
     RESIDUAL_ALIASES,
+    UNAVAILABLE_RESIDUALS,
     RESIDUAL_RULES,
     ConstantGamma,
     GammaRule,
@@ -86,6 +87,8 @@ def _make_rule(spec: Any, table: dict, aliases: dict, kind: str, params: dict[st
     if kind == "gamma" and isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return ConstantGamma(float(spec))
     if isinstance(spec, str):
+        if kind == "residual" and spec in UNAVAILABLE_RESIDUALS:
+            raise ValueError(f"residual rule {spec!r} is not available: {UNAVAILABLE_RESIDUALS[spec]}")
         key = aliases.get(spec, spec)
         if key in table:
             cls = table[key]

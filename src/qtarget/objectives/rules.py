@@ -200,6 +200,8 @@ class GeometricMixResidual(ResidualRule):
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"residual rule 'geometric_mix': `eta` must be in [0, 1], got {eta}")
         super().__init__(eta=float(eta))
+        if self.params["eta"] == 0.0:  # pi_tilde = sg(p): no teacher is read
+            self.needs = frozenset()
 
     def log_probs(self, x):
         eta = self.params["eta"]
@@ -236,8 +238,15 @@ RESIDUAL_RULES: dict[str, type[ResidualRule]] = {
     cls.name: cls
     for cls in (UniformResidual, StudentResidual, TemperedResidual, ReferenceResidual, TeacherResidual, GeometricMixResidual)
 }
-# Other names people use for the same residuals: base (ASFT) and old (PSFT) models reach the
-# engine as `ref_logits`; "sharpened" is the tempered rule with beta < 1.
-RESIDUAL_ALIASES = {"ref": "reference", "base": "reference", "old": "reference", "sg_p": "student",
+# Other names people use for the same residuals: the base model (ASFT) reaches the engine as
+# `ref_logits`; "sharpened" is the tempered rule with beta < 1.
+RESIDUAL_ALIASES = {"ref": "reference", "base": "reference", "sg_p": "student",
                     "sharpened": "tempered", "geometric": "geometric_mix", "mix": "geometric_mix"}
+# Names that look like residuals but have no exact implementation; asking for one is an error that says why.
+UNAVAILABLE_RESIDUALS = {
+    "old": "a pi_old residual needs the full distribution of the model at PSFT's last refresh at every token "
+           "(a second copy of the model or [tokens x vocab] storage), which qtarget does not keep; PSFT itself "
+           "needs only log pi_old(y) (objective 'psft'). For a frozen-model residual use 'reference' with a "
+           "ref_model (the frozen initial model by default)",
+}
 GAMMA_ALIASES = {"label_prob": "p_y", "prob": "p_y", "entropy": "topk_entropy", "weight": "data_weight"}

@@ -226,7 +226,7 @@ def _run_chunks(p: _ChunkPlan, hidden: Tensor, weight: Tensor, bias: Tensor | No
         if collect:
             per_token[sl] = terms.loss.detach().float()
             if p.metrics:
-                sums.add(token_metrics(x, terms))
+                sums.add(token_metrics(x, terms, p.objective.teacher_temperature))
         del x, terms, z, t, weighted  # free this chunk's [c, V] temporaries before the next one
     metrics = sums.means() if (collect and p.metrics) else {}
     return _PassOutput(total, per_token, metrics, g_h, g_w, g_b)

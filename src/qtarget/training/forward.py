@@ -7,7 +7,6 @@ normalised hidden states [B, T, H] that the LM head multiplies.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -32,33 +31,6 @@ def base_causal_lm(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):  # peft.PeftModel
         model = model.get_base_model()
     return model
-
-
-@dataclass
-class LMHead:
-    """What turns hidden states into logits: logits = softcap(scale * (h @ weight.T + bias))."""
-
-    weight: Tensor
-    bias: Tensor | None
-    logit_scale: float
-    softcap: float | None
-
-
-def lm_head_of(model: nn.Module) -> LMHead:
-    lm = base_causal_lm(model)
-    head = lm.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(lm).__name__} has no output embedding (LM head) with a weight")
-    cfg = getattr(lm, "config", None)
-    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
-    scale = 1.0
-    if getattr(text_cfg, "logit_scale", None):  # Cohere: logits * logit_scale
-        scale = float(text_cfg.logit_scale)
-    if getattr(text_cfg, "logits_scaling", None):  # Granite: logits / logits_scaling
-        scale = 1.0 / float(text_cfg.logits_scaling)
-    softcap = getattr(text_cfg, "final_logit_softcapping", None)
-    return LMHead(weight=head.weight, bias=getattr(head, "bias", None), logit_scale=scale,
-                  softcap=float(softcap) if softcap else None)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Tensor]:

@@ -1,5 +1,6 @@
 """`QTargetTrainer`: a `transformers.Trainer` whose loss is a q-target objective computed by the
-fused engine from the student's last hidden states and LM head.
+fused engine inside the model's own forward (`qtarget.training.patch`): the same path TRL, HF
+Trainer and plain loops use, and the one sharding engines (FSDP, ZeRO-3) see.
 
 Normalisation (SPEC §4). For one optimizer step the Trainer hands `compute_loss` every micro-batch
 with `num_items_in_batch` = N, the supervised (shifted) tokens of all micro-batches of the step,
@@ -15,13 +16,10 @@ on M mini-batches share one pi_old, refreshed at every global step that is a mul
 """
 from __future__ import annotations
 
-import copy
-import math
 import os
 import shutil
 import time
 import warnings
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -29,42 +27,24 @@ from torch import nn
 from transformers import Trainer
 
 from qtarget.data import Collator
-from qtarget.ops import fused_token_loss
+from qtarget.models.head import head_rows
+from qtarget.objectives import get_objective
 from qtarget.training.config import QTargetConfig
-from qtarget.training.forward import (
-    base_causal_lm,
-    last_hidden_states,
-    lm_head_of,
-    shift,
-)
+from qtarget.training.patch import EXTRA_KEYS, TEACHER_FROM_BATCH, patch, patched_state
 
 STAGING_DIR = ".qtarget-staging"
-METRIC_KEYS = ("nll", "p_y", "entropy", "gamma", "clip_frac", "ratio", "kl_ref", "kl_teacher")
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+METRIC_KEYS = ("nll", "p_y", "entropy", "gamma", "top1", "clip_frac", "ratio", "kl_ref", "kl_teacher")
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+SFT = get_objective("sft")
 
 
 def vocab_size_of(model: nn.Module) -> int:
-    return int(lm_head_of(model).weight.shape[0])
+    """Rows of a model's LM head (from its config: safe under sharding)."""
+    return head_rows(model)
 
 
-def check_same_vocab(student: nn.Module, other: nn.Module, role: str, student_tokenizer=None,
-                     other_tokenizer=None) -> None:
-    """The auxiliary model must predict over the student's vocabulary."""
-    vs, vo = vocab_size_of(student), vocab_size_of(other)
-    if student_tokenizer is not None and other_tokenizer is not None:
-        if student_tokenizer.get_vocab() != other_tokenizer.get_vocab():
-            raise ValueError(f"the {role} model's tokenizer has a different vocabulary from the student's "
-                             f"({len(other_tokenizer)} vs {len(student_tokenizer)} tokens): the {role} must "
-                             f"share the student's vocabulary")
-    if vs != vo:
-        raise ValueError(f"the {role} model's LM head has vocabulary size {vo} but the student's has {vs}: "
-                         f"the {role} must share the student's vocabulary")
+def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
 
 
 class QTargetTrainer(Trainer):
@@ -85,18 +65,22 @@ class QTargetTrainer(Trainer):
         self.objective = args.build_objective()
         needs = self.objective.needs
         self.is_psft = "old_logprobs" in needs
-        self.use_adapter_ref = False
-        if "teacher" in needs and teacher is None:
-            raise ValueError(f"objective {args.objective!r} needs a teacher model (--teacher_model)")
-        if "ref" in needs and ref is None:
-            if hasattr(unwrap_peft(model), "disable_adapter"):
-                self.use_adapter_ref = True
-            else:
-                ref = copy.deepcopy(model)  # the frozen initial student
+        teacher_cache = getattr(args, "teacher_cache", None)
+        if "teacher" in needs and teacher is None and not teacher_cache:
+            raise ValueError(f"objective {args.objective!r} needs a teacher model (--teacher_model) or a teacher "
+                             f"cache (--teacher_cache)")
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
                          **kwargs)
-        self.teacher = self._place_aux(teacher, "teacher") if "teacher" in needs else None
-        self.ref = self._place_aux(ref, "reference") if ("ref" in needs and ref is not None) else None
+        # One path: the model's own forward returns the fused loss (qtarget.patch); aux models ride along.
+        patch(self.model, self.objective, teacher=(TEACHER_FROM_BATCH if teacher_cache else teacher)
+              if "teacher" in needs else None, ref=ref if "ref" in needs else None, tokenizer=processing_class,
+              teacher_tail=getattr(args, "teacher_tail", "student"), chunk_size=args.chunk_size)
+        state = patched_state(self.model)
+        for aux in (state.teacher, state.ref):
+            if aux is not None and getattr(aux, "hf_device_map", None) is None:
+                aux.to(self.args.device)
+        self.teacher, self.ref = state.teacher, state.ref
+        self.use_adapter_ref = state.ref_from_adapters  # the reference is the student with adapters disabled
         if self.is_psft and args.psft_updates_per_batch == 1:
             warnings.warn("psft with psft_updates_per_batch=1: the ratio is 1 at every step, so PSFT is then "
                           "exactly SFT; use M > 1 (the paper uses 8)", stacklevel=2)
@@ -107,57 +91,26 @@ class QTargetTrainer(Trainer):
         self._psft_iter = None
         self.psft_refreshes = 0  # how many times pi_old was recomputed (one per PSFT global batch)
 
-    # ---- auxiliary models -------------------------------------------------------------------
-    def _place_aux(self, aux: nn.Module, role: str) -> nn.Module:
-        check_same_vocab(self.model, aux, role)
-        aux = freeze(aux)
-        if getattr(aux, "hf_device_map", None) is None:
-            aux.to(self.args.device)
-        return aux
-
-    def _aux_hidden(self, batch: dict) -> dict[str, Any]:
-        """Teacher / reference hidden states [B, T-1, H] and LM-head weights (no gradient)."""
-        out: dict[str, Any] = {}
-        with torch.no_grad():
-            if self.teacher is not None:
-                out["teacher_hidden"] = last_hidden_states(self.teacher, batch)[:, :-1]
-                out["teacher_weight"] = lm_head_of(self.teacher).weight
-            if self.ref is not None:
-                out["ref_hidden"] = last_hidden_states(self.ref, batch)[:, :-1]
-                out["ref_weight"] = lm_head_of(self.ref).weight
-            elif self.use_adapter_ref:
-                peft_model = unwrap_peft(self.model)
-                was_training = peft_model.training
-                peft_model.eval()
-                with peft_model.disable_adapter():
-                    out["ref_hidden"] = last_hidden_states(peft_model, batch)[:, :-1]
-                    out["ref_weight"] = lm_head_of(peft_model).weight.detach()
-                peft_model.train(was_training)
-        return out
-
     # ---- loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
-        if self.is_psft and inputs.get("old_logprobs") is None:
-            # eval (or a batch that did not pass through the PSFT schedule): pi_old = current model
-            inputs = {**inputs, "old_logprobs": self._label_logprobs(inputs)}
-        hidden = last_hidden_states(model, inputs)[:, :-1]
-        labels = inputs["labels"][:, 1:]
-        head = lm_head_of(model)
-        normalizer = num_items_in_batch if (training and num_items_in_batch is not None) else None
-        if normalizer is not None:
-            normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device).clamp_min(1.0)
-        result = fused_token_loss(
-            self.objective, hidden, head.weight, labels, lm_head_bias=head.bias, logit_scale=head.logit_scale,
-            softcap=head.softcap, old_logprobs=shift(inputs, "old_logprobs"),
-            token_weights=shift(inputs, "token_weights"), normalizer=normalizer,
-            chunk_size=self.args.chunk_size, **self._aux_hidden(inputs),
-        )
-        loss = result.loss
+        extra = {k: inputs[k] for k in EXTRA_KEYS if inputs.get(k) is not None}
+        objective = None
+        if self.is_psft:
+            if training and "old_logprobs" not in extra:
+                # a batch that did not pass through the PSFT schedule: pi_old = current model
+                extra["old_logprobs"] = self._label_logprobs(inputs)
+            elif not training:
+                # pi_old = the current model makes PSFT's surrogate -1 at every token; report the NLL
+                objective = SFT
+        normalizer = num_items_in_batch if training else None
+        outputs = model(**model_inputs(inputs), labels=inputs["labels"], num_items_in_batch=normalizer,
+                        qtarget_objective=objective, **extra)
+        loss = outputs.loss
         if normalizer is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients across ranks
-        self._accumulate("train" if training else "eval", result.metrics, inputs)
-        return (loss, {}) if return_outputs else loss
+        self._accumulate("train" if training else "eval", outputs.metrics, inputs)
+        return (loss, outputs) if return_outputs else loss
 
     def _accumulate(self, split: str, metrics: dict[str, float], inputs: dict) -> None:
         n = float(metrics.get("n_tokens", 0.0))
@@ -185,23 +138,15 @@ class QTargetTrainer(Trainer):
     @torch.no_grad()
     def _label_logprobs(self, batch: dict) -> torch.Tensor:
         """[B, T] log p(labels[t]) under the current model, aligned with labels (0 at t = 0 and where
-        labels are ignored). No gradient; dropout off."""
-        model = unwrap_peft_or_self(self.model)
+        labels are ignored). No gradient; dropout off; through the engine's wrapper (FSDP gathers)."""
+        model = self.model_wrapped
         was_training = model.training
         model.eval()
         try:
-            hidden = last_hidden_states(model, batch)[:, :-1]
-            head = lm_head_of(model)
-            from qtarget.objectives import get_objective
-
-            res = fused_token_loss(get_objective("sft"), hidden, head.weight.detach(), batch["labels"][:, 1:],
-                                lm_head_bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap,
-                                reduction="sum", chunk_size=self.args.chunk_size)
+            out = model(**model_inputs(batch), labels=batch["labels"], qtarget_label_logprobs=True)
         finally:
             model.train(was_training)
-        out = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=hidden.device)
-        out[:, 1:] = -res.per_token.detach().float()
-        return out
+        return out.label_logprobs
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if not self.is_psft:
@@ -307,14 +252,3 @@ class QTargetTrainer(Trainer):
                                best_model_checkpoint=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    from qtarget.training.forward import unwrap
-
-    return unwrap(model)
-
-
-def unwrap_peft_or_self(model: nn.Module) -> nn.Module:
-    from qtarget.training.forward import unwrap
-
-    return unwrap(model)
