@@ -8,6 +8,8 @@ The public API:
     token_loss(objective, logits, labels, ...)          reference path on full logits
     fused_token_loss(objective, hidden, lm_head_weight, labels, ...)   chunked, no [N, V] logits
     implied_target(objective, logits, labels, ...)      Q (and c) from any loss, by autograd
+    patch(model, objective, teacher=..., ref=...)       the model's forward returns the fused loss
+                                                        (drop-in for TRL's SFTTrainer, HF Trainer, plain loops)
     check_answer(response, gold)                        reasoning-answer equivalence
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__", "LossResult", "Objective", "TargetObjective", "TokenInputs", "TokenTerms",
     "get_objective", "list_objectives", "objective_parameters", "register_objective", "target",
-    "token_loss", "implied_target", "fused_token_loss", "check_answer",
+    "token_loss", "implied_target", "fused_token_loss", "patch", "check_answer",
 ]
 
 
@@ -42,6 +44,10 @@ def __getattr__(name: str):
         from qtarget.ops import fused_token_loss
 
         return fused_token_loss
+    if name == "patch":
+        from qtarget.training.patch import patch
+
+        return patch
     if name == "check_answer":
         from qtarget.evaluation.answers import check_answer
 
