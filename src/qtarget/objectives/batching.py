@@ -36,7 +36,17 @@ def check_labels(labels: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
     return mask
 
 
-def check_finite(name: str, tensor: Tensor) -> None:
+def check_finite(name: str, tensor: Tensor, *, allow_neg_inf: bool = False) -> None:
+    """NaN / inf values are an error; with `allow_neg_inf` (teacher / reference logits), -inf is a
+    token of probability 0, allowed as long as a row keeps a finite entry."""
+    if allow_neg_inf:
+        bad = torch.isnan(tensor) | (tensor == float("inf"))
+        if not bool(bad.any()) and bool(torch.isfinite(tensor).any(-1).all()):
+            return
+        if not bool(bad.any()):
+            raise ValueError(f"`{name}` has a row that is -inf everywhere (no token with positive probability)")
+        raise ValueError(f"`{name}` contains {int(bad.sum())} NaN or +inf value(s) (pass check_finite=False to skip "
+                         f"this check)")
     if not bool(torch.isfinite(tensor).all()):
         n_bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"`{name}` contains {n_bad} NaN or inf value(s) (pass check_finite=False to skip this check)")

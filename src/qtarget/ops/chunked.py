@@ -434,7 +434,7 @@ def fused_token_loss(
     def source(who: str, logits_aux: Tensor | None, h_aux: Tensor | None) -> AuxSource | None:
         if logits_aux is not None:
             if check_finite:
-                assert_finite(f"{who}_logits", logits_aux.detach())
+                assert_finite(f"{who}_logits", logits_aux.detach(), allow_neg_inf=True)
             return AuxSource(logits=logits_aux.detach().reshape(-1, V))  # [N, V] view; rows gathered per chunk
         if h_aux is not None:
             aux_head = heads[who].detached()
