@@ -175,8 +175,9 @@ def train(
                 teacher_tok = None
             teacher = load_model(teacher_name, config)
             if teacher_tok is not None and teacher_tok.get_vocab() != tokenizer.get_vocab():
-                raise ValueError(f"teacher {teacher_name!r} has a different tokenizer vocabulary from the student's: "
-                                 f"the teacher must share the student's vocabulary")
+                raise ValueError(f"teacher {teacher_name!r} ({len(teacher_tok)} tokens) and student {model_name!r} "
+                                 f"({len(tokenizer)} tokens) have different tokenizers: the teacher must share the "
+                                 f"student's vocabulary (same token -> id map)")
     else:
         teacher = None
     if config.use_lora:
