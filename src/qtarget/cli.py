@@ -8,6 +8,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+# Exceptions that mean "the input is wrong" (their messages name the argument, field or row).
+USER_ERRORS = (ValueError, FileNotFoundError)
+
 # name -> (module, one-line summary)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "lab": ("qtarget.lab.cli", "compare objectives on a real pretrained model on a CPU, in minutes"),
@@ -48,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     target = SUBCOMMANDS[name][0]
     module_name, _, func = target.partition(":")
     module = importlib.import_module(module_name)
-    return int(getattr(module, func or "main")(argv[1:]) or 0)
+    try:
+        return int(getattr(module, func or "main")(argv[1:]) or 0)
+    except USER_ERRORS as e:  # bad input: one clear line, exit status 2 (no traceback)
+        print(f"qtarget {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
