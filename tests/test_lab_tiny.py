@@ -1,18 +1,23 @@
-"""`qtarget lab --tiny`: the whole lab pipeline on a random 2-layer model, through the real trainer.
+"""`qtarget lab --tiny`: the whole lab pipeline on a random 2-layer model, through the real trainer,
+including a 2-point sweep.
 
 Checks that every objective trained (exactly the trainable parameters changed, finite losses, every
-step logged, PSFT refreshed pi_old), that report.md holds every row and column, that results.json holds
-everything, that the target_sft teacher is cached and reused, and that a rerun with the same seed gives
-the same numbers.
+step logged, PSFT refreshed pi_old); that every interval and paired difference in results.json is the
+statistic recomputed from the per-item values it stores; that verdicts follow their intervals; that the
+report holds every row, the claims and no absolute path; that the teacher is cached and reused; and that
+a rerun with the same seed gives the same numbers.
 """
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 
-from qtarget.lab.report import COLUMNS
+from qtarget.lab import stats
+from qtarget.lab.cli import main as lab_main
+from qtarget.lab.report import TABLE_METRICS
 from qtarget.lab.runner import run_lab
 from qtarget.lab.settings import OBJECTIVES, settings_for
 
@@ -52,49 +57,67 @@ def test_every_objective_trained(tiny_run):
                 assert math.isfinite(h[key]), (name, key, h)
         assert run["params"]["trainable"] < run["params"]["total"]
     assert results["rows"]["psft"]["runs"][0]["psft_refreshes"] == settings.steps // settings.psft_updates_per_batch
-    assert all("clip_frac" in h for h in results["rows"]["psft"]["runs"][0]["history"])
     assert all("kl_ref" in h for h in results["rows"]["asft"]["runs"][0]["history"])
     assert all("kl_teacher" in h for h in results["rows"]["target_sft"]["runs"][0]["history"])
 
 
-def test_report_has_every_row_and_column(tiny_run):
-    _, out, _, _ = tiny_run
-    text = (out / "report.md").read_text()
-    table = [line for line in text.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header == ["objective"] + [c[0] for c in COLUMNS]
-    body = {line.strip("|").split("|")[0].strip(): line for line in table[2:]}
-    assert list(body) == list(ROWS)
-    for name, line in body.items():
-        cells = [c.strip() for c in line.strip("|").split("|")][1:]
-        assert len(cells) == len(COLUMNS)
-        # evaluation columns are filled for every row; training columns for every trained row
-        assert all(c != "—" for c in cells[:4]), line
-        if name != "base":
-            assert all(c != "—" for c in cells), line
-    assert "Teacher for target_sft" in text and "trained in this run" in text
-    for png in ("curves.png", "accuracy.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_json_holds_everything(tiny_run):
-    settings, out, _, results = tiny_run
+def test_json_intervals_are_recomputable_from_its_items(tiny_run):
+    settings, out, _, _ = tiny_run
     data = json.loads((out / "results.json").read_text())
-    assert set(data["rows"]) == set(ROWS)
-    assert set(data["summary"]) == set(ROWS)
-    assert data["settings"]["preset"] == "tiny" and data["settings"]["objectives"] == list(OBJECTIVES)
-    assert data["teacher"]["cached"] is False and data["teacher"]["description"]
-    for name in ROWS:
-        m = data["rows"][name]["runs"][0]["metrics"]
-        assert m["in_domain"]["n"] == settings.eval_in_domain and m["ood"]["n"] == settings.eval_ood
-        assert len(m["in_domain"]["samples"]) == settings.eval_in_domain
-        assert 0.0 <= m["in_domain"]["accuracy"] <= 1.0 and 0.0 <= m["ood"]["accuracy"] <= 1.0
-        assert m["heldout"]["entropy"] > 0 and m["heldout"]["nll"] > 0
-        for _, key, _ in COLUMNS:
-            assert key in data["summary"][name]
-    for key in ("load_model", "total", "cpu"):
-        assert data["timings"][key] >= 0
-    assert sum(data["data"]["noise_counts_seed0"].values()) == settings.train_examples
+    items = {r: {k: np.array(v) for k, v in d.items()} for r, d in data["items"].items()}
+    assert set(items) == set(ROWS)
+    n = {"gen.correct": settings.eval_in_domain, "rank.correct": settings.rank_items, "ood.nll": settings.ood_texts}
+    for row in ROWS:
+        for key, size in n.items():
+            assert items[row][key].shape == (1, size), (row, key)
+    kw = dict(n_boot=settings.n_boot, seed=settings.seed)
+    # a plain metric: the mean of its items and the same bootstrap
+    sft_acc = data["estimates"]["sft"]["rank_acc"]
+    assert sft_acc == stats.mean_interval(items["sft"]["rank.correct"], **kw).to_dict()
+    # forgetting of dft paired with sft: (dft - base) - (sft - base), per item
+    d = data["vs_reference"]["dft"]["forgetting"]
+    fd = items["dft"]["ood.nll"] - items["base"]["ood.nll"]
+    fs = items["sft"]["ood.nll"] - items["base"]["ood.nll"]
+    assert d == stats.mean_interval(fd - fs, **kw).to_dict()
+    assert d["value"] == pytest.approx(float((fd - fs).mean()), abs=1e-9)
+    # noise fit: corrupted-token gain minus clean-token gain, two groups
+    nf = data["estimates"]["target_sft"]["noise_fit"]
+    c, k = items["target_sft"]["noise.corrupt"], items["target_sft"]["noise.clean"]
+    assert c.shape[1] > 0 and k.shape[1] > 0
+    assert nf == stats.group_difference(c, k, **kw).to_dict()
+    assert "noise_fit" not in data["estimates"]["base"] and "forgetting" not in data["estimates"]["base"]
+    # format failures are counted apart from wrong answers: never both correct and without an answer
+    for row in ROWS:
+        assert not np.any((items[row]["gen.correct"] == 1) & (items[row]["gen.no_answer"] == 1))
+
+
+def test_verdicts_follow_their_intervals(tiny_run):
+    _, out, _, _ = tiny_run
+    data = json.loads((out / "results.json").read_text())
+    claimed = {(c["row"], c["versus"], c["metric"]) for c in data["claims"]}
+    assert ("dft", "sft", "noise_fit") in claimed and ("psft", "sft", "entropy") in claimed
+    for c in data["claims"]:
+        e = stats.Estimate(**c["effect"])
+        assert c["verdict"] == stats.verdict(e, c["kind"], c["margin"])
+
+
+def test_report_has_every_row_claims_and_no_absolute_path(tiny_run):
+    _, out, cache, _ = tiny_run
+    text = (out / "report.md").read_text()
+    table = [line for line in text.split("\n\n")[2].splitlines()]
+    body = [line.strip("|").split("|")[0].strip() for line in table[2:]]
+    assert body == list(ROWS)
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")][1:]
+        assert len(cells) == len(TABLE_METRICS)
+        assert all(c == "—" or "[" in c for c in cells), line   # every number with its interval
+    assert "## Claims" in text and "## Difference from sft" in text
+    for root in (str(out), str(cache), "/root", "/home", "/tmp"):
+        assert root not in text and root not in (out / "results.json").read_text()
+    for png in ("effects.png", "curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("row,metric,value,lo,hi") and len(csv_lines) > len(ROWS) * 5
 
 
 def test_rerun_is_deterministic_and_reuses_the_cached_teacher(tiny_run, tmp_path):
@@ -105,9 +128,35 @@ def test_rerun_is_deterministic_and_reuses_the_cached_teacher(tiny_run, tmp_path
     assert again["teacher"]["key"] == first["teacher"]["key"]
     assert "loaded from the cache" in (tmp_path / "report.md").read_text()
     for name in ("base", "psft", "target_sft"):
+        assert again["items"][name] == first["items"][name], name
+        assert again["responses"][name] == first["responses"][name], name
         a, b = first["rows"][name]["runs"][0], again["rows"][name]["runs"][0]
-        assert a["metrics"]["heldout"] == b["metrics"]["heldout"], name
-        assert a["metrics"]["in_domain"]["samples"] == b["metrics"]["in_domain"]["samples"], name
         if name != "base":
             strip = lambda hist: [{k: v for k, v in h.items() if k not in ("tokens_per_s",)} for h in hist]  # noqa: E731
             assert strip(a["history"]) == strip(b["history"]), name
+
+
+def test_two_point_sweep_through_the_cli(tmp_path, capsys):
+    rc = lab_main(["--tiny", "--sweep", "eps=0.1,0.28", "--output_dir", str(tmp_path), "--no_progress",
+                   "--threads", "1"])
+    assert rc == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert list(data["rows"]) == ["base", "sft", "psft eps=0.1", "psft eps=0.28"]
+    assert [data["rows"][r]["args"].get("eps") for r in ("psft eps=0.1", "psft eps=0.28")] == [0.1, 0.28]
+    for row in ("psft eps=0.1", "psft eps=0.28"):
+        assert set(data["vs_reference"][row]) >= {"gen_acc", "rank_acc", "noise_fit", "forgetting", "entropy"}
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Sweep" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("eta", "expected PARAM=V1,V2"),
+    ("nope=1,2", "'nope'"),
+    ("eta=0.5", "at least two distinct values"),
+    ("eta=0,2", "eta"),
+    ("target.gamma=p_y,nonsense", "gamma"),
+])
+def test_bad_sweep_names_the_argument(spec, message, capsys, tmp_path):
+    assert lab_main(["--tiny", "--sweep", spec, "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--sweep" in err and message in err

@@ -3,9 +3,12 @@
     from qtarget.lab import run_lab, settings_for
     results = run_lab(settings_for("quick"), "lab_output")   # writes report.md, *.png, results.json
 
-Modules: `tasks` (procedural problems, noisy demonstrations, answer checker), `settings` (presets),
-`finetune` (one run through `qtarget.training.train`), `teacher` (the cached target_sft teacher),
-`measure` (accuracy, entropy, NLL), `runner` (orchestration), `report` (markdown, plots, JSON), `cli`.
+Modules: `tasks` (procedural problems, noisy demonstrations, ranking distractors, answer checker),
+`ood_text` (out-of-domain paragraphs), `settings` (presets), `sweep` (`--sweep` specs), `finetune` (one
+run through `qtarget.training.train`), `teacher` (the cached target_sft teacher), `metrics` (per-item
+values: teacher-forced scores on a shared frozen trunk, generation), `stats` (bootstrap intervals, paired
+differences, verdicts), `analysis` (which items each number and claim uses), `runner` (orchestration),
+`report` (markdown, plots, JSON/CSV; formatting only), `cli`.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ MODULES = ("argparse", "asyncio", "bisect", "calendar", "collections", "configpa
            "fractions", "ftplib", "functools", "heapq", "http.client", "http.cookiejar", "imaplib", "inspect",
            "ipaddress", "itertools", "json", "logging", "mailbox", "optparse", "pathlib", "pdb", "pickle",
            "pprint", "queue", "random", "sched", "shutil", "smtplib", "socketserver", "sqlite3", "statistics",
-           "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "typing",
+           "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit",
            "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "zipfile")
 MIN_WORDS = 20
 

@@ -1,0 +1,135 @@
+"""The lab's teacher-forced metrics against independent computation, and the noise-fit metric on a
+planted case: a model trained only on the corrupted tokens must gain there and not on clean tokens."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from qtarget.lab import tasks
+from qtarget.lab.analysis import estimate
+from qtarget.lab.metrics import (IGNORE, Scorer, changed_tokens, chat_sequence, noise_fit_items, ranking_items,
+                                 text_sequence)
+from qtarget.models import load_tokenizer, tiny_causal_lm
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def demos(tok):
+    rows = tasks.demonstrations(tasks.shop_problems(16, 5), 0.5, 5)
+    seqs = [chat_sequence(tok, r["prompt"], r["response"], 192) for r in rows]
+    changed = [changed_tokens(s, chat_sequence(tok, r["prompt"], r["clean_response"], 192)) for r, s in zip(rows, seqs)]
+    return rows, seqs, changed
+
+
+def reference_scores(model, seq):
+    """log p and entropy of the scored tokens from one plain full forward (no trunk, no batching)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([seq["input_ids"]])).logits[0, :-1].float(), -1)
+    labels = torch.tensor(seq["labels"][1:])
+    keep = labels != IGNORE
+    lp = logp[keep].gather(-1, labels[keep, None]).squeeze(-1)
+    ent = -(logp[keep].exp() * logp[keep]).sum(-1)
+    return lp.numpy(), ent.numpy()
+
+
+def test_scorer_with_shared_trunk_matches_a_plain_forward(tok, demos):
+    _, seqs, _ = demos
+    base = tiny_causal_lm(tok, hidden_size=64, num_layers=3, num_heads=4, seed=1).eval()
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in model.get_decoder().layers[2].parameters():   # only the top layer differs
+            p.add_(0.1 * torch.randn_like(p))
+    scorer = Scorer(base, seqs, pad_token_id=tok.pad_token_id, split=2, batch_size=5)
+    for m, scores in ((base, scorer.base_scores), (model, scorer.score(model))):
+        for seq, s in zip(seqs, scores):
+            lp, ent = reference_scores(m, seq)
+            np.testing.assert_allclose(s.logp, lp, atol=2e-5)
+            np.testing.assert_allclose(s.entropy, ent, atol=2e-5)
+    with torch.no_grad():
+        model.get_decoder().layers[0].mlp.up_proj.weight.add_(0.01)   # a trunk layer differs: refused
+    with pytest.raises(ValueError, match="trunk"):
+        scorer.score(model)
+
+
+def test_changed_tokens_mark_what_the_corruption_changed(tok, demos):
+    rows, seqs, changed = demos
+    for r, s, mask in zip(rows, seqs, changed):
+        scored = [t for t in s["labels"][1:] if t != IGNORE]
+        assert len(mask) == len(scored)
+        if r["noise"] == "clean":
+            assert not mask.any()
+        elif r["noise"] == "corrupt":
+            # only digits change, and the changed text is where the corrupted and clean responses differ
+            text = "".join(tok.decode([t]) for t, c in zip(scored, mask) if c)
+            assert text and text.isdigit(), (r["response"], text)
+            assert r["response"] != r["clean_response"]
+        else:
+            assert mask.any() and r["response"] != r["clean_response"]
+
+
+def test_noise_fit_on_a_planted_case(tok, demos):
+    """Train only on the corrupted tokens (all other labels masked): the corrupted-token gain must be
+    positive and above the clean-token gain, so the noise-fit statistic is clearly > 0."""
+    rows, seqs, changed = demos
+    base = tiny_causal_lm(tok, hidden_size=64, num_layers=2, num_heads=4, seed=2).eval()
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.get_decoder().layers[1].parameters():
+        p.requires_grad_(True)
+    planted = []
+    for r, s, mask in zip(rows, seqs, changed):
+        if r["noise"] != "corrupt":
+            continue
+        scored_pos = [i for i, t in enumerate(s["labels"]) if t != IGNORE and i > 0]
+        labels = [IGNORE] * len(s["labels"])
+        for pos, c in zip(scored_pos, mask):
+            if c:
+                labels[pos] = s["labels"][pos]
+        planted.append((torch.tensor([s["input_ids"]]), torch.tensor([labels])))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(30):
+        for ids, labels in planted:
+            opt.zero_grad()
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+    model.eval()
+    scorer = Scorer(base, seqs, pad_token_id=tok.pad_token_id, split=1, batch_size=8)
+    items = noise_fit_items(scorer.score(model), scorer.base_scores, [r["noise"] for r in rows], changed)
+    assert len(items["corrupt"]) == sum(r["noise"] == "corrupt" for r in rows) > 0
+    assert items["corrupt"].mean() > 0.5                       # the planted fit shows up where it was planted
+    assert items["corrupt"].mean() > items["clean"].mean() + 0.5
+    est = estimate({"m": {"noise.corrupt": items["corrupt"][None], "noise.clean": items["clean"][None]}},
+                   "noise_fit", "m", n_boot=500, seed=0)
+    assert est.value == pytest.approx(items["corrupt"].mean() - items["clean"].mean())
+    assert est.lo > 0
+
+
+def test_ranking_items_and_text_sequences(tok):
+    from qtarget.lab.metrics import TokenScores
+
+    scores = [TokenScores(np.array(v, float), np.array([0.5] * len(v))) for v in
+              ([-1.0, -1.0], [-3.0], [-0.5, -2.0],       # item 0: correct total -2 beats -3 and -2.5
+               [-4.0], [-1.0], [-5.0])]                  # item 1: a distractor wins
+    r = ranking_items(scores, 3)
+    assert r["correct"].tolist() == [1.0, 0.0]
+    assert r["nll"].tolist() == [1.0, 4.0] and r["entropy"].tolist() == [0.5, 0.5]
+    seq = text_sequence(tok, "Return a new list containing all items from the iterable in ascending order.", 8)
+    assert len(seq["input_ids"]) == 8 and seq["labels"][0] == IGNORE and seq["labels"][1:] == seq["input_ids"][1:]
+
+
+def test_ranking_candidates_are_distinct_and_wrong(tok):
+    items = tasks.ranking_items(tasks.shop_problems(20, 3), 2, 3)
+    for it in items:
+        assert len(it["candidates"]) == 3 and len(set(it["answers"])) == 3
+        assert tasks.stated_answer(it["candidates"][0]) == it["answers"][0]
+        assert [tasks.stated_answer(c) for c in it["candidates"]] == it["answers"]
+    assert tasks.stated_answer("3 + 4 = 7.") is None           # no 'answer is': a format failure, no fallback
