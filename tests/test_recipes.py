@@ -243,6 +243,27 @@ def test_zero3_launch_config_builds_a_stage3_deepspeed_plugin(monkeypatch):
     assert plugin.hf_ds_config.config["train_micro_batch_size_per_gpu"] == "auto"
 
 
+@pytest.mark.parametrize("recipe", GPU_RECIPES, ids=lambda p: p.name)
+def test_zero3_json_auto_values_are_filled_from_the_recipe(recipe, tmp_path):
+    pytest.importorskip("deepspeed")  # transformers' DeepSpeed config needs the package
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    cfg_raw = raw(recipe)
+    cfg = load_config(["--config", str(recipe), "--output_dir", str(tmp_path), "--use_cpu", "true",
+                       "--report_to", "none", "--deepspeed", str(LAUNCH / "zero3.json")])
+    try:
+        ds = cfg.hf_deepspeed_config.config
+        assert is_deepspeed_zero3_enabled()
+        assert ds["train_micro_batch_size_per_gpu"] == cfg_raw["per_device_train_batch_size"]
+        assert ds["gradient_accumulation_steps"] == cfg_raw["gradient_accumulation_steps"]
+        assert ds["gradient_clipping"] == cfg_raw["max_grad_norm"]
+        assert ds["bf16"]["enabled"] is cfg_raw["bf16"] is True
+    finally:  # transformers keeps a process-wide "ZeRO-3 is on" flag that would change later model loads
+        unset_hf_deepspeed_config()
+        del cfg
+    assert not is_deepspeed_zero3_enabled()
+
+
 @pytest.mark.parametrize("name", ["fsdp2.yaml", "zero3.yaml"])
 def test_multi_node_flags_override_the_launch_config(name):
     args, _, _ = _launch_args(LAUNCH / name, "--num_machines", "2", "--num_processes", "16", "--machine_rank", "1",
