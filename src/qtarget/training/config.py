@@ -99,7 +99,13 @@ class QTargetConfig(TrainingArguments):
         super().__post_init__()
 
     def build_objective(self):
-        return get_objective(self.objective, **dict(self.objective_args))
+        """The objective of this config, built once (and again only if `objective`/`objective_args` change)."""
+        key = (self.objective, repr(sorted(dict(self.objective_args).items())))
+        cached = self.__dict__.get("_built_objective")
+        if cached is None or cached[0] != key:
+            cached = (key, get_objective(self.objective, **dict(self.objective_args)))
+            self.__dict__["_built_objective"] = cached
+        return cached[1]
 
     @property
     def objective_needs(self) -> frozenset[str]:
