@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import Trainer
 from transformers.modeling_outputs import ModelOutput
 
 from qtarget.models.head import LMHead, causal_lm_of, head_of_module, head_rows, unwrap_module
@@ -320,7 +321,11 @@ def patch(model: nn.Module, objective: str | Objective, *, teacher: nn.Module | 
     """Make `model`'s forward return the fused loss of `objective` (see the module docstring).
 
     model: a transformers causal LM, possibly inside PEFT / DDP / FSDP wrappers (patch before or after
-      wrapping; the head is looked up on every call). Returns the same object.
+      wrapping; the head is looked up on every call). Returns the same object. Or a built
+      `transformers.Trainer` / TRL `SFTTrainer`: its `trainer.model` is patched (after TRL's own fused-head
+      wrapper, which SFTTrainer installs in __init__ and which would otherwise bypass this one), its
+      settings are checked (loss_type 'nll', no compute_loss_func, no label smoothing, no PSFT) and aux
+      models are moved to its device.
     teacher: a teacher model (frozen here), or "batch" when the batches carry a cached sparse teacher
       (`qtarget teacher-cache`). ref: a reference / base model; default for objectives that need one:
       the PEFT student with adapters disabled, or else a frozen copy of `model` as it is now.
@@ -330,6 +335,10 @@ def patch(model: nn.Module, objective: str | Objective, *, teacher: nn.Module | 
     chunk_size / memory_budget / mode: the fused engine's settings. objective_params: the objective's
     parameters when `objective` is a name.
     """
+    if isinstance(model, Trainer):
+        return _patch_trainer(model, objective, teacher=teacher, ref=ref, tokenizer=tokenizer,
+                              teacher_tail=teacher_tail, chunk_size=chunk_size, memory_budget=memory_budget,
+                              mode=mode, **objective_params)
     _check_wrapper(model)
     objective = get_objective(objective, **objective_params)
     lm = causal_lm_of(model)
@@ -367,6 +376,37 @@ def patch(model: nn.Module, objective: str | Objective, *, teacher: nn.Module | 
     lm.forward = _bind(_fused_forward, lm)
     lm.accepts_loss_kwargs = True  # transformers' Trainer then passes num_items_in_batch
     return model
+
+
+def _patch_trainer(trainer: Trainer, objective: str | Objective, *, teacher=None, ref=None, tokenizer=None,
+                   **kwargs: Any) -> Trainer:
+    """`patch(trainer, ...)`: patch `trainer.model` after the trainer is built (TRL's SFTTrainer wraps the
+    model's forward with its own fused head in __init__; patched earlier, that wrapper would bypass ours)
+    and refuse trainer settings that would not use the patched loss as it is. Returns the trainer."""
+    name = type(trainer).__name__
+    objective = get_objective(objective, **{k: kwargs.pop(k) for k in list(kwargs)
+                                            if k not in ("teacher_tail", "chunk_size", "memory_budget", "mode")})
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise ValueError(f"{name} has compute_loss_func set: it computes its loss from the full logits, not from "
+                         f"the patched forward; drop compute_loss_func to use qtarget.patch")
+    if getattr(trainer, "label_smoother", None) is not None:
+        raise ValueError(f"{name} has label_smoothing_factor > 0: label smoothing needs the full logits; set it to 0 "
+                         f"(qtarget's objectives define the target instead)")
+    loss_type = getattr(trainer.args, "loss_type", None)
+    if loss_type not in (None, "nll"):
+        raise ValueError(f"{name} has loss_type={loss_type!r}, which reweights the per-token loss of the patched "
+                         f"forward; set loss_type='nll' and choose the objective in qtarget.patch (e.g. 'dft')")
+    if "old_logprobs" in objective.needs:
+        raise ValueError(f"objective {objective.name!r} needs log pi_old of the labels on its own schedule, which "
+                         f"{name} does not compute; use qtarget.training.QTargetTrainer")
+    if tokenizer is None and hasattr(getattr(trainer, "processing_class", None), "__len__"):
+        tokenizer = trainer.processing_class
+    patch(trainer.model, objective, teacher=teacher, ref=ref, tokenizer=tokenizer, **kwargs)
+    state = patched_state(trainer.model)
+    for aux in (state.teacher, state.ref):
+        if aux is not None and getattr(aux, "hf_device_map", None) is None:
+            aux.to(trainer.args.device)
+    return trainer
 
 
 def unpatch(model: nn.Module) -> nn.Module:
