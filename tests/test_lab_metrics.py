@@ -22,9 +22,11 @@ def tok():
 
 @pytest.fixture(scope="module")
 def demos(tok):
-    rows = tasks.demonstrations(tasks.shop_problems(16, 5), 0.5, 5)
+    rows = tasks.demonstrations(tasks.shop_problems(40, 5), 0.5, 5)
     seqs = [chat_sequence(tok, r["prompt"], r["response"], 192) for r in rows]
-    changed = [changed_tokens(s, chat_sequence(tok, r["prompt"], r["clean_response"], 192)) for r, s in zip(rows, seqs)]
+    # noisy rows vs their clean version; clean rows vs the corruption they did not get (the matched control)
+    changed = [changed_tokens(s, chat_sequence(tok, r["prompt"], r.get("counterfactual_response", r["clean_response"]),
+                                               192)) for r, s in zip(rows, seqs)]
     return rows, seqs, changed
 
 
@@ -40,7 +42,7 @@ def reference_scores(model, seq):
 
 
 def test_scorer_with_shared_trunk_matches_a_plain_forward(tok, demos):
-    _, seqs, _ = demos
+    seqs = demos[1][:12]
     base = tiny_causal_lm(tok, hidden_size=64, num_layers=3, num_heads=4, seed=1).eval()
     model = copy.deepcopy(base)
     with torch.no_grad():
@@ -60,18 +62,26 @@ def test_scorer_with_shared_trunk_matches_a_plain_forward(tok, demos):
 
 def test_changed_tokens_mark_what_the_corruption_changed(tok, demos):
     rows, seqs, changed = demos
+    digits_only = 0
     for r, s, mask in zip(rows, seqs, changed):
         scored = [t for t in s["labels"][1:] if t != IGNORE]
-        assert len(mask) == len(scored)
-        if r["noise"] == "clean":
-            assert not mask.any()
-        elif r["noise"] == "corrupt":
-            # only digits change, and the changed text is where the corrupted and clean responses differ
+        assert len(mask) == len(scored) and mask.any(), r
+        assert (r["response"] != r["clean_response"]) == (r["noise"] != "clean")
+        if r["noise"] in ("corrupt", "clean"):
+            # result digits: the wrong ones of a corrupted demonstration, the right ones (that a corruption
+            # would change) of a clean one; a sign change may mark the space before a number
             text = "".join(tok.decode([t]) for t, c in zip(scored, mask) if c)
-            assert text and text.isdigit(), (r["response"], text)
-            assert r["response"] != r["clean_response"]
-        else:
-            assert mask.any() and r["response"] != r["clean_response"]
+            assert set(text) <= set("0123456789- "), (r["noise"], r["response"], text)
+            digits_only += text.isdigit()
+    assert digits_only >= 0.8 * sum(r["noise"] != "alternative" for r in rows)
+
+
+def test_changed_tokens_of_an_inserted_digit(tok):
+    a = chat_sequence(tok, "q", "8 - 2 = 6. The answer is 6.", 64)
+    b = chat_sequence(tok, "q", "8 - 2 = 16. The answer is 16.", 64)
+    scored = [t for t in a["labels"][1:] if t != IGNORE]
+    mask = changed_tokens(a, b)
+    assert [tok.decode([t]) for t, c in zip(scored, mask) if c] == ["6", "6"]
 
 
 def test_noise_fit_on_a_planted_case(tok, demos):
@@ -94,9 +104,9 @@ def test_noise_fit_on_a_planted_case(tok, demos):
             if c:
                 labels[pos] = s["labels"][pos]
         planted.append((torch.tensor([s["input_ids"]]), torch.tensor([labels])))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    for _ in range(30):
+    for _ in range(8):
         for ids, labels in planted:
             opt.zero_grad()
             model(input_ids=ids, labels=labels).loss.backward()

@@ -8,7 +8,8 @@ and is broadcast against trained rows):
     rank.entropy, rank.nll          held-out in-domain tokens (the correct demonstrations)
     ood.nll                         out-of-domain paragraphs
     noise.corrupt, noise.clean,     training demonstrations: log-prob gain (trained - base) on the
-    noise.alternative               corrupted tokens / clean demonstrations / alternative-form tokens
+    noise.alternative               corrupted tokens / the matching correct tokens of clean demonstrations /
+                                    alternative-form tokens
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ METRICS: tuple[Metric, ...] = (
            "held-out problems where the correct demonstration has a higher total log-prob than every "
            "corrupted one"),
     Metric("noise_fit", "noise fit", 3, "lower",
-           "mean log-prob gain (trained − base) on the tokens a corruption changed, minus the gain on clean "
-           "demonstrations' tokens (training set); > 0: the noise was fitted more than clean data"),
+           "training set: mean log-prob gain (trained − base) on the tokens a corruption changed (wrong result "
+           "digits), minus the gain on the matching correct tokens of clean demonstrations (the digits a "
+           "corruption would have changed); > 0: wrong results were learned more than right ones"),
     Metric("forgetting", "forgetting (ΔNLL OOD)", 3, "lower",
            "NLL per token on out-of-domain paragraphs, trained − base (> 0: forgot)"),
     Metric("entropy", "held-out entropy", 3, "",

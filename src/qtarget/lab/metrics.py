@@ -3,7 +3,7 @@
 Teacher-forced metrics (no generation; `Scorer` gives every scored token's log-prob and predictive
 entropy, one forward per sequence):
 - noise fit: log-prob gain (trained - base) on the tokens a corrupted demonstration changed, per
-  demonstration; and on clean demonstrations' tokens;
+  demonstration; and on the same (correct) tokens of clean demonstrations;
 - answer ranking: 1 when the correct demonstration of a held-out problem has a higher total log-prob
   than every corrupted one (distractors), else 0;
 - held-out entropy / NLL: mean predictive entropy / NLL over a held-out correct demonstration's tokens;
@@ -171,31 +171,32 @@ def text_sequence(tokenizer, text: str, max_tokens: int) -> dict:
 
 
 def changed_tokens(sequence: dict, reference: dict) -> np.ndarray:
-    """Boolean mask over `sequence`'s scored tokens: True where the token is not part of the longest
-    matching blocks with `reference`'s scored tokens (difflib), i.e. the tokens a corruption changed."""
+    """Boolean mask over `sequence`'s scored tokens: the tokens that differ from `reference`'s scored
+    tokens (difflib opcodes: replaced or deleted tokens; where `reference` only inserts, e.g. '6' -> '16',
+    the token before which it inserts), i.e. the tokens a corruption changed."""
     a = [t for t in sequence["labels"] if t != IGNORE]
     b = [t for t in reference["labels"] if t != IGNORE]
-    changed = np.ones(len(a), dtype=bool)
-    for block in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_matching_blocks():
-        changed[block.a:block.a + block.size] = False
+    changed = np.zeros(len(a), dtype=bool)
+    for tag, i1, i2, _, _ in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if tag in ("replace", "delete"):
+            changed[i1:i2] = True
+        elif tag == "insert":
+            changed[min(i1, len(a) - 1)] = True
     return changed[1:] if sequence["labels"][0] != IGNORE else changed  # the first position is never scored
 
 
 # ------------------------------------------------------------------------------------ per-item metrics
 def noise_fit_items(model_scores: Sequence[TokenScores], base_scores: Sequence[TokenScores],
                     kinds: Sequence[str], changed: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Per training demonstration, the mean log-prob gain (model - base) over: the tokens a corruption
-    changed ('corrupt'), the tokens an alternative form changed ('alternative'), every scored token of a
-    clean demonstration ('clean'). Returns {kind: [n_kind]}."""
+    """Per training demonstration, the mean log-prob gain (model - base) over its `changed` tokens: for a
+    'corrupt' one the tokens the corruption changed, for an 'alternative' one the tokens the other form
+    changed, for a 'clean' one the (correct) tokens a corruption would have changed there — the matched
+    control: the same kind of token, result digits, but right. Returns {kind: [n_kind]}."""
     out: dict[str, list[float]] = {"corrupt": [], "alternative": [], "clean": []}
     for m, b, kind, mask in zip(model_scores, base_scores, kinds, changed, strict=True):
-        gain = m.logp - b.logp
-        if kind == "clean":
-            out["clean"].append(float(gain.mean()))
-        else:
-            if not mask.any():
-                raise ValueError(f"a {kind} demonstration changed no token")
-            out[kind].append(float(gain[mask].mean()))
+        if not mask.any():
+            raise ValueError(f"a {kind} demonstration has no changed token to measure")
+        out[kind].append(float((m.logp - b.logp)[mask].mean()))
     return {k: np.asarray(v) for k, v in out.items()}
 
 

@@ -55,11 +55,11 @@ class Progress:
             logging.getLogger("qtarget.lab").info(text)
 
     def note(self, text: str) -> None:
-        """A line printed above the bar (one per finished row)."""
+        """A line printed above the bar (one per finished row); to stderr without a bar."""
         if self.bar is not None:
             self.bar.write(text)
         else:
-            logging.getLogger("qtarget.lab").info(text)
+            print(text, file=sys.stderr, flush=True)
 
     def step(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -156,8 +156,10 @@ class EvalData:
         self.kinds, self.changed = {}, {}
         for s, rows in self.train_rows.items():
             self.kinds[s] = [r["noise"] for r in rows]
-            self.changed[s] = [changed_tokens(ex, chat_sequence(tokenizer, r["prompt"], r["clean_response"], ml))
-                               for r, ex in zip(rows, self.train_examples[s])]
+            # noisy rows: the tokens their noise changed; clean rows: the tokens a corruption would have changed
+            self.changed[s] = [changed_tokens(ex, chat_sequence(
+                tokenizer, r["prompt"], r["counterfactual_response" if r["noise"] == "clean" else "clean_response"], ml))
+                for r, ex in zip(rows, self.train_examples[s])]
         kw = dict(pad_token_id=tokenizer.pad_token_id, split=split, batch_size=settings.score_batch_size)
         self.scorers = {"rank": Scorer(base, rank_seqs, **kw), "ood": Scorer(base, ood_seqs, **kw)}
         for s, examples in self.train_examples.items():
@@ -303,7 +305,7 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
             "train_demonstrations_seed0": [{k: r[k] for k in ("prompt", "response", "noise")} for r in first[:8]],
             "changed_tokens_per_noisy_demo": {
                 kind: float(np.mean([m.sum() for m, k in zip(data.changed[seeds[0]], data.kinds[seeds[0]]) if k == kind]))
-                for kind in ("corrupt", "alternative") if kind in data.kinds[seeds[0]]},
+                for kind in ("corrupt", "alternative", "clean") if kind in data.kinds[seeds[0]]},
             "sequences_scored_per_model": data.tokens_scored,
             "shared_trunk_layers": split,
         },

@@ -211,7 +211,9 @@ def demonstration(problem: LabProblem, kind: str | None, rng: random.Random) -> 
 
 def demonstrations(problems: list[LabProblem], noise: float, seed: int) -> list[dict[str, Any]]:
     """Training rows {prompt, response, noise, stated_answer, answer, id, clean_response} for `problems`
-    (`clean_response` is the correct demonstration, so the noisy tokens can be located).
+    (`clean_response` is the correct demonstration, so the noisy tokens can be located). A clean row also
+    has `counterfactual_response`, a corruption it did *not* get (never trained on): it marks the tokens of
+    the clean demonstration that a corruption would have changed, the matched control for noise fit.
 
     Exactly round(noise * n) rows are noisy (chosen with `seed`), alternating corrupt / alternative
     in a seeded order, so the noisy share is what was asked for."""
@@ -224,13 +226,16 @@ def demonstrations(problems: list[LabProblem], noise: float, seed: int) -> list[
     kinds = [NOISE_KINDS[i % 2] for i in range(n_noisy)]
     rng.shuffle(kinds)
     kind_of = dict(zip(sorted(noisy), kinds))
+    counterfactual_rng = random.Random(f"counterfactual:{seed}")  # apart, so the training data do not change
     rows = []
     for i, p in enumerate(problems):
         kind = kind_of.get(i)
         response, stated = demonstration(p, kind, rng)
-        rows.append({"prompt": p.prompt, "response": response, "noise": kind or "clean",
-                     "stated_answer": stated, "answer": p.answer, "id": p.id,
-                     "clean_response": solution_text(p.steps, p.answer)})
+        row = {"prompt": p.prompt, "response": response, "noise": kind or "clean", "stated_answer": stated,
+               "answer": p.answer, "id": p.id, "clean_response": solution_text(p.steps, p.answer)}
+        if kind is None:
+            row["counterfactual_response"] = solution_text(*corrupt_solution(p, counterfactual_rng))
+        rows.append(row)
     return rows
 
 
