@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import qtarget
-from objective_reference import CATALOGUE_PARAMS, make_case
+from objective_formulas import CATALOGUE_PARAMS, make_case
 
 
 def test_label_out_of_range_names_the_value():

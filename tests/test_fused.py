@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import qtarget
-from objective_reference import CATALOGUE_PARAMS
+from objective_formulas import CATALOGUE_PARAMS
 from qtarget import fused_token_loss, token_loss
 from qtarget.models.head import LMHead
 from qtarget.ops import chunked as chunked_mod

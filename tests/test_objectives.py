@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import qtarget
-from objective_reference import CATALOGUE_PARAMS, expected_loss, expected_target, flat_supervised, make_case
+from objective_formulas import CATALOGUE_PARAMS, expected_loss, expected_target, flat_supervised, make_case
 
 SHAPES = [(6, 1000), (2, 5, 1024), (2, 2, 3, 1536)]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import qtarget
-from objective_reference import CATALOGUE_PARAMS, make_case
+from objective_formulas import CATALOGUE_PARAMS, make_case
 
 
 def _per_token_loss(name, z, y, aux):

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from qtarget.objectives import Objective, TokenInputs, get_objective
-from qtarget.objectives.batching import check_aux, check_labels
+from qtarget.objectives.supervised import supervised_rows
 
 
 def implied_target(objective: str | Objective, logits: Tensor, labels: Tensor, return_scale: bool = False,
@@ -20,22 +20,12 @@ def implied_target(objective: str | Objective, logits: Tensor, labels: Tensor, r
     objective = get_objective(objective)
     if tuple(logits.shape[:-1]) != tuple(labels.shape):
         raise ValueError(f"logits shape {tuple(logits.shape)} does not match labels shape {tuple(labels.shape)}")
-    unknown = set(aux) - {"teacher_logits", "ref_logits", "old_logprobs", "token_weights"}
-    if unknown:
-        raise ValueError(f"implied_target got unknown auxiliary argument(s) {sorted(unknown)}")
     V = logits.shape[-1]
-    check_aux(objective, dict(aux), tuple(labels.shape), V)
-    flat = check_labels(labels, V, ignore_index).reshape(-1)
-
-    def pick(name: str, tail: tuple[int, ...] = ()) -> Tensor | None:
-        value = aux.get(name)
-        return None if value is None else value.reshape((-1,) + tail)[flat].detach().to(torch.float32)
-
+    sup = supervised_rows(objective, labels, V, dict(aux), ignore_index=ignore_index)
+    flat = sup.flat
     with torch.enable_grad():
         z = logits.reshape(-1, V)[flat].detach().to(torch.float32).requires_grad_(True)
-        x = TokenInputs(logits=z, labels=labels.reshape(-1)[flat].long(),
-                        teacher_logits=pick("teacher_logits", (V,)), ref_logits=pick("ref_logits", (V,)),
-                        old_logprobs=pick("old_logprobs"), token_weights=pick("token_weights"))
+        x = sup.token_inputs(z, aux)
         (g,) = torch.autograd.grad(objective.terms(x).loss.sum(), z)
     scale = torch.as_tensor(objective.implied_scale(x), dtype=torch.float32).expand(z.shape[0])
     Q_valid = torch.softmax(z.detach(), -1) - g / scale.unsqueeze(-1)

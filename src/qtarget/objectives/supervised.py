@@ -1,5 +1,6 @@
-"""What every loss path shares around the objective: input checks, supervised-token selection,
-reduction weights and metric accumulation. Used by the reference path and the fused engine."""
+"""What every loss path shares around the objective: the checks of labels and auxiliary inputs, the
+selection of supervised rows and reduction weights. Used by the full-logits
+path (`token_loss`), the fused engine and `implied_target`, so each is written once."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,9 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from qtarget.objectives.base import AUX_ARGUMENTS, Objective, TokenInputs, TokenTerms, kl_to
+from qtarget.objectives.base import AUX_ARGUMENTS, Objective, TokenInputs
 
 REDUCTIONS = ("mean", "sum", "sequence_mean")
+AUX_INPUTS = tuple(AUX_ARGUMENTS.values())  # teacher_logits, ref_logits, old_logprobs, token_weights
 
 
 @dataclass
@@ -20,6 +22,55 @@ class LossResult:
     loss: Tensor
     per_token: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class SupervisedRows:
+    """The supervised positions of one call (label != ignore_index), after every input was checked.
+
+    positions: the labels' shape [...]; flat [N] bool over the flattened positions; labels [n] int64."""
+
+    positions: tuple[int, ...]
+    flat: Tensor
+    labels: Tensor
+
+    @property
+    def mask(self) -> Tensor:
+        return self.flat.reshape(self.positions)
+
+    @property
+    def rows(self) -> Tensor:
+        """[n] int64 indices of the supervised positions in [0, N)."""
+        return self.flat.nonzero().squeeze(-1)
+
+    def pick(self, value: Tensor | None, tail: tuple[int, ...] = ()) -> Tensor | None:
+        """[n, *tail] float32, detached: `value` [..., *tail] at the supervised positions."""
+        return None if value is None else value.detach().reshape((-1,) + tail)[self.flat].to(torch.float32)
+
+    def token_inputs(self, logits: Tensor, aux: dict[str, Tensor | None]) -> TokenInputs:
+        """TokenInputs for the supervised rows: `logits` [n, V] already selected (it may carry a
+        gradient), auxiliary inputs [..., V] / [...] selected here (detached)."""
+        V = logits.shape[-1]
+        return TokenInputs(logits=logits, labels=self.labels,
+                           teacher_logits=self.pick(aux.get("teacher_logits"), (V,)),
+                           ref_logits=self.pick(aux.get("ref_logits"), (V,)),
+                           old_logprobs=self.pick(aux.get("old_logprobs")),
+                           token_weights=self.pick(aux.get("token_weights")))
+
+
+def supervised_rows(objective: Objective, labels: Tensor, vocab_size: int, aux: dict[str, Tensor | None], *,
+                    ignore_index: int = -100) -> SupervisedRows:
+    """Check `labels` [...] and the auxiliary inputs `aux` (names: AUX_INPUTS) for `objective` over a
+    vocabulary of `vocab_size`, and select the supervised rows. Errors name the argument and position."""
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"labels must be a tensor, got {type(labels).__name__}")
+    unknown = set(aux) - set(AUX_INPUTS)
+    if unknown:
+        raise ValueError(f"unknown auxiliary argument(s) {sorted(unknown)}; valid: {', '.join(AUX_INPUTS)}")
+    positions = tuple(labels.shape)
+    check_aux(objective, aux, positions, vocab_size)
+    flat = check_labels(labels, vocab_size, ignore_index).reshape(-1)
+    return SupervisedRows(positions=positions, flat=flat, labels=labels.reshape(-1)[flat].long())
 
 
 def check_labels(labels: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
@@ -89,48 +140,3 @@ def reduction_weights(mask: Tensor, reduction: str, normalizer: float | Tensor |
         n_seqs = (per_seq > 0).sum().clamp_min(1)
         return w / per_seq.clamp_min(1.0) / n_seqs
     raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)} (or pass normalizer=)")
-
-
-def token_metrics(x: TokenInputs, terms: TokenTerms, teacher_temperature: float = 1.0) -> dict[str, Tensor]:
-    """Per-token metric values [n] (detached) for one chunk of supervised positions. kl_teacher is
-    KL(pi_T || p) with pi_T = softmax(teacher_logits / teacher_temperature), the objective's pi_T."""
-    with torch.no_grad():
-        logp = x.logp.detach()
-        out = {
-            "nll": -x.logp_y.detach(),
-            "p_y": x.p_y_detached,
-            "entropy": -(logp.exp() * logp).sum(-1),
-            "gamma": terms.gamma.detach().to(torch.float32),
-            "top1": (logp.argmax(-1) == x.labels).to(torch.float32),
-        }
-        if x.ref_logits is not None:
-            out["kl_ref"] = kl_to(x.ref_logp, logp)
-        if x.teacher_logits is not None:
-            teacher_logp = x.teacher_logp if teacher_temperature == 1.0 else \
-                torch.log_softmax(x.teacher_logits / teacher_temperature, dim=-1)
-            out["kl_teacher"] = kl_to(teacher_logp, logp)
-        for key, value in terms.extras.items():
-            out[key] = value.detach().to(torch.float32)
-    return out
-
-
-class MetricSums:
-    """Running sums of per-token metrics over chunks; `means()` divides by the token count."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.count = 0
-
-    def add(self, values: dict[str, Tensor]) -> None:
-        for key, value in values.items():
-            s = value.sum()
-            self.sums[key] = self.sums[key] + s if key in self.sums else s
-        if values:
-            self.count += next(iter(values.values())).numel()
-
-    def means(self) -> dict[str, float]:
-        out = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
-        for key in ("nll", "p_y", "entropy", "gamma"):
-            out.setdefault(key, 0.0)
-        out["n_tokens"] = float(self.count)
-        return out

@@ -32,18 +32,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qtarget.objectives.base import Objective, TokenInputs
-from qtarget.objectives.batching import (
-    LossResult,
-    MetricSums,
-    check_aux,
-    check_finite as assert_finite,
-    check_labels,
-    reduction_weights,
-    token_metrics,
-)
 from qtarget.models.head import LMHead
+from qtarget.objectives.base import Objective, TokenInputs
+from qtarget.objectives.metrics import MetricSums, token_metrics
 from qtarget.objectives.registry import get_objective
+from qtarget.objectives.supervised import LossResult, check_finite as assert_finite, reduction_weights, supervised_rows
 from qtarget.ops.budget import resolve_chunk_size
 from qtarget.ops.sparse_teacher import TeacherTopK, check_teacher_topk, dense_teacher_logprobs
 
@@ -412,8 +405,8 @@ def fused_token_loss(
         if not isinstance(teacher_topk, TeacherTopK):
             raise ValueError(f"`teacher_topk` must be a TeacherTopK, got {type(teacher_topk).__name__}")
         given["teacher_logits"] = torch.zeros((), device=hidden.device).expand(positions + (V,))
-    check_aux(objective, given, positions, V)
-    mask = check_labels(labels, V, ignore_index)
+    sup = supervised_rows(objective, labels, V, given, ignore_index=ignore_index)
+    mask, flat = sup.mask, sup.flat
     if teacher_topk is not None:
         check_teacher_topk(teacher_topk, positions, V, tail=teacher_tail, mask=mask)
     if check_finite:
@@ -423,13 +416,9 @@ def fused_token_loss(
             if value is not None:
                 assert_finite(name, value.detach())
 
-    flat = mask.reshape(-1)
     device_type = hidden.device.type
     autocast = _autocast_dtype(device_type)
     cdt = autocast or torch.promote_types(hidden.dtype, head.weight.dtype)
-
-    def rows(value: Tensor | None) -> Tensor | None:
-        return None if value is None else value.detach().reshape(-1)[flat].to(torch.float32)
 
     def source(who: str, logits_aux: Tensor | None, h_aux: Tensor | None) -> AuxSource | None:
         if logits_aux is not None:
@@ -446,8 +435,8 @@ def fused_token_loss(
 
     plan = _ChunkPlan(
         objective=objective,
-        rows=flat.nonzero().squeeze(-1),
-        labels=labels.reshape(-1)[flat].long(),
+        rows=sup.rows,
+        labels=sup.labels,
         weights=reduction_weights(mask, reduction, normalizer).reshape(-1)[flat],
         compute_dtype=cdt,
         logit_scale=float(head.logit_scale),
@@ -456,8 +445,8 @@ def fused_token_loss(
         metrics=metrics,
         teacher=source("teacher", teacher_logits, teacher_hidden),
         ref=source("ref", ref_logits, ref_hidden),
-        old_logprobs=rows(old_logprobs),
-        token_weights=rows(token_weights),
+        old_logprobs=sup.pick(old_logprobs),
+        token_weights=sup.pick(token_weights),
     )
     plan.chunk = resolve_chunk_size(chunk_size, V, int(plan.teacher is not None) + int(plan.ref is not None),
                                     memory_budget)
