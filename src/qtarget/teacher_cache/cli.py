@@ -16,7 +16,6 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -25,7 +24,8 @@ from qtarget.data import prepare_data
 from qtarget.teacher_cache.build import build_cache
 from qtarget.teacher_cache.manifest import DATA_KEYS
 from qtarget.teacher_cache.schema import LOGPROB_DTYPES
-from qtarget.training.api import _resolve_path, load_model, load_tokenizer_for
+from qtarget.models.load import check_same_vocabulary, load_model, load_tokenizer, resolve
+from qtarget.training.api import load_aux_tokenizer
 from qtarget.training.cli import coerce
 from qtarget.training.config import config_fields
 
@@ -104,30 +104,25 @@ def student_vocab_size(name: str) -> int:
     """The student's LM-head rows, from its config (no weights loaded)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(_resolve_path(name))
+    config = AutoConfig.from_pretrained(resolve(name))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.vocab_size)
 
 
 def run(opts: dict[str, Any]):
-    tokenizer = load_tokenizer_for(opts["model"])
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(opts["model"])
     data = prepare_data(opts["dataset"], tokenizer, max_length=opts["max_length"], response_only=opts["response_only"],
                         chat_template=opts["chat_template"], packing=opts["packing"],
                         eval_fraction=opts["eval_fraction"], eval_source=opts["eval_dataset"], seed=opts["seed"],
                         split=opts["dataset_split"], dataset_config=opts["dataset_config"], max_rows=opts["max_rows"])
-    try:
-        teacher_tok = load_tokenizer_for(opts["teacher_model"])
-    except Exception:  # noqa: BLE001 - a folder with weights only: the head-size check remains
-        teacher_tok = None
-    if teacher_tok is not None and teacher_tok.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"teacher {opts['teacher_model']!r} has a different tokenizer vocabulary from the student "
-                         f"{opts['model']!r}: the teacher must share the student's vocabulary")
+    teacher_tok = load_aux_tokenizer(opts["teacher_model"], "teacher")
+    if teacher_tok is not None:
+        check_same_vocabulary(tokenizer, teacher_tok, role="teacher", student_name=opts["model"],
+                              other_name=opts["teacher_model"])
     device = opts["device"]
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    teacher = load_model(opts["teacher_model"], SimpleNamespace(dtype=opts["dtype"])).to(device)
+    teacher = load_model(opts["teacher_model"], role="teacher", dtype=opts["dtype"]).to(device)
     return build_cache(
         teacher, tokenizer, data.train, opts["output_dir"], top_k=opts["top_k"], temperature=opts["temperature"],
         vocab_size=student_vocab_size(opts["model"]), eval_examples=data.eval,

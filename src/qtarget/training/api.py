@@ -6,17 +6,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import warnings
+
 from torch import nn
 
-from qtarget.data import Collator, ExampleDataset, PreparedData, TokenizeReport, prepare_data
+from qtarget.data import Collator, PreparedData, TokenizeReport, prepare_data
+from qtarget.models.load import check_same_vocabulary, load_model, load_tokenizer
 from qtarget.teacher_cache.training import attach_teacher_cache, data_settings
 from qtarget.training.config import QTargetConfig
 from qtarget.training.logs import MetricsWriter
 from qtarget.training.trainer import STAGING_DIR, QTargetTrainer
-
-ALIASES = {"smollm2": "smollm2"}  # names resolved offline through qtarget.models
-
 
 @dataclass
 class TrainResult:
@@ -42,40 +41,15 @@ def check_requirements(config: QTargetConfig, *, teacher_given: bool = False) ->
         raise ValueError("pass either teacher= or config.teacher_cache (--teacher_cache), not both")
 
 
-def _resolve_path(name: str) -> str:
-    if name == "smollm2":
-        from qtarget.models import smollm2_dir
-
-        return str(smollm2_dir())
-    return name
-
-
-def _dtype(config: QTargetConfig):
-    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16}[config.dtype]
-
-
-def load_model(name: str, config: QTargetConfig) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(_resolve_path(name), dtype=_dtype(config))
-
-
-def load_tokenizer_for(name: str):
-    if name == "smollm2":
-        from qtarget.models import load_tokenizer
-
-        return load_tokenizer("smollm2")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(_resolve_path(name))
-
-
-def _ensure_pad(tokenizer) -> None:
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-        tokenizer.pad_token = tokenizer.eos_token
+def load_aux_tokenizer(name: str, role: str):
+    """The tokenizer of an auxiliary model, or None (with a warning saying what is then not checked)
+    when its folder has none."""
+    try:
+        return load_tokenizer(name)
+    except OSError as e:
+        warnings.warn(f"cannot load the {role} {name!r}'s tokenizer ({e}); only its LM-head size is checked "
+                      f"against the student's", stacklevel=2)
+        return None
 
 
 def _is_tokenized(ds: Any) -> bool:
@@ -137,8 +111,11 @@ def train(
     if tokenizer is None:
         if not model_name:
             raise ValueError("pass tokenizer= when model is an already-loaded model and config.model is unset")
-        tokenizer = load_tokenizer_for(model_name)
-    _ensure_pad(tokenizer)
+        tokenizer = load_tokenizer(model_name)
+    elif tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
 
     report = None
     source = config.dataset if train_dataset is None else train_dataset
@@ -159,7 +136,7 @@ def train(
 
     needs = config.objective_needs
     if isinstance(model, str) or model is None:
-        model = load_model(model_name, config)
+        model = load_model(model_name, role="student", dtype=config.dtype)
     collator = Collator(tokenizer.pad_token_id)
     if config.teacher_cache:  # the teacher comes from the cache: none is loaded
         train_ds, eval_ds, collator = attach_teacher_cache(
@@ -168,23 +145,23 @@ def train(
     if "teacher" in needs and not config.teacher_cache:
         if teacher is None or isinstance(teacher, str):
             teacher_name = teacher or config.teacher_model
-            teacher_tok = None
-            try:
-                teacher_tok = load_tokenizer_for(teacher_name)
-            except Exception:  # noqa: BLE001 - a folder with weights only: the vocab size check remains
-                teacher_tok = None
-            teacher = load_model(teacher_name, config)
-            if teacher_tok is not None and teacher_tok.get_vocab() != tokenizer.get_vocab():
-                raise ValueError(f"teacher {teacher_name!r} ({len(teacher_tok)} tokens) and student {model_name!r} "
-                                 f"({len(tokenizer)} tokens) have different tokenizers: the teacher must share the "
-                                 f"student's vocabulary (same token -> id map)")
+            teacher_tok = load_aux_tokenizer(teacher_name, "teacher")
+            if teacher_tok is not None:
+                check_same_vocabulary(tokenizer, teacher_tok, role="teacher", student_name=str(model_name),
+                                      other_name=teacher_name)
+            teacher = load_model(teacher_name, role="teacher", dtype=config.dtype)
     else:
         teacher = None
     if config.use_lora:
         model = apply_lora(model, config)
     if "ref" in needs:
         if isinstance(ref, str) or (ref is None and config.ref_model):
-            ref = load_model(ref or config.ref_model, config)
+            ref_name = ref or config.ref_model
+            ref_tok = load_aux_tokenizer(ref_name, "reference")
+            if ref_tok is not None:
+                check_same_vocabulary(tokenizer, ref_tok, role="reference", student_name=str(model_name),
+                                      other_name=ref_name)
+            ref = load_model(ref_name, role="ref", dtype=config.dtype)
     else:
         ref = None
 
