@@ -163,6 +163,7 @@ def test_bad_arguments(tok):
 
 
 def test_cli_runs_and_resumes(model, tok, tmp_path, capsys):
+    from qtarget.cli import main as cli_main
     from qtarget.evaluation.cli import main
 
     model_dir = tmp_path / "tiny"
@@ -179,5 +180,5 @@ def test_cli_runs_and_resumes(model, tok, tmp_path, capsys):
     second = json.loads((out / "summary.json").read_text())
     assert second["generated"] == 0 and second["overall"] == first["overall"]
     assert "| arith |" in capsys.readouterr().out
-    assert main(["--model", str(model_dir), "--benchmarks", "nope"]) == 2
-    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", str(model_dir), "--benchmarks", "nope"]) == 2
+    assert "qtarget eval: error: unknown benchmark 'nope'" in capsys.readouterr().err

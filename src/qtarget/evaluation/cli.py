@@ -8,6 +8,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from qtarget.evaluation.benchmarks import HubUnavailableError, load_benchmarks
+from qtarget.evaluation.generation import VLLMGenerator, vllm_available
+from qtarget.evaluation.runner import evaluate
+from qtarget.models.load import load_model, load_tokenizer, resolve
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -44,65 +51,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_model_path(name: str) -> str:
-    if name == "smollm2":
-        from qtarget.models import smollm2_dir
-
-        return str(smollm2_dir())
-    return name
-
-
 def main(argv: list[str]) -> int:
+    """Bad input raises ValueError / FileNotFoundError; `qtarget.cli` prints it as one line, exit 2."""
     args = build_parser().parse_args(argv)
-    from qtarget.evaluation.benchmarks import HubUnavailableError, load_benchmarks
-
     try:
         problems = load_benchmarks(args.benchmarks, limit=args.limit, seed=args.seed)
-    except (HubUnavailableError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
-        print(f"qtarget eval: {e}", file=sys.stderr)
-        return 2
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qtarget.evaluation.runner import evaluate
-
+    except (HubUnavailableError, ModuleNotFoundError) as e:  # the benchmark asked for cannot be reached here
+        raise ValueError(str(e)) from e
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_path = _resolve_model_path(args.model)
-    tok_path = _resolve_model_path(args.tokenizer) if args.tokenizer else model_path
     output_dir = Path(args.output_dir or Path("eval_out") / Path(args.model.rstrip("/")).name)
     try:
-        if (args.tokenizer or args.model) == "smollm2":
-            from qtarget.models import load_tokenizer
-
-            tokenizer = load_tokenizer("smollm2")  # chat template and pad token set
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    except Exception as e:
-        print(f"qtarget eval: cannot load tokenizer {tok_path!r}: {e}", file=sys.stderr)
-        return 2
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    except OSError as e:
+        raise ValueError(f"cannot load tokenizer {args.tokenizer or args.model!r}: {e}") from e
 
     generator = None
     model = None
     if args.backend == "vllm":
-        from qtarget.evaluation.generation import VLLMGenerator, vllm_available
-
         if not vllm_available():
-            print("qtarget eval: --backend vllm needs the vllm package (pip install vllm)", file=sys.stderr)
-            return 2
-        generator = VLLMGenerator(model_path, tokenizer=tokenizer, seed=args.seed,
+            raise ValueError("--backend vllm needs the vllm package (pip install vllm)")
+        generator = VLLMGenerator(resolve(args.model), tokenizer=tokenizer, seed=args.seed,
                                   dtype=args.dtype if args.dtype != "float32" else "auto")
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
-        except Exception as e:
-            print(f"qtarget eval: cannot load model {model_path!r}: {e}", file=sys.stderr)
-            return 2
+            model = load_model(args.model, role="student", dtype=args.dtype).to(device)
+        except OSError as e:
+            raise ValueError(f"cannot load model {args.model!r}: {e}") from e
 
     try:
         result = evaluate(
@@ -112,9 +88,6 @@ def main(argv: list[str]) -> int:
             system_prompt=args.system_prompt, progress=not args.no_progress, generator=generator,
             answer_backend=args.answer_backend, model_name=args.model, regrade=args.regrade,
         )
-    except ValueError as e:
-        print(f"qtarget eval: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"\nqtarget eval: interrupted; finished batches are in {output_dir}; rerun to resume",
               file=sys.stderr)
