@@ -47,8 +47,8 @@ def main() -> None:
     t16, k16 = _time(g16, prompts, args.new_tokens)
     r1, r16 = k1 / t1, k16 / t16
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, prompts ~{sum(map(len, prompts)) // len(prompts)} tokens")
-    print(f"| setting | prompts | new tokens | seconds | tokens/s |")
-    print(f"|---|---|---|---|---|")
+    print("| setting | prompts | new tokens | seconds | tokens/s |")
+    print("|---|---|---|---|---|")
     print(f"| batch 1  | {n1} | {k1} | {t1:.1f} | {r1:.1f} |")
     print(f"| batch 16 | {len(prompts)} | {k16} | {t16:.1f} | {r16:.1f} |")
     print(f"batch-16 / batch-1 throughput ratio: {r16 / r1:.2f}x")

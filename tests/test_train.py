@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from qtarget import token_loss
 from qtarget.data import Collator, prepare_data
-from qtarget.training import QTargetConfig, QTargetTrainer, train
+from qtarget.training import train
 from test_train_support import config, max_param_diff, params, tiny, tokenizer, toy_rows
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qtarget.objectives import Objective, TokenInputs, get_objective
+from qtarget.objectives import Objective, get_objective
 from qtarget.objectives.supervised import supervised_rows
 
 

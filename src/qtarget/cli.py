@@ -5,8 +5,11 @@ importing the CLI stays cheap and every subcommand documents its own flags (`qta
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
+
+from qtarget import __version__
 
 # Exceptions that mean "the input is wrong" (their messages name the argument, field or row).
 USER_ERRORS = (ValueError, FileNotFoundError)
@@ -36,14 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from qtarget import __version__
-
         print(__version__)
         return 0
     name = argv[0]
     if name not in SUBCOMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(name, SUBCOMMANDS, n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         print(f"qtarget: unknown command {name!r}.{hint}\n\n{_usage()}", file=sys.stderr)

@@ -8,9 +8,11 @@ against each Q.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
+from matplotlib.figure import Figure
 
 from qtarget.analysis import implied_target
 from qtarget.objectives import get_objective, list_objectives, objective_parameters, token_loss
@@ -86,15 +88,11 @@ def format_report(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows, tokens = result["rows"], result["tokens"]
     cols = min(4, len(rows))
     nrows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 2.8 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     xs = range(len(tokens))
     for ax, r in zip(axes.flat, rows):
         ax.bar([x - 0.2 for x in xs], result["p"], width=0.4, label="p", color="#9aa5b1")
@@ -109,7 +107,6 @@ def plot(result: dict, path: str) -> None:
     fig.suptitle("model distribution p vs implied target Q (* = observed token)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,8 +139,6 @@ def main(argv: list[str]) -> int:
         return 2
     print(format_report(result))
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     if args.plot:

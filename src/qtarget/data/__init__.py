@@ -8,7 +8,6 @@ response-only labels, optionally pack, and hold out an eval split.
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Any

@@ -2,6 +2,7 @@
 folder, a hub dataset name, or rows already in memory. Returns a `datasets.Dataset`."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -13,7 +14,6 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 
 def load_rows(source: Any, *, split: str = "train", name: str | None = None) -> datasets.Dataset:
     """A `datasets.Dataset` of raw rows from `source`:
-
     - a `datasets.Dataset` (returned as is) or a `DatasetDict` (its `split`),
     - a list of dicts,
     - a path to a .jsonl / .json / .parquet / .csv file,
@@ -64,7 +64,6 @@ def _pick_split(dd: datasets.DatasetDict, split: str, where: str) -> datasets.Da
 
 def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Write rows as JSON lines (a small helper for examples and tests)."""
-    import json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,14 @@ from contextlib import contextmanager
 from fractions import Fraction
 from typing import Literal
 
+import sympy
+from sympy.parsing.sympy_parser import (
+    convert_xor,
+    implicit_multiplication_application,
+    parse_expr,
+    standard_transformations,
+)
+
 Backend = Literal["auto", "math_verify", "sympy"]
 
 __all__ = [
@@ -254,8 +262,8 @@ def parse_number(s: str) -> Fraction | None:
 
 def math_verify_available() -> bool:
     try:
-        import math_verify  # noqa: F401
-    except Exception:
+        import math_verify  # noqa: F401, PLC0415 - optional (eval extra)
+    except ImportError:
         return False
     return True
 
@@ -284,9 +292,9 @@ def _time_limit(seconds: float) -> Iterator[None]:
 
 
 def _math_verify_equal(pred: str, gold: str, timeout: float) -> bool:
-    import math_verify.grader
-    import math_verify.parser
-    from math_verify import parse, verify
+    import math_verify.grader  # noqa: PLC0415 - optional (eval extra)
+    import math_verify.parser  # noqa: PLC0415
+    from math_verify import parse, verify  # noqa: PLC0415
 
     # we apply our own limit (below); silence math-verify's "timeout disabled" notice about that
     math_verify.grader.TIMEOUT_WARNING_SHOWN = math_verify.parser.TIMEOUT_WARNING_SHOWN = True
@@ -348,11 +356,6 @@ def _expand_latex(s: str) -> str:
 
 def _latex_to_sympy(s: str):
     """Translate a small LaTeX subset (fractions, roots, powers, products, pi) to a sympy expression."""
-    import sympy
-    from sympy.parsing.sympy_parser import (
-        convert_xor, implicit_multiplication_application, parse_expr, standard_transformations,
-    )
-
     s = normalize_answer(s).replace("%", "/100")
     s = _expand_latex(s)
     for pat, rep in _LATEX_SUBS:
@@ -363,8 +366,6 @@ def _latex_to_sympy(s: str):
 
 
 def _sympy_equal(pred: str, gold: str, timeout: float) -> bool:
-    import sympy
-
     with _time_limit(timeout):
         try:
             a, b = _latex_to_sympy(pred), _latex_to_sympy(gold)

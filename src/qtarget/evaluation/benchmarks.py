@@ -21,6 +21,8 @@ from importlib import util as import_util
 from pathlib import Path
 from typing import Any, Callable
 
+import datasets
+
 __all__ = [
     "Problem", "load_benchmark", "load_benchmarks", "list_benchmarks", "OFFLINE_BENCHMARKS",
     "HUB_BENCHMARKS", "HubUnavailableError", "arithmetic_problems",
@@ -221,7 +223,6 @@ def _gpqa_problem(row: dict, idx: int, rng: random.Random) -> Problem:
 def hub_benchmark(name: str, *, seed: int = 0) -> list[Problem]:
     """Load a hub benchmark with `datasets.load_dataset`; a clear error when the hub is unreachable."""
     spec = HUB_BENCHMARKS[name]
-    import datasets
 
     try:
         ds = datasets.load_dataset(spec.path, spec.config, split=spec.split)

@@ -11,10 +11,12 @@ samples.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import torch
+from transformers import GenerationConfig, LogitsProcessorList
 
 __all__ = ["Sample", "Generator", "HFGenerator", "VLLMGenerator", "vllm_available", "token_entropy"]
 
@@ -129,8 +131,6 @@ class HFGenerator:
 
     def _generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
                         top_p: float) -> list[Sample]:
-        from transformers import GenerationConfig, LogitsProcessorList
-
         input_ids, attention_mask = self._batch_inputs(prompts)
         sampling = temperature > 0
         cfg_kwargs: dict[str, Any] = dict(
@@ -172,8 +172,8 @@ class HFGenerator:
 
 def vllm_available() -> bool:
     try:
-        import vllm  # noqa: F401
-    except Exception:
+        import vllm  # noqa: F401, PLC0415 - optional (GPU serving)
+    except ImportError:
         return False
     return True
 
@@ -186,17 +186,15 @@ class VLLMGenerator:  # pragma: no cover - needs vllm and a GPU
     def __init__(self, model: str, *, tokenizer: Any = None, seed: int = 0, **llm_kwargs: Any):
         if not vllm_available():
             raise ImportError("VLLMGenerator needs the `vllm` package; `pip install vllm` (GPU only)")
-        import vllm
+        import vllm  # noqa: PLC0415 - optional
 
         self.llm = vllm.LLM(model=str(model), seed=seed, **llm_kwargs)
         self.tokenizer = tokenizer or self.llm.get_tokenizer()
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0) -> list[Sample]:
-        import math
-
-        import vllm
-        from vllm.inputs import TokensPrompt
+        import vllm  # noqa: PLC0415 - optional
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415
 
         _check_params(max_new_tokens, temperature, top_p)
         # one seed per prompt, so repeated prompts give different samples

@@ -3,7 +3,6 @@
 Work plan: every (problem, sample_idx) pair, ordered by prompt length (longest first, stable) and cut into
 batches of `batch_size`; batch b is sampled with seed `seed + b`, so a rerun of the same plan produces the
 same batches. Output folder (when `output_dir` is given):
-
     samples.jsonl   one JSON record per sample, appended and flushed after every batch
     config.json     the generation settings; a rerun with other settings is refused
     summary.json    metrics per benchmark and overall (see `metrics.summarize`)
@@ -23,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from tqdm.auto import tqdm
 
 from qtarget.evaluation.answers import Backend, check_answer, extract_answer, extract_choice
 from qtarget.evaluation.benchmarks import Problem
@@ -183,8 +184,6 @@ def evaluate(
     done = sum((p.id, s) in existing for p, s in plan)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(plan), initial=done, desc="eval", unit="sample", dynamic_ncols=True)
     generated = 0
     new_records: dict[tuple[str, int], dict[str, Any]] = {}

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+from qtarget.models.smollm2 import load_smollm2, smollm2_dir
 from qtarget.models.sources import gpt2_bpe_files, smollm2_gguf_path
 from qtarget.models.tiny import tiny_causal_lm
 from qtarget.models.tokenizers import TOKENIZER_NAMES, load_tokenizer
@@ -16,10 +17,3 @@ __all__ = [
     "smollm2_gguf_path", "gpt2_bpe_files",
 ]
 
-
-def __getattr__(name: str):
-    if name in ("smollm2_dir", "load_smollm2"):
-        from qtarget.models import smollm2
-
-        return getattr(smollm2, name)
-    raise AttributeError(f"module 'qtarget.models' has no attribute {name!r}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -44,7 +45,7 @@ def file_lock(lock_path: Path) -> Iterator[None]:
     the atomic rename in :func:`atomic_dir` is the only protection)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl
+        import fcntl  # noqa: PLC0415 - POSIX only
     except ImportError:  # pragma: no cover - Windows
         yield
         return
@@ -96,7 +97,6 @@ MANIFEST_FORMAT = 1
 
 def write_manifest(folder: Path, source: Path, files: list[str], extra: dict | None = None) -> None:
     """Record sha256 + size/mtime of the ``source`` file and of ``files`` (names inside ``folder``)."""
-    import json
 
     data = {
         "format": MANIFEST_FORMAT,
@@ -113,7 +113,6 @@ def check_manifest(folder: Path, source: Path, *, full: bool = False) -> str | N
     A file whose size and mtime match the manifest is trusted without re-hashing unless ``full``; any other
     file (and the source, when its size/mtime changed) is re-hashed and compared with the recorded sha256.
     """
-    import json
 
     mpath = folder / MANIFEST
     if not folder.is_dir():

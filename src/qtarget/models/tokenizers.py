@@ -11,7 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoTokenizer,
+    GPT2TokenizerFast,  # an alias of GPT2Tokenizer (tokenizers backend) in v5
+    PreTrainedTokenizerBase,
+)
 
 from qtarget.models.cache import atomic_dir, cache_root, check_manifest, file_lock, log, write_manifest
 from qtarget.models.sources import gpt2_bpe_files, smollm2_gguf_path
@@ -65,8 +69,6 @@ def _finish_smollm2(tok: PreTrainedTokenizerBase) -> None:
 
 
 def _gpt2() -> PreTrainedTokenizerBase:
-    from transformers import GPT2TokenizerFast  # an alias of GPT2Tokenizer (tokenizers backend) in v5
-
     enc_path, bpe_path = gpt2_bpe_files()
     vocab = json.loads(enc_path.read_text(encoding="utf-8"))
     merges = []

@@ -8,15 +8,9 @@
 """
 from __future__ import annotations
 
+from qtarget.training.api import TrainResult, check_requirements, train
 from qtarget.training.config import QTargetConfig
 from qtarget.training.trainer import QTargetTrainer
 
 __all__ = ["QTargetConfig", "QTargetTrainer", "train", "TrainResult", "check_requirements"]
 
-
-def __getattr__(name: str):
-    if name in ("train", "TrainResult", "check_requirements"):
-        from qtarget.training import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'qtarget.training' has no attribute {name!r}")

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import warnings
-
+import yaml
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from qtarget.data import Collator, PreparedData, TokenizeReport, prepare_data
@@ -16,6 +18,7 @@ from qtarget.teacher_cache.training import attach_teacher_cache, data_settings
 from qtarget.training.config import QTargetConfig
 from qtarget.training.logs import MetricsWriter
 from qtarget.training.trainer import STAGING_DIR, QTargetTrainer
+
 
 @dataclass
 class TrainResult:
@@ -60,16 +63,12 @@ def _is_tokenized(ds: Any) -> bool:
 
 
 def apply_lora(model: nn.Module, config: QTargetConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
     lora = LoraConfig(r=int(config.lora_r), lora_alpha=float(config.lora_alpha), lora_dropout=float(config.lora_dropout),
                       target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
 def save_yaml(config: QTargetConfig, path: Path) -> None:
-    import yaml
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(config.to_plain_dict(), sort_keys=True))
@@ -88,7 +87,6 @@ def train(
     save_final: bool = True,
 ) -> TrainResult:
     """Fine-tune with `config`. Everything not passed is loaded from the config:
-
     model / teacher / ref: a loaded `PreTrainedModel` or a hub id / folder (default: config.model,
       config.teacher_model, config.ref_model). The student is trained in place.
     tokenizer: default loaded from the model path.
@@ -192,7 +190,6 @@ def train(
 
 def save_final_model(trainer: QTargetTrainer, final_dir: Path) -> None:
     """Model (or LoRA adapter) + tokenizer in safetensors, written to a staging folder then renamed."""
-    import shutil
 
     staging = final_dir.parent / STAGING_DIR / final_dir.name
     if trainer.args.should_save:

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from qtarget.training.api import check_requirements, train
 from qtarget.training.config import QTargetConfig, config_fields, parse_kv
 
 CLI_ONLY = {"config", "help", "h"}
@@ -57,8 +60,6 @@ def coerce(key: str, value: Any) -> Any:
         if key == "lora_target_modules" and isinstance(value, str):
             return [m.strip() for m in value.split(",") if m.strip()]
         if t.startswith("dict") and isinstance(value, str) and value.strip().startswith("{"):
-            import yaml
-
             return yaml.safe_load(value)
     except (TypeError, ValueError) as e:
         if str(e).startswith(f"--{key}"):
@@ -115,8 +116,6 @@ def load_config(argv: list[str]) -> QTargetConfig:
     given = vars(ns)
     values: dict[str, Any] = {}
     if "config" in given:
-        import yaml
-
         path = Path(given.pop("config"))
         if not path.exists():
             raise FileNotFoundError(f"--config {str(path)!r} does not exist")
@@ -135,16 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         build_parser().print_help()
         return 0
-    try:
-        config = load_config(argv)
-        from qtarget.training.api import check_requirements
-
-        check_requirements(config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"qtarget train: error: {e}", file=sys.stderr)
-        return 2
-    from qtarget.training.api import train
-
+    config = load_config(argv)  # bad input: ValueError / FileNotFoundError -> one line from qtarget.cli
+    check_requirements(config)
     result = train(config)
     last = result.history[-1] if result.history else {}
     shown = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "nll", "p_y", "entropy", "gamma") if k in last)

@@ -4,9 +4,11 @@ objective, auxiliary models, PSFT schedule, LoRA). One flat set of keys, so a YA
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from transformers import TrainingArguments
 
 from qtarget.objectives import get_objective
@@ -74,7 +76,7 @@ class QTargetConfig(TrainingArguments):
             raise ValueError("output_dir is required (--output_dir DIR)")
         if self.report_to == "auto":
             try:
-                import tensorboard  # noqa: F401
+                import tensorboard  # noqa: F401, PLC0415 - optional logger
 
                 self.report_to = ["tensorboard"]
             except ImportError:
@@ -123,8 +125,6 @@ class QTargetConfig(TrainingArguments):
 
 
 def _plain(v: Any) -> Any:
-    import enum
-
     if isinstance(v, enum.Enum):
         return v.value
     if isinstance(v, (list, tuple)):
@@ -138,7 +138,6 @@ def _plain(v: Any) -> Any:
 
 def parse_kv(text: str, where: str) -> dict[str, Any]:
     """'a=1,b=x' (or a YAML/JSON mapping) -> {'a': 1, 'b': 'x'}; values are parsed as YAML scalars."""
-    import yaml
 
     text = text.strip()
     if not text:

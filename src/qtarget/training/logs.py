@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
 from transformers import TrainerCallback
 
 CURVE_KEYS = ("loss", "nll", "p_y", "entropy", "gamma", "clip_frac", "kl_ref", "kl_teacher", "eval_loss",
@@ -70,16 +71,12 @@ def _num(v: Any) -> Any:
 def plot_curves(train_rows: list[dict], eval_rows: list[dict], path: str | os.PathLike,
                 title: str | None = None) -> Path:
     """One panel per logged metric against the optimizer step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = [k for k in CURVE_KEYS if any(isinstance(r.get(k), (int, float)) for r in train_rows + eval_rows)]
     n = max(len(keys), 1)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, key in zip(axes.flat, keys):
         source = eval_rows if key.startswith("eval_") else train_rows
         pts = [(r["step"], r[key]) for r in source if isinstance(r.get(key), (int, float))]
@@ -94,5 +91,4 @@ def plot_curves(train_rows: list[dict], eval_rows: list[dict], path: str | os.Pa
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from qtarget.data import Collator
 from qtarget.models.head import head_rows
@@ -225,7 +226,6 @@ class QTargetTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """Write checkpoint-N into a staging folder, then rename it into place (atomic on POSIX), so a
         crash mid-save never leaves a half-written checkpoint that `--resume` would pick."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
         run_dir = self._get_output_dir(trial)
         staging = os.path.join(run_dir, STAGING_DIR)
