@@ -18,7 +18,7 @@ from qtarget.ops.budget import BUDGET_ENV, DEFAULT_BUDGET_BYTES, TEMPORARIES_PER
 H, V = 24, 1000
 
 
-def make_problem(lead, seed=0, hidden_size=H, vocab=V, dtype=torch.float32, teacher_hidden_size=16):
+def make_inputs(lead, seed=0, hidden_size=H, vocab=V, dtype=torch.float32, teacher_hidden_size=16):
     """Random hidden [*lead, H], head [V, H], bias [V], labels (argmax / random / ignored) and every
     auxiliary input, with teacher and reference models given as hidden states + heads."""
     g = torch.Generator().manual_seed(seed)
@@ -127,7 +127,7 @@ OPTIONS = {
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_every_objective_matches_reference(name, lead, option):
     obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
-    c = make_problem(lead, seed=len(name) + len(lead))
+    c = make_inputs(lead, seed=len(name) + len(lead))
     # chunk_size 8 forces several chunks and a ragged last one
     assert_same(*run_both(obj, c, chunk_size=8, **OPTIONS[option]))
 
@@ -137,14 +137,14 @@ def test_every_objective_matches_reference(name, lead, option):
 @pytest.mark.parametrize("chunk_size", [1, 13, None])
 def test_modes_and_chunk_sizes_agree(name, mode, chunk_size):
     obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
-    c = make_problem((2, 21), seed=3)
+    c = make_inputs((2, 21), seed=3)
     assert_same(*run_both(obj, c, bias=True, softcap=4.0, mode=mode, chunk_size=chunk_size))
 
 
 @pytest.mark.parametrize("name", ["kd", "distill_hybrid", "target_sft", "sft_kl", "asft"])
 def test_precomputed_teacher_and_reference_logits(name):
     obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
-    c = make_problem((4, 9), seed=5)
+    c = make_inputs((4, 9), seed=5)
     assert_same(*run_both(obj, c, aux_as_logits=True, chunk_size=6, scale=1.3))
 
 
@@ -158,7 +158,7 @@ def test_precomputed_teacher_and_reference_logits(name):
 ])
 def test_general_target_compositions(spec):
     obj = qtarget.target(**spec)
-    c = make_problem((40,), seed=11)
+    c = make_inputs((40,), seed=11)
     assert_same(*run_both(obj, c, chunk_size=16, bias=True, softcap=10.0))
 
 
@@ -171,20 +171,20 @@ def test_user_registered_objective():
             return qtarget.TokenTerms(loss=(top2[:, 0] - x.logits.gather(-1, x.labels[:, None])[:, 0]) ** 2
                                       + 0.01 * x.logits.pow(2).mean(-1), gamma=x.p_y_detached)
 
-    c = make_problem((31,), seed=2)
+    c = make_inputs((31,), seed=2)
     assert_same(*run_both(Squared(), c, chunk_size=7, scale=0.5))
 
 
 @pytest.mark.parametrize("reduction", ["sum", "sequence_mean"])
 def test_reductions(reduction):
     obj = qtarget.get_objective("dft")
-    c = make_problem((3, 11), seed=8)
+    c = make_inputs((3, 11), seed=8)
     assert_same(*run_both(obj, c, reduction=reduction, chunk_size=5))
 
 
 def test_gradient_accumulation_with_normalizer_equals_full_batch():
     obj = qtarget.get_objective("target_sft", eta=0.5)
-    c = make_problem((4, 15), seed=9)
+    c = make_inputs((4, 15), seed=9)
     h, W, b = leaves(c)
     total = int((c["labels"] != -100).sum())
     for part in (slice(0, 1), slice(1, 4)):
@@ -198,7 +198,7 @@ def test_gradient_accumulation_with_normalizer_equals_full_batch():
 
 
 def test_all_masked_gives_zero_loss_and_zero_grads():
-    c = make_problem((2, 6), seed=1)
+    c = make_inputs((2, 6), seed=1)
     h, W, b = leaves(c)
     labels = torch.full((2, 6), -100)
     out = fused_token_loss("asft", h, W, labels, lm_head_bias=b, ref_hidden=c["ref_hidden"],
@@ -210,7 +210,7 @@ def test_all_masked_gives_zero_loss_and_zero_grads():
 
 
 def test_masked_positions_get_zero_hidden_gradient():
-    c = make_problem((5, 8), seed=4)
+    c = make_inputs((5, 8), seed=4)
     h, W, _ = leaves(c, bias=False)
     fused_token_loss("label_smoothing", h, W, c["labels"], chunk_size=4).loss.backward()
     masked = c["labels"] == -100
@@ -244,7 +244,7 @@ def test_frozen_head_computes_no_weight_gradient(mode, monkeypatch):
     calls = []
     real = chunked_mod._accumulate_weight_grad
     monkeypatch.setattr(chunked_mod, "_accumulate_weight_grad", lambda *a: (calls.append(1), real(*a)))
-    c = make_problem((30,), seed=6)
+    c = make_inputs((30,), seed=6)
     h = c["hidden"].clone().requires_grad_(True)
     W = c["weight"]  # requires_grad=False: a frozen head (LoRA elsewhere)
     out = fused_token_loss("sft", h, W, c["labels"], chunk_size=8, mode=mode)
@@ -256,7 +256,7 @@ def test_frozen_head_computes_no_weight_gradient(mode, monkeypatch):
 
 
 def test_no_grad_path_equals_reference():
-    c = make_problem((20,), seed=7)
+    c = make_inputs((20,), seed=7)
     with torch.no_grad():
         got = fused_token_loss("sft_kl", c["hidden"], c["weight"], c["labels"], ref_hidden=c["ref_hidden"],
                                ref_head=c["ref_head"], chunk_size=3)
@@ -268,7 +268,7 @@ def test_no_grad_path_equals_reference():
 
 
 def test_second_backward():
-    c = make_problem((20,), seed=7)
+    c = make_inputs((20,), seed=7)
     h, W, _ = leaves(c, bias=False)
     out = fused_token_loss("dft", h, W, c["labels"], mode="recompute")
     out.loss.backward(retain_graph=True)
@@ -283,7 +283,7 @@ def test_second_backward():
 
 def test_grad_output_scales_gradients():
     """The loss need not be the end of the graph: 3 * loss + other terms."""
-    c = make_problem((20,), seed=12)
+    c = make_inputs((20,), seed=12)
     h, W, b = leaves(c)
     out = fused_token_loss("psft", h, W, c["labels"], lm_head_bias=b, old_logprobs=c["old_logprobs"])
     (3.0 * out.loss + h.sum()).backward()
@@ -299,7 +299,7 @@ def test_grad_output_scales_gradients():
 def test_bf16_inputs_within_bf16_tolerance(name):
     """bf16 hidden/head vs the float32 reference on the same (bf16-representable) values."""
     obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
-    c16 = make_problem((40,), seed=13, dtype=torch.bfloat16)
+    c16 = make_inputs((40,), seed=13, dtype=torch.bfloat16)
     c32 = {k: (v.float() if v.dtype == torch.bfloat16 else v) for k, v in c16.items()}
     h, W, b = leaves(c16)
     got = fused_token_loss(obj, h, W, c16["labels"], lm_head_bias=b, chunk_size=16, **aux_kwargs(obj, c16, False))
@@ -316,7 +316,7 @@ def test_bf16_inputs_within_bf16_tolerance(name):
 @pytest.mark.parametrize("name", ["sft", "target_sft"])
 def test_autocast_bf16_matches_autocast_reference(name):
     obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
-    c = make_problem((2, 19), seed=14)
+    c = make_inputs((2, 19), seed=14)
     h, W, b = leaves(c)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = fused_token_loss(obj, h, W, c["labels"], lm_head_bias=b, chunk_size=8, **aux_kwargs(obj, c, False))
@@ -340,7 +340,7 @@ def test_gradcheck_float64(name):
     """Finite differences of the loss value; only for objectives without stop-gradients inside, whose
     gradient is the derivative of the value (DFT-like losses are not)."""
     obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
-    c = make_problem((6,), seed=15, hidden_size=4, vocab=11, dtype=torch.float64, teacher_hidden_size=3)
+    c = make_inputs((6,), seed=15, hidden_size=4, vocab=11, dtype=torch.float64, teacher_hidden_size=3)
     c["labels"][0] = -100
     kw = aux_kwargs(obj, c, False)
     if "old_logprobs" in kw:
@@ -356,7 +356,7 @@ def test_gradcheck_float64(name):
 
 # ------------------------------------------------------------------------------------ errors
 def test_errors_name_the_argument():
-    c = make_problem((10,), seed=0)
+    c = make_inputs((10,), seed=0)
     h, W, y = c["hidden"], c["weight"], c["labels"]
     with pytest.raises(ValueError, match=r"teacher_head` gives logits over 999 tokens .* has 1000"):
         fused_token_loss("kd", h, W, y, teacher_hidden=c["teacher_hidden"], teacher_head=c["teacher_head"][:999])
@@ -412,7 +412,7 @@ def test_memory_budget_sets_chunk_rows_and_metrics_can_be_skipped():
             self.rows.append(x.logits.shape[0])
             return qtarget.TokenTerms(loss=-x.logp_y, gamma=torch.ones_like(x.p_y_detached))
 
-    c = make_problem((100,), seed=21)
+    c = make_inputs((100,), seed=21)
     n = int((c["labels"] != -100).sum())
     obj = Counting()
     budget = 4 * V * TEMPORARIES_STUDENT * 16  # 16 rows per chunk

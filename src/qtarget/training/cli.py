@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from qtarget.training.api import check_requirements, train
-from qtarget.training.config import QTargetConfig, config_fields, parse_kv
+from qtarget.training.config import QTargetConfig, config_fields
 
 CLI_ONLY = {"config", "help", "h"}
 
@@ -55,10 +55,8 @@ def coerce(key: str, value: Any) -> Any:
             return int(as_float)
         if t in ("float", "<class 'float'>", "float | None"):
             return float(value)
-        if key == "objective_args":
-            return parse_kv(value, key) if isinstance(value, str) else value
-        if key == "lora_target_modules" and isinstance(value, str):
-            return [m.strip() for m in value.split(",") if m.strip()]
+        if key in ("objective_args", "lora_target_modules"):
+            return value  # parsed by QTargetConfig itself (one place for the CLI, YAML and the API)
         if t.startswith("dict") and isinstance(value, str) and value.strip().startswith("{"):
             return yaml.safe_load(value)
     except (TypeError, ValueError) as e:
