@@ -189,13 +189,26 @@ def test_corrupted_shard_is_named(cache_dir, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-5] ^= 0xFF  # flip bits in the tensor data
     shard.write_bytes(bytes(raw))
+    cache = TeacherCache(folder)  # headers are intact; the checksum is checked on first use
+    cache.row("train", 0)
     with pytest.raises(CorruptShardError, match=r"shard-000001.*sha256.*delete"):
-        TeacherCache(folder)
+        cache.row("train", 5)
+    with pytest.raises(CorruptShardError, match=r"shard-000001.*sha256"):
+        TeacherCache(folder).verify_all()
     shard.write_bytes(b"not a safetensors file")
     with pytest.raises(CorruptShardError, match=r"shard-000001.safetensors cannot be read"):
         TeacherCache(folder)
     (folder / "manifest.json").write_text("{broken")
     with pytest.raises(ValueError, match="manifest is corrupted"):
+        TeacherCache(folder)
+
+
+def test_shard_with_another_k_is_refused(cache_dir, tmp_path):
+    folder = copy_cache(cache_dir, tmp_path / "c")
+    rewrite_shard(folder / "train" / "shard-000000.safetensors",
+                  lambda t: t.update(ids=t["ids"][:, :4].contiguous(), logprobs=t["logprobs"][:, :4].contiguous()))
+    with pytest.raises(CorruptShardError, match=r"shard-000000.safetensors has k = 4 ids per token, the manifest "
+                                                r"says top_k = 8"):
         TeacherCache(folder)
 
 

@@ -30,7 +30,7 @@ from qtarget.teacher_cache.schema import (
     supervised_positions,
     tokenizer_fingerprint,
 )
-from qtarget.teacher_cache.storage import read_shard, shard_path, write_shard
+from qtarget.teacher_cache.storage import open_shard, shard_path, write_shard
 from qtarget.training.forward import last_hidden_states
 
 LOGITS_BYTES = 1 << 28  # float32 teacher logits formed at once: 256 MiB
@@ -188,7 +188,7 @@ def build_cache(
             for stale in path.parent.glob(f".{path.name}.tmp-*"):
                 stale.unlink(missing_ok=True)  # left by an interrupted build of this shard
             if path.exists():
-                read_shard(path, split=split, shard=shard, manifest_digest=digest, verify=False)
+                open_shard(path, split=split, shard=shard, manifest_digest=digest)  # raises if corrupted
                 done_rows += n
             else:
                 todo.append((split, shard))

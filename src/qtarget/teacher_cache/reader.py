@@ -1,6 +1,6 @@
 """Reading a teacher cache: open and validate it, check it fits a training run, fetch rows.
 
-    cache = TeacherCache(DIR)                        # manifest + every shard's index; checksums verified
+    cache = TeacherCache(DIR)                        # manifest + every shard's header and index
     cache.check_rows("train", examples)              # same rows (count, per-row fingerprints) or an error naming the row
     cache.row("train", 17) -> CachedRow              # positions [m], TeacherTopK ([m, k], [m])
     cache.batch(["train"] * B, rows, labels) -> dict # teacher_topk_ids / _logprobs / _log_tail aligned with labels
@@ -20,7 +20,7 @@ from torch import Tensor
 from qtarget.ops.sparse_teacher import TeacherTopK, check_teacher_topk
 from qtarget.teacher_cache.manifest import Manifest, describe
 from qtarget.teacher_cache.schema import IGNORE_INDEX, row_fingerprint, supervised_positions, tokenizer_fingerprint
-from qtarget.teacher_cache.storage import CorruptShardError, read_shard, shard_path
+from qtarget.teacher_cache.storage import CorruptShardError, ShardIndex, open_shard, shard_path, verify_shard
 
 BATCH_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_log_tail")
 FILLER_LOG_TAIL_GAP = 50.0  # filler at unsupervised positions: uniform over k ids, tail e^-50 of that
@@ -37,24 +37,20 @@ class CachedRow:
     topk: TeacherTopK  # ids [m, k] int64, logprobs [m, k] float32, log_tail [m] float32
 
 
-@dataclass
-class _ShardIndex:
-    path: Path
-    start: int
-    fingerprints: Tensor  # [R] int64
-    offsets: Tensor  # [R + 1] int64
-
-
 class TeacherCache:
-    """A teacher cache folder (see schema.py). Opening reads the manifest and every shard's index;
-    with verify=True it also checks each shard's sha256 (one read of the whole cache). A shard that
-    is absent is an error naming its rows; so is one that is corrupted or built for another manifest."""
+    """A teacher cache folder (see schema.py). Opening reads the manifest and every shard's header and
+    index (a shard that is absent is an error naming its rows; so is one that is unreadable or built
+    for another manifest). With verify=True (default) each shard's sha256 is checked the first time
+    a row of it is read, so a training run reads every shard whole once, spread over the run;
+    `verify_all()` checks them all now."""
 
     def __init__(self, folder: str | Path, *, verify: bool = True) -> None:
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
+        self.verify = verify
         self._digest = self.manifest.digest()
-        self._index: dict[str, list[_ShardIndex]] = {}
+        self._index: dict[str, list[ShardIndex]] = {}
+        self._verified: set[Path] = set()
         self._handles: dict[Path, Any] = {}
         R = self.manifest.rows_per_shard
         missing = []
@@ -65,15 +61,16 @@ class TeacherCache:
                 if not path.is_file():
                     missing.append(f"{split} rows {shard * R}-{min(info.rows, (shard + 1) * R) - 1} ({path.name})")
                     continue
-                t = read_shard(path, split=split, shard=shard, manifest_digest=self._digest, verify=verify)
+                ix = open_shard(path, split=split, shard=shard, manifest_digest=self._digest)
                 n_expected = min(info.rows, (shard + 1) * R) - shard * R
-                if t["row_index"].numel() != n_expected or (n_expected and int(t["row_index"][0]) != shard * R):
-                    raise CorruptShardError(f"teacher cache shard {path} holds rows {t['row_index'].tolist()[:3]}..., "
-                                            f"expected {n_expected} rows from {shard * R}")
-                if t["ids"].shape[-1] != self.manifest.top_k:
-                    raise CorruptShardError(f"teacher cache shard {path} has k = {t['ids'].shape[-1]} ids per token, "
-                                            f"the manifest says top_k = {self.manifest.top_k}")
-                shards.append(_ShardIndex(path, shard * R, t["row_fingerprint"].clone(), t["row_offsets"].clone()))
+                expected_rows = torch.arange(shard * R, shard * R + n_expected)
+                if ix.row_index.numel() != n_expected or not torch.equal(ix.row_index, expected_rows):
+                    raise CorruptShardError(f"teacher cache shard {path} holds rows {ix.row_index.tolist()[:3]}..., "
+                                            f"expected the {n_expected} rows from {shard * R}")
+                if ix.shapes["ids"][-1] != self.manifest.top_k:
+                    raise CorruptShardError(f"teacher cache shard {path} has k = {ix.shapes['ids'][-1]} ids per "
+                                            f"token, the manifest says top_k = {self.manifest.top_k}")
+                shards.append(ix)
             self._index[split] = shards
         if missing:
             raise MissingRowError(f"teacher cache {self.folder} is incomplete: missing {'; '.join(missing)}. "
@@ -84,13 +81,13 @@ class TeacherCache:
     def splits(self) -> tuple[str, ...]:
         return tuple(self.manifest.splits)
 
-    def _split(self, split: str) -> list[_ShardIndex]:
+    def _split(self, split: str) -> list[ShardIndex]:
         if split not in self._index:
             raise MissingRowError(f"teacher cache {self.folder} has no {split!r} split (it has: {', '.join(self._index)})")
         return self._index[split]
 
     def fingerprints(self, split: str) -> Tensor:
-        return torch.cat([s.fingerprints for s in self._split(split)])
+        return torch.cat([s.row_fingerprint for s in self._split(split)])
 
     def check_rows(self, split: str, examples: Sequence[Mapping[str, Any]], settings: Mapping[str, Any] | None = None) -> None:
         """The tokenised `examples` are exactly the cached rows of `split`; else a ValueError naming the
@@ -126,6 +123,17 @@ class TeacherCache:
                              f"student as --model")
 
     # ------------------------------------------------------------------ reading
+    def verify_all(self) -> None:
+        """Check every shard's sha256 now (reads the whole cache)."""
+        for shards in self._index.values():
+            for ix in shards:
+                self._verify(ix)
+
+    def _verify(self, ix: ShardIndex) -> None:
+        if ix.path not in self._verified:
+            verify_shard(ix)
+            self._verified.add(ix.path)
+
     def _handle(self, path: Path):
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="pt")
@@ -144,8 +152,10 @@ class TeacherCache:
             raise MissingRowError(f"teacher cache {self.folder} has no row {index} in its {split!r} split "
                                   f"(it holds rows 0-{n_rows - 1})")
         s = shards[int(index) // self.manifest.rows_per_shard]
-        local = int(index) - s.start
-        a, b = int(s.offsets[local]), int(s.offsets[local + 1])
+        if self.verify:
+            self._verify(s)
+        local = int(index) - int(s.row_index[0])
+        a, b = int(s.row_offsets[local]), int(s.row_offsets[local + 1])
         f = self._handle(s.path)
         topk = TeacherTopK(ids=f.get_slice("ids")[a:b].to(torch.int64),
                            logprobs=f.get_slice("logprobs")[a:b].to(torch.float32),

@@ -2,12 +2,14 @@
 
 A shard is written to a temporary file in the same folder and renamed into place (os.replace), so a
 shard file that exists is complete; an interrupted build leaves at most a stray `.tmp` file that the
-next build removes. Reading checks the format, the manifest digest and a sha256 of the tensor bytes.
+next build removes. Opening a shard reads its header and index only (format, manifest digest,
+shapes); `verify_shard` reads it whole and checks the sha256 of its tensor bytes.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,54 +49,82 @@ def write_shard(root: Path, split: str, shard: int, tensors: dict[str, torch.Ten
     return final
 
 
-def remove_stale_temporaries(root: Path) -> None:
-    for tmp in Path(root).glob("*/.shard-*.tmp-*"):
-        tmp.unlink(missing_ok=True)
+@dataclass
+class ShardIndex:
+    """A shard's header and index tensors (read at open; the big tensors stay on disk)."""
+
+    path: Path
+    sha256: str
+    row_index: torch.Tensor  # [R] int64
+    row_fingerprint: torch.Tensor  # [R] int64
+    row_offsets: torch.Tensor  # [R + 1] int64
+    shapes: dict[str, tuple[int, ...]]
 
 
-def read_shard(path: Path, *, split: str, shard: int, manifest_digest: str, verify: bool = True) -> dict[str, torch.Tensor]:
-    """All tensors of one shard (memory-mapped by safetensors). Raises CorruptShardError naming the
-    file and what is wrong: unreadable, wrong format / split / shard, built for another manifest,
-    checksum mismatch (with verify=True), or inconsistent index tensors."""
+def _fix(path: Path) -> str:
+    return f"delete {path} and re-run `qtarget teacher-cache` with the same arguments to rebuild it"
+
+
+def open_shard(path: Path, *, split: str, shard: int, manifest_digest: str) -> ShardIndex:
+    """Read one shard's header and index. Raises CorruptShardError naming the file and what is wrong:
+    unreadable, wrong format / split / shard, built for another manifest, or inconsistent shapes."""
     path = Path(path)
-    fix = f"delete {path} and re-run `qtarget teacher-cache` with the same arguments to rebuild it"
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-        tensors = load_file(str(path))
+            names = set(f.keys())
+            missing = [n for n in TENSORS if n not in names]
+            if missing:
+                raise CorruptShardError(f"teacher cache shard {path} lacks tensor(s) {', '.join(missing)}: {_fix(path)}")
+            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in TENSORS}
+            index = {n: f.get_tensor(n) for n in ("row_index", "row_fingerprint", "row_offsets")}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise CorruptShardError(f"teacher cache shard {path} cannot be read ({e}): {fix}") from None
+        if isinstance(e, CorruptShardError):
+            raise
+        raise CorruptShardError(f"teacher cache shard {path} cannot be read ({e}): {_fix(path)}") from None
     expected = {"format": FORMAT, "version": str(VERSION), "split": split, "shard": str(shard)}
     for key, value in expected.items():
         if meta.get(key) != value:
-            raise CorruptShardError(f"teacher cache shard {path}: metadata `{key}` is {meta.get(key)!r}, expected {value!r}: {fix}")
+            raise CorruptShardError(f"teacher cache shard {path}: metadata `{key}` is {meta.get(key)!r}, "
+                                    f"expected {value!r}: {_fix(path)}")
     if meta.get("manifest_digest") != manifest_digest:
         raise CorruptShardError(f"teacher cache shard {path} was built for another manifest (digest "
-                                f"{meta.get('manifest_digest')!r}, the folder's manifest has {manifest_digest!r}): {fix}")
-    missing = [n for n in TENSORS if n not in tensors]
-    if missing:
-        raise CorruptShardError(f"teacher cache shard {path} lacks tensor(s) {', '.join(missing)}: {fix}")
-    if verify and tensors_sha256(tensors) != meta.get("sha256"):
-        raise CorruptShardError(f"teacher cache shard {path}: the tensor bytes do not match the shard's sha256 "
-                                f"(the file is corrupted): {fix}")
-    _check_index(tensors, path, fix)
-    return tensors
+                                f"{meta.get('manifest_digest')!r}, the folder's manifest has {manifest_digest!r}): "
+                                f"{_fix(path)}")
+    out = ShardIndex(path, str(meta.get("sha256")), index["row_index"], index["row_fingerprint"], index["row_offsets"],
+                     shapes)
+    _check_index(out)
+    return out
 
 
-def _check_index(t: dict[str, torch.Tensor], path: Path, fix: str) -> None:
-    R = t["row_index"].numel()
-    m = t["positions"].numel()
+def verify_shard(index: ShardIndex) -> None:
+    """Read the whole shard and compare its tensors' sha256 with the one in its header."""
+    try:
+        tensors = load_file(str(index.path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CorruptShardError(f"teacher cache shard {index.path} cannot be read ({e}): {_fix(index.path)}") from None
+    if tensors_sha256(tensors) != index.sha256:
+        raise CorruptShardError(f"teacher cache shard {index.path}: the tensor bytes do not match the shard's sha256 "
+                                f"(the file is corrupted): {_fix(index.path)}")
+
+
+def _check_index(ix: ShardIndex) -> None:
+    R = ix.row_index.numel()
+    sh = ix.shapes
+    m = sh["positions"][0] if len(sh["positions"]) == 1 else -1
     problems = []
-    if tuple(t["row_fingerprint"].shape) != (R,):
-        problems.append(f"row_fingerprint has shape {tuple(t['row_fingerprint'].shape)}, expected ({R},)")
-    off = t["row_offsets"]
+    if len(sh["positions"]) != 1:
+        problems.append(f"positions has shape {sh['positions']}, expected (m,)")
+    if tuple(ix.row_fingerprint.shape) != (R,):
+        problems.append(f"row_fingerprint has shape {tuple(ix.row_fingerprint.shape)}, expected ({R},)")
+    off = ix.row_offsets
     if tuple(off.shape) != (R + 1,) or int(off[0]) != 0 or int(off[-1]) != m or bool((off[1:] < off[:-1]).any()):
         problems.append(f"row_offsets must be non-decreasing from 0 to {m} with {R + 1} entries")
-    if t["ids"].dim() != 2 or t["ids"].shape[0] != m:
-        problems.append(f"ids has shape {tuple(t['ids'].shape)}, expected ({m}, k)")
-    elif tuple(t["logprobs"].shape) != tuple(t["ids"].shape):
-        problems.append(f"logprobs has shape {tuple(t['logprobs'].shape)}, expected {tuple(t['ids'].shape)}")
-    if tuple(t["log_tail"].shape) != (m,):
-        problems.append(f"log_tail has shape {tuple(t['log_tail'].shape)}, expected ({m},)")
+    if len(sh["ids"]) != 2 or sh["ids"][0] != m:
+        problems.append(f"ids has shape {sh['ids']}, expected ({m}, k)")
+    elif sh["logprobs"] != sh["ids"]:
+        problems.append(f"logprobs has shape {sh['logprobs']}, expected {sh['ids']}")
+    if sh["log_tail"] != (m,):
+        problems.append(f"log_tail has shape {sh['log_tail']}, expected ({m},)")
     if problems:
-        raise CorruptShardError(f"teacher cache shard {path}: {'; '.join(problems)}: {fix}")
+        raise CorruptShardError(f"teacher cache shard {ix.path}: {'; '.join(problems)}: {_fix(ix.path)}")
