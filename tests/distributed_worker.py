@@ -3,7 +3,7 @@ ENGINE OUT.json` trains a patched tiny Llama (`qtarget.patch`, the loss inside t
 hand-written loop under a sharding engine and, on rank 0, the same loop in one process on the full
 batch; it writes per-step losses and the largest final-parameter difference to OUT.json.
 
-ENGINE: ddp | fsdp2 (root with reshard_after_forward=True; and lm_head in its own unit) |
+ENGINE: ddp | zero3 (DeepSpeed ZeRO-3, CPU accelerator, gloo; client SGD, no clipping) | fsdp2 (root with reshard_after_forward=True; and lm_head in its own unit) |
 fsdp1 (use_orig_params True and False). Objectives: dft, psft (M = 2: pi_old of two mini-batches
 from the model before the first of their two steps) and target_sft with a teacher (wrapped by the
 same engine, except DDP, which refuses a model without trainable parameters).
@@ -66,7 +66,11 @@ def objective_args(objective: str) -> dict:
 def train(model: nn.Module, data: list[dict], objective: str, *, rows: slice, scale: float,
           reduce) -> list[float]:
     """STEPS SGD steps; returns the global loss of every step."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR[objective])
+    deepspeed_engine = hasattr(model, "backward") and hasattr(model, "zero_optimization_stage")
+    if deepspeed_engine:
+        opt = model  # engine.step() steps its (client) optimizer
+    else:
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR[objective])
     old: dict[int, torch.Tensor] = {}
     losses = []
     for step, batch in enumerate(data):
@@ -82,14 +86,23 @@ def train(model: nn.Module, data: list[dict], objective: str, *, rows: slice, sc
                 model.train()
             extra["old_logprobs"] = old[step]
         out = model(**local, num_items_in_batch=n_items(batch), **extra)
-        (out.loss * scale).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if deepspeed_engine:
+            model.backward(out.loss * scale)
+            model.step()
+        else:
+            (out.loss * scale).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(reduce(out.loss.detach()))
     return losses
 
 
 def full_state(model: nn.Module, engine: str) -> dict[str, torch.Tensor]:
+    if engine == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.module.parameters())):
+            return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
     if engine == "ddp":
         return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -102,6 +115,8 @@ def sharded(model: nn.Module, engine: str) -> bool:
     """Whether the engine really shards the LM head's parameters across the ranks (outside a forward)."""
     if engine == "ddp":
         return False
+    if engine == "zero3":  # partitioned parameters are empty outside the forward
+        return all(p.numel() == 0 for p in model.parameters()) and hasattr(model.module.lm_head.weight, "ds_id")
     if engine == "fsdp2":
         from torch.distributed.tensor import DTensor
 
@@ -111,9 +126,20 @@ def sharded(model: nn.Module, engine: str) -> bool:
     return all(p.numel() < total for p in model.parameters())  # FSDP1: flat shards (or sharded views)
 
 
-def wrap(model: nn.Module, engine: str, variant: str, *, trainable: bool) -> nn.Module:
+def wrap(model: nn.Module, engine: str, variant: str, *, trainable: bool, lr: float = 0.0) -> nn.Module:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    if engine == "zero3":  # DeepSpeed, lazily: an optional heavy library
+        import deepspeed
+
+        config = {"train_micro_batch_size_per_gpu": B // dist.get_world_size(), "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  "steps_per_print": 10**9, "wall_clock_breakdown": False,
+                  "zero_allow_untested_optimizer": True,
+                  "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 by default; the reference does not
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr) if trainable else None
+        engine_, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return engine_
     if engine == "ddp":
         return nn.parallel.DistributedDataParallel(model) if trainable else model
     if engine == "fsdp2":
@@ -136,12 +162,17 @@ def wrap(model: nn.Module, engine: str, variant: str, *, trainable: bool) -> nn.
     raise ValueError(f"unknown engine {engine!r}")
 
 
-VARIANTS = {"ddp": ("plain",), "fsdp2": ("root_reshard", "head_unit"), "fsdp1": ("orig_params", "flat_params")}
+VARIANTS = {"zero3": ("stage3",), "ddp": ("plain",), "fsdp2": ("root_reshard", "head_unit"), "fsdp1": ("orig_params", "flat_params")}
 
 
 def main() -> None:
     engine, out_path = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
+    if engine == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     data = batches()
@@ -170,7 +201,7 @@ def main() -> None:
                     qtarget.training.patch.patch_aux(teacher)
                     teacher = wrap(teacher, engine, variant, trainable=False)
                 qtarget.patch(student, objective, teacher=teacher, **objective_args(objective))
-                model = wrap(student, engine, variant, trainable=True)
+                model = wrap(student, engine, variant, trainable=True, lr=LR[objective])
                 losses = train(model, data, objective, rows=mine, scale=float(world), reduce=all_sum)
                 final = full_state(model, engine)
                 if rank == 0:

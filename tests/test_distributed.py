@@ -2,14 +2,17 @@
 torchrun (gloo, CPU), equals one process on the full batch.
 
 For DDP, FSDP2 (`fully_shard` per decoder layer + root with reshard_after_forward=True; and with
-lm_head in its own unit) and FSDP1 (use_orig_params True and False), three SGD steps of dft, psft
+lm_head in its own unit), FSDP1 (use_orig_params True and False) and DeepSpeed ZeRO-3 (CPU accelerator,
+gloo; skipped when deepspeed is not installed), three SGD steps of dft, psft
 (M = 2, pi_old through the wrapped model's `qtarget_label_logprobs` pass) and target_sft with a
-teacher (sharded by the same engine, except under DDP) give per-step global losses and final full
+teacher (sharded by the same engine, except under DDP, which refuses a model without trainable
+parameters) give per-step global losses and final full
 parameters equal (<= 1e-5) to an unwrapped single-process run. The worker (tests/distributed_worker.py)
 runs the reference on rank 0 inside the same launch; one launch per engine.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,7 +29,7 @@ TOL = 1e-5
 def launch(engine: str, tmp_path: Path) -> dict:
     out = tmp_path / f"{engine}.json"
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), engine, str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -37,10 +40,13 @@ CASES = {
     "ddp": ["ddp/plain"],
     "fsdp2": ["fsdp2/root_reshard", "fsdp2/head_unit"],
     "fsdp1": ["fsdp1/orig_params", "fsdp1/flat_params"],
+    "zero3": ["zero3/stage3"],
 }
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
-@pytest.mark.parametrize("engine", list(CASES))
+@pytest.mark.parametrize("engine", [pytest.param(e, marks=pytest.mark.skipif(
+    e == "zero3" and not HAS_DEEPSPEED, reason="deepspeed is not installed (optional)")) for e in CASES])
 def test_two_process_engine_equals_one_process(tmp_path, engine):
     results = launch(engine, tmp_path)
     expected = {f"{case}/{obj}" for case in CASES[engine] for obj in ("dft", "psft", "target_sft")}
