@@ -237,10 +237,7 @@ def k_error(args) -> list[dict]:
 
 
 def write_error_docs(results: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     lines = ["| objective | tail | k | KL(Q_cache ‖ Q_live) | TV(Q_cache, Q_live) | loss rel. error |",
              "|---|---|---:|---:|---:|---:|"]
@@ -251,7 +248,8 @@ def write_error_docs(results: list[dict]) -> None:
     print(table)
     (DOCS / "teacher_cache_k_error.md").write_text(
         f"<!-- written by benchmarks/teacher_cache.py; {results[0]['tokens']} supervised tokens -->\n{table}\n")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     for ax, metric, title in zip(axes, ("kl_q", "tv_q", "loss_rel_err"),
                                  ("KL(Q_cache || Q_live) per token", "TV(Q_cache, Q_live) per token",
                                   "relative error of the loss")):

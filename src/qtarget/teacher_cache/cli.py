@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from transformers import AutoConfig
 
 from qtarget.data import prepare_data
 from qtarget.teacher_cache.build import build_cache
@@ -67,8 +69,6 @@ def load_options(argv: list[str]) -> dict[str, Any]:
     given = vars(build_parser().parse_args(argv))
     values: dict[str, Any] = {}
     if "config" in given:
-        import yaml
-
         path = Path(given.pop("config"))
         if not path.is_file():
             raise FileNotFoundError(f"--config {str(path)!r} does not exist")
@@ -102,8 +102,6 @@ def load_options(argv: list[str]) -> dict[str, Any]:
 
 def student_vocab_size(name: str) -> int:
     """The student's LM-head rows, from its config (no weights loaded)."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(resolve(name))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.vocab_size)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from qtarget.ops.sparse_teacher import TeacherTopK, check_teacher_topk
 from qtarget.teacher_cache.manifest import Manifest, describe
-from qtarget.teacher_cache.schema import IGNORE_INDEX, row_fingerprint, supervised_positions, tokenizer_fingerprint
+from qtarget.teacher_cache.schema import row_fingerprint, supervised_positions, tokenizer_fingerprint
 from qtarget.teacher_cache.storage import CorruptShardError, ShardIndex, open_shard, shard_path, verify_shard
 
 BATCH_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_log_tail")
