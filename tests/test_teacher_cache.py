@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,7 +21,6 @@ from qtarget.data.collate import CacheRows
 from qtarget.models import tiny_causal_lm
 from qtarget.ops.sparse_teacher import topk_from_logits
 from qtarget.teacher_cache import CorruptShardError, Manifest, MissingRowError, TeacherCache, build_cache
-from qtarget.teacher_cache import storage as storage_mod
 from qtarget.teacher_cache.storage import META_KEY
 from qtarget.teacher_cache.schema import tensors_sha256
 from qtarget.teacher_cache.training import open_for_training
@@ -104,33 +108,49 @@ def test_collator_puts_the_cache_in_batches_aligned_with_labels(cache_dir, data)
         Collator(tokenizer().pad_token_id, teacher_cache=cache)([data.train[0]])
 
 
-def test_resume_after_an_interrupted_build_gives_identical_shards(tmp_path, teacher, data, monkeypatch):
-    build(tmp_path / "whole", teacher, data)
-    real = storage_mod.save_file
-    calls = {"n": 0}
+KILLED_BUILD = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads({threads})
+    from qtarget.data import prepare_data
+    from qtarget.models import tiny_causal_lm
+    from qtarget.teacher_cache import build_cache, storage
+    from test_train_support import tokenizer, toy_rows
 
-    def dies_on_third_shard(tensors, path, metadata=None):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            Path(path).write_bytes(b"half a shard")  # the temporary file of an interrupted write
-            raise KeyboardInterrupt
+    real, calls = storage.save_file, []
+
+    def save_file(tensors, path, metadata=None):  # SIGKILL halfway through writing the third shard
+        calls.append(path)
+        if len(calls) == 3:
+            open(path, "wb").write(b"half a shard")
+            os.kill(os.getpid(), signal.SIGKILL)
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(storage_mod, "save_file", dies_on_third_shard)
-    with pytest.raises(KeyboardInterrupt):
-        build(tmp_path / "resumed", teacher, data)
-    monkeypatch.setattr(storage_mod, "save_file", real)
-    assert len(list((tmp_path / "resumed" / "train").glob("shard-*"))) == 2
-    assert list((tmp_path / "resumed" / "train").glob(".shard-*.tmp-*"))  # the stray temporary file
-    with pytest.raises(MissingRowError, match=r"incomplete: missing .*train rows 8-10 \(shard-000002"):
+    storage.save_file = save_file
+    data = prepare_data(toy_rows(14), tokenizer(), max_length=64, eval_fraction=0.2, seed=3)
+    teacher = tiny_causal_lm(tokenizer(), hidden_size=48, num_layers=1, num_heads=2, seed=7)
+    build_cache(teacher, tokenizer(), data.train, {out!r}, top_k={k}, rows_per_shard=4, batch_size=3,
+                eval_examples=data.eval, progress=False)
+""")
+
+
+def test_resume_after_a_killed_build_gives_identical_shards(tmp_path, teacher, data, cache_dir):
+    script = KILLED_BUILD.format(tests=str(Path(__file__).parent), threads=torch.get_num_threads(),
+                                 out=str(tmp_path / "resumed"), k=K)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert len(list((tmp_path / "resumed").glob("*/shard-*"))) == 2
+    assert list((tmp_path / "resumed").glob("*/.shard-*.tmp-*"))  # the half-written temporary file
+    with pytest.raises(MissingRowError, match=r"incomplete: missing .*train rows \d+-\d+ \(shard-0000"):
         TeacherCache(tmp_path / "resumed")
-    build(tmp_path / "resumed", teacher, data)
+    build(tmp_path / "resumed", teacher, data)  # the re-run continues where the killed one stopped
     assert not list((tmp_path / "resumed").glob("*/.shard-*"))
-    whole = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.safetensors"))
-    resumed = sorted(p.relative_to(tmp_path / "resumed") for p in (tmp_path / "resumed").rglob("*.safetensors"))
+    whole = sorted(p.relative_to(cache_dir) for p in cache_dir.rglob("*") if p.is_file())
+    resumed = sorted(p.relative_to(tmp_path / "resumed") for p in (tmp_path / "resumed").rglob("*") if p.is_file())
     assert whole == resumed
     for rel in whole:
-        assert (tmp_path / "whole" / rel).read_bytes() == (tmp_path / "resumed" / rel).read_bytes(), rel
+        assert (cache_dir / rel).read_bytes() == (tmp_path / "resumed" / rel).read_bytes(), rel
 
 
 def test_ranks_build_disjoint_shards_that_equal_one_process(tmp_path, teacher, data, cache_dir):
