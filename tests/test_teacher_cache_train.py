@@ -18,13 +18,14 @@ def teacher():
 @pytest.mark.parametrize("objective, args", [("target_sft", {"eta": 0.5}), ("kd", {"temperature": 2.0})])
 def test_training_from_a_full_cache_equals_the_live_teacher(tmp_path, objective, args):
     tok = tokenizer()
-    rows = toy_rows(8)
-    data = prepare_data(rows, tok, max_length=48)
+    rows = toy_rows(10)
+    data = prepare_data(rows, tok, max_length=48, eval_fraction=0.2, seed=0)  # as train() will prepare them
     build_cache(teacher(), tok, data.train, tmp_path / "cache", top_k=len(tok), rows_per_shard=8, progress=False,
-                settings={"max_length": 48})
+                eval_examples=data.eval, settings={"max_length": 48})
     # plain SGD: parameters differ by lr * (gradient difference); Adam would amplify float32 noise in
     # near-zero gradients (p ~ pi_T on tokens no label hits) into steps of size lr
-    common = dict(objective=objective, objective_args=args, max_steps=2, max_length=48, optim="sgd", learning_rate=10.0)
+    common = dict(objective=objective, objective_args=args, max_steps=2, max_length=48, optim="sgd", learning_rate=10.0,
+                  eval_fraction=0.2, eval_strategy="steps", eval_steps=2)
     live = train(config(tmp_path / "live", **common), model=tiny(), tokenizer=tok, train_dataset=rows,
                  teacher=teacher(), save_final=False)
     cached = train(config(tmp_path / "cached", teacher_cache=str(tmp_path / "cache"), teacher_tail="renormalize",
@@ -33,6 +34,9 @@ def test_training_from_a_full_cache_equals_the_live_teacher(tmp_path, objective,
     assert max_param_diff(params(cached.trainer.model), params(live.trainer.model)) <= 1e-5
     for a, b in zip(live.history, cached.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert len(cached.eval_history) == 1  # the eval split is read from the cache's "eval" rows
+    for key in ("eval_loss", "eval_kl_teacher"):
+        assert cached.eval_history[0][key] == pytest.approx(live.eval_history[0][key], rel=1e-4, abs=1e-7), key
 
 
 def test_a_cache_for_other_data_is_refused_before_training(tmp_path):
