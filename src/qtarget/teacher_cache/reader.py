@@ -76,6 +76,12 @@ class TeacherCache:
             raise MissingRowError(f"teacher cache {self.folder} is incomplete: missing {'; '.join(missing)}. "
                                   f"Re-run `qtarget teacher-cache` with the same arguments to finish it")
 
+    def describe(self) -> str:
+        m = self.manifest
+        splits = ", ".join(f"{name} {s.rows} rows / {s.supervised_tokens} tokens" for name, s in m.splits.items())
+        return (f"teacher cache {self.folder}: teacher {m.teacher.get('name')!r} (weights {m.teacher.get('weights')}), "
+                f"top-{m.top_k} at temperature {m.temperature:g}, {splits}")
+
     # ------------------------------------------------------------------ checks against a run
     @property
     def splits(self) -> tuple[str, ...]:

@@ -33,11 +33,15 @@ def open_for_training(folder: str, *, tokenizer, student: nn.Module, train_examp
 
 
 def attach_teacher_cache(folder: str, *, tokenizer, student: nn.Module, train_dataset: Sequence, eval_dataset=None,
-                         settings: Mapping[str, Any] | None = None) -> tuple[CacheRows, CacheRows | None, Collator]:
+                         settings: Mapping[str, Any] | None = None,
+                         verbose: bool = False) -> tuple[CacheRows, CacheRows | None, Collator]:
     """(train rows, eval rows, collator) for training from the cache at `folder`: the datasets' items
-    carry their cache row, and the collator adds teacher_topk_ids / _logprobs / _log_tail to batches."""
+    carry their cache row, and the collator adds teacher_topk_ids / _logprobs / _log_tail to batches.
+    verbose: print which teacher the cache holds (no teacher model is loaded)."""
     cache = open_for_training(folder, tokenizer=tokenizer, student=student, train_examples=train_dataset,
                               eval_examples=eval_dataset, settings=settings)
+    if verbose:
+        print(f"[qtarget] {cache.describe()} (no teacher model loaded)")
     train_rows = CacheRows(train_dataset, "train")
     eval_rows = CacheRows(eval_dataset, "eval") if eval_dataset is not None and len(eval_dataset) else None
     return train_rows, eval_rows, Collator(tokenizer.pad_token_id, teacher_cache=cache)

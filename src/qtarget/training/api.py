@@ -139,7 +139,7 @@ def train(
     if config.teacher_cache:  # the teacher comes from the cache: none is loaded
         train_ds, eval_ds, collator = attach_teacher_cache(
             config.teacher_cache, tokenizer=tokenizer, student=model, train_dataset=train_ds, eval_dataset=eval_ds,
-            settings=data_settings(config) if report is not None else None)
+            settings=data_settings(config) if report is not None else None, verbose=config.process_index == 0)
     if "teacher" in needs and not config.teacher_cache:
         if teacher is None or isinstance(teacher, str):
             teacher_name = teacher or config.teacher_model
