@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
@@ -299,4 +300,13 @@ def test_cli_builds_the_same_cache_as_the_api(tmp_path, teacher):
         assert torch.equal(cache.row("train", i).topk.ids, want.ids)
     with pytest.raises(ValueError, match="top_k: it has 5, this run 6"):
         main([a if a != "5" else "6" for a in argv])
+    # a training recipe gives the same keys (its teacher_cache is the folder; training-only keys are ignored)
+    recipe = {"model": str(tmp_path / "student"), "teacher_model": str(tmp_path / "teacher"), "dtype": "float32",
+              "dataset": str(tmp_path / "data.jsonl"), "max_length": 48, "teacher_cache": str(tmp_path / "cli"),
+              "objective": "target_sft", "learning_rate": 1e-5}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cli").rglob("*.safetensors")}
+    assert main(["--config", str(tmp_path / "recipe.yaml"), "--top_k", "5", "--rows_per_shard", "3",
+                 "--progress", "false"]) == 0  # same manifest: nothing left to build
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "cli").rglob("*.safetensors")}
     assert main(["--model", "x"]) == 2  # missing required keys: a usage error, not a traceback
