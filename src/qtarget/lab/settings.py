@@ -52,12 +52,12 @@ class LabSettings:
     teacher_steps: int = 32
     # evaluation: generation (greedy accuracy)
     eval_in_domain: int = 200           # held-out problems answered by generation (95 % half-width <= 0.07)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40            # a well-formed answer here is <= ~32 tokens
     eval_batch_size: int = 50
     # evaluation: teacher-forced (no generation)
-    rank_items: int = 300               # held-out problems for answer ranking (and held-out entropy / NLL)
+    rank_items: int = 250               # held-out problems for answer ranking (and held-out entropy / NLL)
     rank_distractors: int = 2           # corrupted demonstrations ranked against the correct one
-    ood_texts: int = 300                # out-of-domain paragraphs for forgetting
+    ood_texts: int = 250                # out-of-domain paragraphs for forgetting
     ood_max_tokens: int = 48
     score_batch_size: int = 16
     n_boot: int = 2000                  # bootstrap replicates per interval
@@ -126,8 +126,8 @@ class LabSettings:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "quick": dict(steps=8, train_examples=64, teacher_examples=128, teacher_steps=16, eval_in_domain=40,
-                  rank_items=200, ood_texts=200, eval_batch_size=40),
+    "quick": dict(steps=8, train_examples=64, teacher_examples=128, teacher_steps=16, eval_in_domain=24,
+                  eval_batch_size=24, rank_items=200, ood_texts=200, ood_max_tokens=32),
     # the committed example (docs/lab_example): the default run over 3 training seeds
     "long": dict(seeds=3),
     # a random 2-layer model on the real tokenizer: the whole pipeline at toy scale, for the test suite
