@@ -21,7 +21,14 @@ from qtarget.data import Collator, prepare_data
 from qtarget.data.collate import CacheRows
 from qtarget.models import tiny_causal_lm
 from qtarget.ops.sparse_teacher import topk_from_logits
-from qtarget.teacher_cache import CorruptShardError, Manifest, MissingRowError, TeacherCache, build_cache
+from qtarget.teacher_cache import (
+    CorruptShardError,
+    Manifest,
+    MissingRowError,
+    TeacherCache,
+    build_cache,
+    cache_folder,
+)
 from qtarget.teacher_cache.storage import META_KEY
 from qtarget.teacher_cache.schema import tensors_sha256
 from qtarget.teacher_cache.training import open_for_training
@@ -310,3 +317,13 @@ def test_cli_builds_the_same_cache_as_the_api(tmp_path, teacher):
                  "--progress", "false"]) == 0  # same manifest: nothing left to build
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "cli").rglob("*.safetensors")}
     assert main(["--model", "x"]) == 2  # missing required keys: a usage error, not a traceback
+
+
+def test_cache_folder_names_teacher_data_and_k(tmp_path, teacher, data):
+    a = cache_folder(tmp_path, teacher, data.train, top_k=8)
+    assert a == cache_folder(tmp_path, tiny_teacher(), list(data.train), top_k=8)  # same weights, same rows
+    assert a.parent == tmp_path
+    others = {cache_folder(tmp_path, teacher, data.train[:-1], top_k=8), cache_folder(tmp_path, teacher, data.train, top_k=4),
+              cache_folder(tmp_path, tiny_teacher(seed=8), data.train, top_k=8),
+              cache_folder(tmp_path, teacher, data.train, top_k=8, temperature=2.0)}
+    assert a not in others and len(others) == 4

@@ -97,6 +97,14 @@ def _shard_tensors(teacher, collator, rows: Sequence[Mapping[str, Any]], start: 
             "logprobs": torch.cat(logprobs), "log_tail": torch.cat(log_tail)}
 
 
+def cache_folder(root: str | Path, teacher: nn.Module, examples: Sequence[Mapping[str, Any]], *, top_k: int,
+                 temperature: float = 1.0) -> Path:
+    """A folder under `root` named by the teacher's weights fingerprint, the rows' data fingerprint,
+    k and the temperature: one cache per (teacher, data, k, T), reused by every run that matches."""
+    fp = data_fingerprint(row_fingerprint(ex) for ex in examples)
+    return Path(root) / f"{teacher_identity(teacher)['weights']}-{fp}-k{int(top_k)}-t{float(temperature):g}"
+
+
 def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
