@@ -37,7 +37,11 @@ from qtarget.objectives import get_objective
 from qtarget.ops import fused_token_loss
 from qtarget.ops.sparse_teacher import TAILS, TeacherTopK, dense_teacher_logprobs, topk_from_logits
 from qtarget.teacher_cache import TeacherCache, build_cache
-from qtarget.training.forward import last_hidden_states
+
+def last_hidden_states(model, batch):
+    """[B, T, H] final hidden states (the decoder's output, without the LM head)."""
+    return model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qtarget.data.collate import Collator
-from qtarget.models.head import lm_head_of
 from qtarget.ops.sparse_teacher import TeacherTopK, topk_from_logits
 from qtarget.teacher_cache.manifest import Manifest, SplitInfo, describe, teacher_identity
 from qtarget.teacher_cache.schema import (
@@ -31,7 +30,7 @@ from qtarget.teacher_cache.schema import (
     tokenizer_fingerprint,
 )
 from qtarget.teacher_cache.storage import open_shard, shard_path, write_shard
-from qtarget.training.forward import last_hidden_states
+from qtarget.training.patch import aux_hidden_and_head
 
 LOGITS_BYTES = 1 << 28  # float32 teacher logits formed at once: 256 MiB
 
@@ -58,12 +57,11 @@ def teacher_topk_rows(teacher: nn.Module, batch: dict[str, Tensor], *, top_k: in
                       vocab_size: int) -> tuple[Tensor, TeacherTopK]:
     """The teacher's top-k at the supervised positions of one collated batch, in row-major order:
     (positions [n, 2] = (row, t) with labels[row, t] != -100, t >= 1;  TeacherTopK with [n, k], [n])."""
-    hidden = last_hidden_states(teacher, batch)  # [B, T, H]
+    hidden, head = aux_hidden_and_head(teacher, batch, vocab_size)  # [B, T, H]; rows past the student's V dropped
     mask = batch["labels"][:, 1:] != IGNORE_INDEX
     where = mask.nonzero()
     where[:, 1] += 1
     h = hidden[:, :-1][mask]  # [n, H]: the prefix up to t - 1 predicts labels[t]
-    head = lm_head_of(teacher).on_vocab(vocab_size).detached()  # rows past the student's V dropped
     chunk = max(1, LOGITS_BYTES // (4 * vocab_size))
     parts = [topk_from_logits(head.logits(h[i:i + chunk]), top_k, temperature)
              for i in range(0, h.shape[0], chunk)]

@@ -170,8 +170,13 @@ class AuxOutput(ModelOutput):
     head: LMHead | None = None  # cloned, on the student's vocabulary
 
 
-def _aux_pass(aux: nn.Module, inputs: dict[str, Any], vocab_size: int) -> tuple[Tensor, LMHead]:
-    """(hidden [B, T, H_aux], head on the student's V) of an auxiliary model, through its wrappers."""
+def aux_hidden_and_head(aux: nn.Module, inputs: dict[str, Any], vocab_size: int) -> tuple[Tensor, LMHead]:
+    """(hidden [B, T, H_aux], its head put on `vocab_size` rows, cloned) of a frozen auxiliary model
+    (teacher / reference), through its own (possibly sharded) forward. `inputs`: input_ids,
+    attention_mask, position_ids. The model is frozen and patched on first use."""
+    if "_qtarget_aux" not in causal_lm_of(aux).__dict__:
+        patch_aux(aux)
+    inputs = {k: inputs.get(k) for k in _MODEL_KEYS}
     with torch.no_grad():
         out = aux(**{k: v for k, v in inputs.items() if v is not None}, qtarget_aux=True, qtarget_vocab=vocab_size)
     return out.hidden_states, out.head
@@ -201,14 +206,14 @@ def _fused_forward(self: nn.Module, input_ids=None, attention_mask=None, positio
             engine["teacher_topk"] = TeacherTopK(*(t[:, 1:] for t in topk))
             engine["teacher_tail"] = state.teacher_tail
         elif state.teacher is not None:
-            hidden_t, engine["teacher_head"] = _aux_pass(state.teacher, inputs, state.vocab_size)
+            hidden_t, engine["teacher_head"] = aux_hidden_and_head(state.teacher, inputs, state.vocab_size)
             engine["teacher_hidden"] = hidden_t[:, :-1]
         else:
             raise ValueError(f"objective {objective.name!r} needs the teacher: the batch has no "
                              f"{', '.join(TOPK_KEYS)} (a teacher cache) and no teacher model was patched in")
     if "ref" in needs:
         if state.ref is not None:
-            hidden_r, engine["ref_head"] = _aux_pass(state.ref, inputs, state.vocab_size)
+            hidden_r, engine["ref_head"] = aux_hidden_and_head(state.ref, inputs, state.vocab_size)
         elif state.ref_from_adapters:
             was_training = self.training
             self.eval()
