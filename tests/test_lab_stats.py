@@ -97,3 +97,29 @@ def test_bad_input_names_the_problem():
 ])
 def test_verdict_follows_the_interval(lo, hi, kind, margin, expected):
     assert verdict(Estimate((lo + hi) / 2, lo, hi, 100, 1), kind, margin) == expected
+
+
+def _items(acc_dft, acc_sft, malformed_dft):
+    n = len(acc_dft)
+    return {"dft": {"gen.correct": [acc_dft], "gen.no_answer": [[float(malformed_dft)] * n]},
+            "sft": {"gen.correct": [acc_sft], "gen.no_answer": [[0.0] * n]}}
+
+
+def test_claims_follow_the_paired_interval_and_refuse_unreadable_accuracy():
+    from qtarget.lab.analysis import evaluate_claims
+
+    rng = np.random.default_rng(8)
+    sft = (rng.random(400) < 0.3).astype(float)
+    better = np.maximum(sft, (rng.random(400) < 0.3).astype(float))      # dft right wherever sft is, and more
+    (claim,) = [c for c in evaluate_claims(_items(better, sft, False), n_boot=1000, seed=0)
+                if c["statement"] == "DFT beats SFT in-domain"]
+    d = better - sft
+    assert claim["effect"]["value"] == pytest.approx(d.mean())
+    assert claim["effect"]["lo"] > 0 and claim["verdict"] == "supported"
+    (claim,) = [c for c in evaluate_claims(_items(sft, better, False), n_boot=1000, seed=0)
+                if c["statement"] == "DFT beats SFT in-domain"]
+    assert claim["verdict"] == "contradicted"
+    # every dft answer malformed: 0 correct says nothing about the objective -> inconclusive, with the reason
+    (claim,) = [c for c in evaluate_claims(_items(np.zeros(400), sft, True), n_boot=1000, seed=0)
+                if c["statement"] == "DFT beats SFT in-domain"]
+    assert claim["effect"]["hi"] < 0 and claim["verdict"] == "inconclusive" and "dft" in claim["note"]

@@ -153,12 +153,32 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
+UNREADABLE = 0.5  # generation accuracy cannot be read when a row's format-failure interval lies above this
+
+
 def evaluate_claims(items, *, n_boot: int, seed: int) -> list[dict[str, Any]]:
-    """Each claim whose rows were run: the measured effect with its interval and the verdict."""
+    """Each claim whose rows were run: the measured effect with its interval and the verdict. A claim
+    on generation accuracy is inconclusive when most of a row's answers are surely malformed (its
+    format-failure interval lies above UNREADABLE): then 0 = 0 says nothing about the objectives."""
     out = []
     for c in CLAIMS:
         e = estimate(items, c.metric, c.row, c.versus, n_boot=n_boot, seed=seed)
         if e is None:
             continue
-        out.append({**asdict(c), "effect": e.to_dict(), "verdict": stats.verdict(e, c.kind, c.margin)})
+        verdict, note = stats.verdict(e, c.kind, c.margin), ""
+        if c.metric == "gen_acc":
+            malformed = [r for r in (c.row, c.versus)
+                         if (f := estimate(items, "format_fail", r, n_boot=n_boot, seed=seed)) and f.lo > UNREADABLE]
+            if malformed:
+                verdict = "inconclusive"
+                note = f"most answers of {' and '.join(malformed)} are malformed"
+        out.append({**asdict(c), "effect": e.to_dict(), "verdict": verdict, "note": note})
     return out
+
+
+def analyze(items: dict[str, dict[str, Any]], *, n_boot: int, seed: int, reference: str = "sft") -> dict[str, Any]:
+    """Everything the report shows, from the per-item values alone: estimates, paired differences from
+    `reference`, claims. `items[row][key]`: nested lists or arrays [seeds, items] (results.json's)."""
+    arrays = {r: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for r, d in items.items()}
+    return {**summarize(arrays, reference=reference, n_boot=n_boot, seed=seed),
+            "claims": evaluate_claims(arrays, n_boot=n_boot, seed=seed)}

@@ -55,11 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_teacher_cache", action="store_true", help="train the target_sft teacher again and do "
                                                                   "not read or write its cache")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--report_from", default=None, metavar="RESULTS_JSON",
+                   help="run no model: recompute every interval, difference and claim from this results.json's "
+                        "per-item values and write the report into --output_dir")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.report_from:
+        from pathlib import Path
+
+        from qtarget.lab.runner import rerender
+
+        if not Path(args.report_from).is_file():
+            print(f"qtarget lab: error: --report_from: no such file {args.report_from!r}", file=sys.stderr)
+            return 2
+        rerender(args.report_from, args.output_dir)
+        print(f"qtarget lab: report rewritten from {args.report_from} into {args.output_dir}/report.md")
+        return 0
     preset = "quick" if args.quick else "tiny" if args.tiny else "long" if args.long else "default"
     objectives = None
     if args.objectives:

@@ -51,7 +51,8 @@ def claims_table(results: dict[str, Any]) -> str:
     for c in results["claims"]:
         m = METRIC_BY_KEY[c["metric"]]
         lines.append(f"| {c['source']} | {c['statement']} | {m.title}: {c['row']} − {c['versus']} | "
-                     f"{fmt(c['effect'], m.decimals, signed=True)} | **{c['verdict']}** |")
+                     f"{fmt(c['effect'], m.decimals, signed=True)} | **{c['verdict']}**"
+                     + (f" ({c['note']})" if c.get("note") else "") + " |")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from qtarget.lab import tasks
-from qtarget.lab.analysis import evaluate_claims, summarize
+from qtarget.lab.analysis import analyze
 from qtarget.lab.metrics import (Scorer, changed_tokens, chat_sequence, generation_items, nll_items, noise_fit_items,
                                  ranking_items, text_sequence, trunk_split)
 from qtarget.lab.ood_text import ood_texts
@@ -272,10 +272,7 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
                      "params": run["params"], "changed_param_tensors": changed, "psft_refreshes": run["psft_refreshes"]})
                 del model
         bar.phase("statistics and the report")
-        reference = "sft"
-        arrays = {r: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for r, d in items.items()}
-        summary = summarize(arrays, reference=reference, n_boot=settings.n_boot, seed=settings.seed)
-        claims = evaluate_claims(arrays, n_boot=settings.n_boot, seed=settings.seed)
+        analysis = analyze(items, n_boot=settings.n_boot, seed=settings.seed)
         bar.close()
     finally:
         torch.set_num_threads(threads_before)
@@ -312,11 +309,24 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
         "rows": rows,
         "items": items,
         "responses": responses,
-        **summary,
-        "claims": claims,
+        **analysis,
         "timings": timings,
         "torch_threads": settings.threads,
     }
+    write_outputs(results, out)
+    return results
+
+
+def rerender(results_json: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Recompute every estimate, difference and claim from a results.json's per-item values with this
+    code, and write the report, plots and files into `output_dir` (no model is run)."""
+    from qtarget.lab.report import write_outputs
+
+    results = json.loads(Path(results_json).read_text(encoding="utf-8"))
+    s = results["settings"]
+    results.update(analyze(results["items"], n_boot=s["n_boot"], seed=s["seed"]))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     write_outputs(results, out)
     return results
 
