@@ -27,6 +27,13 @@ import time
 import warnings
 from pathlib import Path
 
+import datasets
+import torch
+import trl
+
+import qtarget
+from qtarget.models import load_tokenizer, tiny_causal_lm
+
 VARIANTS = ("dropin", "trl_dft", "full")
 BASELINE = "trl_dft"
 RESULTS = Path(__file__).resolve().parent / "results" / "trl_dropin.json"
@@ -46,13 +53,6 @@ def _reset_peak() -> None:
 
 
 def run_variant(args: argparse.Namespace) -> dict:
-    import datasets
-    import torch
-    import trl
-
-    import qtarget
-    from qtarget.models import load_tokenizer, tiny_causal_lm
-
     device = torch.device(args.device)
     model = tiny_causal_lm(args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
                            max_position_embeddings=args.seq).train()

@@ -21,9 +21,17 @@ import traceback
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.tensor import DTensor
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import qtarget
 from qtarget.models import tiny_causal_lm
+from qtarget.training.patch import patch_aux
 
 VOCAB, T, B, STEPS, M = 96, 12, 4, 3, 2
 LR = {"dft": 20.0, "psft": 0.5, "target_sft": 5.0}  # each moves the weights by well over 1e-3
@@ -99,14 +107,12 @@ def train(model: nn.Module, data: list[dict], objective: str, *, rows: slice, sc
 
 def full_state(model: nn.Module, engine: str) -> dict[str, torch.Tensor]:
     if engine == "zero3":
-        import deepspeed
+        import deepspeed  # noqa: PLC0415 (optional heavy library)
 
         with deepspeed.zero.GatheredParameters(list(model.module.parameters())):
             return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
     if engine == "ddp":
         return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     return {k: v.detach().clone() for k, v in sd.items()}
 
@@ -118,8 +124,6 @@ def sharded(model: nn.Module, engine: str) -> bool:
     if engine == "zero3":  # partitioned parameters are empty outside the forward
         return all(p.numel() == 0 for p in model.parameters()) and hasattr(model.module.lm_head.weight, "ds_id")
     if engine == "fsdp2":
-        from torch.distributed.tensor import DTensor
-
         weight = model.lm_head.weight
         return isinstance(weight, DTensor) and weight.to_local().shape[0] < weight.shape[0]
     total = VOCAB * 32 * 2 + VOCAB * 32  # embeddings + head: larger than any rank's share
@@ -127,10 +131,8 @@ def sharded(model: nn.Module, engine: str) -> bool:
 
 
 def wrap(model: nn.Module, engine: str, variant: str, *, trainable: bool, lr: float = 0.0) -> nn.Module:
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
     if engine == "zero3":  # DeepSpeed, lazily: an optional heavy library
-        import deepspeed
+        import deepspeed  # noqa: PLC0415 (optional heavy library)
 
         config = {"train_micro_batch_size_per_gpu": B // dist.get_world_size(), "gradient_accumulation_steps": 1,
                   "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -143,9 +145,6 @@ def wrap(model: nn.Module, engine: str, variant: str, *, trainable: bool, lr: fl
     if engine == "ddp":
         return nn.parallel.DistributedDataParallel(model) if trainable else model
     if engine == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
@@ -154,21 +153,19 @@ def wrap(model: nn.Module, engine: str, variant: str, *, trainable: bool, lr: fl
         fully_shard(model, mesh=mesh, reshard_after_forward=True)
         return model
     if engine == "fsdp1":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
         return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), device_id=torch.device("cpu"),
                     use_orig_params=(variant == "orig_params"))
     raise ValueError(f"unknown engine {engine!r}")
 
 
-VARIANTS = {"zero3": ("stage3",), "ddp": ("plain",), "fsdp2": ("root_reshard", "head_unit"), "fsdp1": ("orig_params", "flat_params")}
+VARIANTS = {"zero3": ("stage3",), "ddp": ("plain",), "fsdp2": ("root_reshard", "head_unit"),
+            "fsdp1": ("orig_params", "flat_params")}
 
 
 def main() -> None:
     engine, out_path = sys.argv[1], sys.argv[2]
     if engine == "zero3":
-        import deepspeed
+        import deepspeed  # noqa: PLC0415 (optional heavy library)
 
         deepspeed.init_distributed(dist_backend="gloo")
     else:
@@ -198,7 +195,7 @@ def main() -> None:
 
                 student, teacher = models(objective)
                 if teacher is not None:
-                    qtarget.training.patch.patch_aux(teacher)
+                    patch_aux(teacher)
                     teacher = wrap(teacher, engine, variant, trainable=False)
                 qtarget.patch(student, objective, teacher=teacher, **objective_args(objective))
                 model = wrap(student, engine, variant, trainable=True, lr=LR[objective])
