@@ -220,8 +220,9 @@ def render_markdown(results: dict[str, Any]) -> str:
               f"- **Demonstration noise** `--noise {s['noise']}`: that share of the {s['train_examples']} training "
               f"demonstrations per seed is noisy, half with a corrupted step (a wrong result carried to a wrong final "
               f"answer), half in a non-unique alternative form (operands swapped, words instead of symbols, another "
-              f"closing phrase). Seed {s['seed']}: {data['noise_counts_seed0']}; tokens changed per noisy "
-              f"demonstration (vs its clean version): {_fmt_counts(data['changed_tokens_per_noisy_demo'])}.",
+              f"closing phrase). Seed {s['seed']}: {data['noise_counts_seed0']}; tokens measured for noise fit per "
+              f"demonstration (those the noise changed; for clean ones, the correct tokens a corruption would have "
+              f"changed): {_fmt_counts(data['changed_tokens_per_noisy_demo'])}.",
               f"- **Generation**: {data['gen']['n']} held-out problems, greedy, at most {s['max_new_tokens']} new "
               f"tokens; correct = the stated `The answer is N` is right; no such statement = format failure.",
               f"- **Answer ranking**: {data['rank']['n']} other held-out problems, the correct demonstration against "
