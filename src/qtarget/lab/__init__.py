@@ -12,14 +12,7 @@ differences, verdicts), `analysis` (which items each number and claim uses), `ru
 """
 from __future__ import annotations
 
+from qtarget.lab.runner import run_lab
 from qtarget.lab.settings import OBJECTIVES, PRESETS, LabSettings, settings_for
 
 __all__ = ["OBJECTIVES", "PRESETS", "LabSettings", "settings_for", "run_lab"]
-
-
-def __getattr__(name: str):
-    if name == "run_lab":
-        from qtarget.lab.runner import run_lab
-
-        return run_lab
-    raise AttributeError(f"module 'qtarget.lab' has no attribute {name!r}")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
+from qtarget.lab.report import claims_table, metric_table
+from qtarget.lab.runner import rerender, run_lab
 from qtarget.lab.settings import OBJECTIVES, settings_for
+from qtarget.lab.sweep import parse_sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,10 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.report_from:
-        from pathlib import Path
-
-        from qtarget.lab.runner import rerender
-
         if not Path(args.report_from).is_file():
             print(f"qtarget lab: error: --report_from: no such file {args.report_from!r}", file=sys.stderr)
             return 2
@@ -79,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.objectives:
         objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
     try:
-        from qtarget.lab.sweep import parse_sweep
-
         sweep = parse_sweep(args.sweep) if args.sweep else None
         settings = settings_for(
             preset, seed=args.seed, seeds=args.seeds, noise=args.noise, objectives=objectives, steps=args.steps,
@@ -91,13 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"qtarget lab: error: {e}", file=sys.stderr)
         return 2
-    from qtarget.lab.runner import run_lab
-
     t0 = time.perf_counter()
     results = run_lab(settings, args.output_dir, progress=not args.no_progress,
                       use_teacher_cache=not args.no_teacher_cache)
-    from qtarget.lab.report import claims_table, metric_table
-
     print()
     print(metric_table(results))
     if results["claims"]:

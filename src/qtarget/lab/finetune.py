@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from qtarget.data import ExampleDataset
 from qtarget.lab.settings import LabSettings
+from qtarget.training import QTargetConfig, train
 
 
 def set_trainable(model: nn.Module, top_layers: int) -> dict[str, int]:
@@ -61,8 +63,6 @@ def train_config(settings: LabSettings, objective: str, seed: int, output_dir: P
                  objective_args: dict[str, Any] | None = None):
     """The QTargetConfig every lab run shares; only objective, its parameters and the seed vary
     (`objective_args` default: the settings' parameters for `objective`)."""
-    from qtarget.training import QTargetConfig
-
     steps = int(steps or settings.steps)
     if objective_args is None:
         objective_args = settings.objective_args.get(objective, {})
@@ -84,9 +84,6 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
              on_step: Callable[[], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune a copy of `base` with `objective`. The frozen `base` itself is the ASFT reference
     (pi_base) and `teacher` the target_sft teacher. Returns (model, {history, seconds, params})."""
-    from qtarget.data import ExampleDataset
-    from qtarget.training import train
-
     model = copy.deepcopy(base)
     params = set_trainable(model, settings.train_top_layers)
     model.train()

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from qtarget.data import TokenizeOptions, tokenize_rows
+from qtarget.evaluation import Problem, evaluate
 from qtarget.lab import tasks
 
 IGNORE = -100
@@ -152,8 +154,6 @@ def _top_forward(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, spl
 def chat_sequence(tokenizer, prompt: str, response: str, max_length: int) -> dict:
     """The lab's chat format (system = instruction, user = prompt, assistant = response; only the
     response and its end-of-turn are scored), exactly as in training."""
-    from qtarget.data import TokenizeOptions, tokenize_rows
-
     chat = {"messages": [{"role": "system", "content": tasks.INSTRUCTION}, {"role": "user", "content": prompt},
                          {"role": "assistant", "content": response}]}
     (example,), report = tokenize_rows(tokenizer, [chat], TokenizeOptions(max_length=max_length))
@@ -223,8 +223,6 @@ def generation_items(model: nn.Module, tokenizer, problems: Sequence[tasks.LabPr
     """Greedy answers through `qtarget.evaluation.evaluate`, graded by the stated final answer.
     Per problem: correct (stated answer right), no_answer (no 'The answer is N': a format failure, apart
     from a wrong answer), cut (hit max_new_tokens); plus the responses."""
-    from qtarget.evaluation import Problem, evaluate
-
     res = evaluate(model, tokenizer, [Problem(id=p.id, question=p.question, answer=str(p.answer), source=p.task)
                                       for p in problems],
                    samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,

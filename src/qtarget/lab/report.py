@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from matplotlib.figure import Figure
+
 from qtarget.lab.analysis import METRIC_BY_KEY, METRICS
 
 CURVE_KEYS = ("loss", "nll", "p_y", "entropy")
@@ -68,23 +70,13 @@ def format_warnings(results: dict[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_effects(results: dict[str, Any], path: Path) -> Path:
     """One panel per metric: each row's value with its 95 % interval."""
-    plt = _pyplot()
     metrics = [m for m in METRICS if any(m.key in e for e in results["estimates"].values())]
     cols = 4
     n_rows = (len(metrics) + cols - 1) // cols
-    fig, axes = plt.subplots(n_rows, cols, figsize=(4.3 * cols, 0.35 * len(results["estimates"]) * n_rows + 1.6 * n_rows),
-                             squeeze=False)
+    fig = Figure(figsize=(4.3 * cols, 0.35 * len(results["estimates"]) * n_rows + 1.6 * n_rows))
+    axes = fig.subplots(n_rows, cols, squeeze=False)
     names = list(results["estimates"])
     for ax, m in zip(axes.flat, metrics):
         ys, vals, los, his = [], [], [], []
@@ -108,13 +100,12 @@ def plot_effects(results: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"value and 95 % interval per row (gray band: {results['reference']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
 def plot_curves(rows: dict[str, Any], path: Path) -> Path:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(4.2 * len(CURVE_KEYS), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(CURVE_KEYS), 3.4))
+    axes = fig.subplots(1, len(CURVE_KEYS), squeeze=False)
     for ax, key in zip(axes[0], CURVE_KEYS):
         for name, row in rows.items():
             by_step: dict[int, list[float]] = {}
@@ -131,19 +122,18 @@ def plot_curves(rows: dict[str, Any], path: Path) -> Path:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
 def plot_sweep(results: dict[str, Any], path: Path) -> Path:
     """Each metric against the first swept parameter (one line per value of a second one), with
     intervals; the reference row (sft) as a band."""
-    plt = _pyplot()
     sweep = results["settings"]["sweep"]
     objective, p1, values1 = sweep[0]
     second = sweep[1] if len(sweep) > 1 else None
     metrics = [m for m in METRICS if m.key in TABLE_METRICS]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.3), squeeze=False)
+    fig = Figure(figsize=(3.6 * len(metrics), 3.3))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     numeric = all(isinstance(v, (int, float)) for v in values1)
     xs = [float(v) for v in values1] if numeric else list(range(len(values1)))
     for ax, m in zip(axes[0], metrics):
@@ -171,7 +161,6 @@ def plot_sweep(results: dict[str, Any], path: Path) -> Path:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

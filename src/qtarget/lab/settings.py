@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from qtarget.objectives import get_objective
+
 OBJECTIVES = ("sft", "dft", "psft", "asft", "target_sft")
 
 # The papers' parameters (SPEC §3): PSFT eps 0.28 with M = 8 mini-batches per global batch (scaled to
@@ -95,8 +97,6 @@ class LabSettings:
 
     @property
     def needs_teacher(self) -> bool:
-        from qtarget.objectives import get_objective
-
         return any("teacher" in get_objective(o, **a).needs for o, a in self.runs())
 
     def runs(self) -> list[tuple[str, dict[str, Any]]]:

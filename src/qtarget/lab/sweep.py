@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from qtarget.lab.settings import OBJECTIVES
+from qtarget.objectives import get_objective, list_objectives, objective_parameters
 
 
 def _value(text: str) -> Any:
@@ -22,8 +23,6 @@ def _value(text: str) -> Any:
 
 def parse_sweep(specs: Sequence[str]) -> tuple[tuple[str, str, tuple[Any, ...]], ...]:
     """['eta=0,0.5'] -> (('target_sft', 'eta', (0, 0.5)),). Raises ValueError naming --sweep."""
-    from qtarget.objectives import get_objective, list_objectives, objective_parameters
-
     out = []
     for spec in specs:
         name, sep, values_text = spec.partition("=")

@@ -7,6 +7,7 @@ every setting that shapes the teacher, so later runs reuse it and the report say
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,8 +17,12 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
+from qtarget.lab.finetune import finetune
 from qtarget.lab.settings import LabSettings
+from qtarget.lab.tasks import TASK_VERSION
+from qtarget.models.cache import atomic_dir, cache_root, file_lock
 
 TEACHER_KEYS = ("model", "teacher_examples", "teacher_steps", "batch_size", "learning_rate", "warmup_ratio",
                 "lr_scheduler", "weight_decay", "train_top_layers", "max_length")
@@ -25,18 +30,12 @@ TEACHER_DATA_SEED = 7_000_000  # the teacher's problems: a stream no student or 
 
 
 def teacher_key(settings: LabSettings, model_id: str) -> str:
-    import hashlib
-
-    from qtarget.lab.tasks import TASK_VERSION
-
     body = json.dumps({"model_id": model_id, "task_version": TASK_VERSION,
                        **{k: settings.to_dict()[k] for k in TEACHER_KEYS}}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def teacher_dir(settings: LabSettings, model_id: str, cache_dir: Path | None = None) -> Path:
-    from qtarget.models.cache import cache_root
-
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     return root / "lab-teachers" / teacher_key(settings, model_id)
 
@@ -54,10 +53,6 @@ def obtain_teacher(settings: LabSettings, base: nn.Module, tokenizer, *, model_i
                    on_step: Callable[[], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(teacher model, info). `make_examples(n, seed)` gives tokenised clean demonstrations.
     info: description, cached (bool), path, seconds, key, history (when trained now)."""
-    from transformers import AutoModelForCausalLM
-
-    from qtarget.lab.finetune import finetune
-
     folder = teacher_dir(settings, model_id, cache_dir)
     # the cache entry relative to the cache root: reports carry no absolute path of the machine
     info: dict[str, Any] = {"description": describe(settings, model_name), "key": folder.name,
@@ -78,8 +73,6 @@ def obtain_teacher(settings: LabSettings, base: nn.Module, tokenizer, *, model_i
                             output_dir=work_dir, steps=settings.teacher_steps, on_step=on_step)
     info.update(cached=False, seconds=run["seconds"], history=run["history"], trained_seconds=run["seconds"])
     if use_cache:
-        from qtarget.models.cache import atomic_dir, file_lock
-
         with file_lock(folder.parent / f".{folder.name}.lock"):
             with atomic_dir(folder) as tmp:
                 teacher.save_pretrained(tmp)
