@@ -174,3 +174,8 @@ def test_bad_sweep_names_the_argument(spec, message, capsys, tmp_path):
     assert lab_main(["--tiny", "--sweep", spec, "--output_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--sweep" in err and message in err
+
+
+def test_sweep_with_objectives_is_refused(capsys, tmp_path):
+    assert lab_main(["--tiny", "--sweep", "eta=0,1", "--objectives", "dft", "--output_dir", str(tmp_path)]) == 2
+    assert "--objectives" in capsys.readouterr().err

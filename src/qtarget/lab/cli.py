@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.objectives:
         objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
     try:
+        if args.sweep and objectives:
+            raise ValueError("--objectives cannot be combined with --sweep (a sweep trains sft, the reference, and "
+                             "the swept objective)")
         sweep = parse_sweep(args.sweep) if args.sweep else None
         settings = settings_for(
             preset, seed=args.seed, seeds=args.seeds, noise=args.noise, objectives=objectives, steps=args.steps,
