@@ -20,7 +20,15 @@ from transformers import TrainerCallback
 
 from qtarget.data import ExampleDataset
 from qtarget.lab.settings import LabSettings
+from qtarget.models.head import head_rows
+from qtarget.teacher_cache import build_cache, cache_folder
 from qtarget.training import QTargetConfig, train
+
+# The target_sft teacher reaches training as a cached top-k (qtarget teacher-cache): one teacher forward
+# over the run's demonstrations, none per step. k = 64 with the tail spread like the student's p
+# (docs/teacher_cache.md measures its error against the live teacher).
+TEACHER_TOP_K = 64
+TEACHER_TAIL = "student"
 
 
 def set_trainable(model: nn.Module, top_layers: int) -> dict[str, int]:
@@ -83,18 +91,28 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
              steps: int | None = None, objective_args: dict[str, Any] | None = None,
              on_step: Callable[[], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune a copy of `base` with `objective`. The frozen `base` itself is the ASFT reference
-    (pi_base) and `teacher` the target_sft teacher. Returns (model, {history, seconds, params})."""
+    (pi_base); `teacher` (the target_sft teacher) is run once over `train_examples` into a top-k cache
+    next to `output_dir`, and training reads the cache. Returns (model, {history, seconds, params})."""
     model = copy.deepcopy(base)
     params = set_trainable(model, settings.train_top_layers)
     model.train()
     config = train_config(settings, objective, seed, output_dir, steps=steps, objective_args=objective_args)
     needs = config.objective_needs
     t0 = time.perf_counter()
+    cache_info = None
+    if "teacher" in needs:
+        if teacher is None:
+            raise ValueError(f"{objective} needs the lab's teacher model")
+        folder = cache_folder(Path(output_dir).parent / "teacher-caches", teacher, train_examples, top_k=TEACHER_TOP_K)
+        build_cache(teacher, tokenizer, train_examples, folder, top_k=TEACHER_TOP_K, vocab_size=head_rows(base),
+                    progress=False)
+        config.teacher_cache, config.teacher_tail = str(folder), TEACHER_TAIL
+        cache_info = {"top_k": TEACHER_TOP_K, "tail": TEACHER_TAIL, "seconds": time.perf_counter() - t0}
     # the Trainer prints every log dict to stdout; the lab shows one progress display instead (the
     # per-step metrics are kept in the history and in output_dir/metrics.jsonl)
     with contextlib.redirect_stdout(io.StringIO()):
         result = train(config, model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train_examples),
-                       teacher=teacher if "teacher" in needs else None, ref=base if "ref" in needs else None,
+                       ref=base if "ref" in needs else None,
                        callbacks=[StepCallback(on_step)] if on_step else None, save_final=False)
     seconds = time.perf_counter() - t0
     model.eval()
@@ -103,6 +121,6 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
     if result.global_step != config.max_steps:
         raise RuntimeError(f"{objective}: trained {result.global_step} steps, expected {config.max_steps}")
     info = {"history": result.history, "seconds": seconds, "params": params, "steps": result.global_step,
-            "psft_refreshes": getattr(result.trainer, "psft_refreshes", None)}
+            "psft_refreshes": getattr(result.trainer, "psft_refreshes", None), "teacher_cache": cache_info}
     del result
     return model, info
