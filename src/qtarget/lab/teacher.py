@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from qtarget.lab.finetune import finetune
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.tasks import TASK_VERSION
 from qtarget.models.cache import atomic_dir, cache_root, file_lock
+from qtarget.models.load import load_model
 
 TEACHER_KEYS = ("model", "teacher_examples", "teacher_steps", "batch_size", "learning_rate", "warmup_ratio",
                 "lr_scheduler", "weight_decay", "train_top_layers", "max_length")
@@ -60,9 +59,7 @@ def obtain_teacher(settings: LabSettings, base: nn.Module, tokenizer, *, model_i
                             "steps": settings.teacher_steps}
     t0 = time.perf_counter()
     if use_cache and (folder / "lab-teacher.json").exists():
-        teacher = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher = load_model(str(folder), role="teacher", dtype="float32")
         saved = json.loads((folder / "lab-teacher.json").read_text())
         info.update(cached=True, seconds=time.perf_counter() - t0, history=saved.get("history", []),
                     trained_seconds=saved.get("seconds"))

@@ -58,6 +58,12 @@ def _plain_copy(src: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase) -> Ll
     return dst.eval()
 
 
+def smollm2_is_cached(cache_dir: str | Path | None = None) -> bool:
+    """Whether the converted folder exists with a manifest matching the shipped GGUF (no conversion)."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    return check_manifest(root / "models" / SMOLLM2_FOLDER, smollm2_gguf_path()) is None
+
+
 def smollm2_dir(cache_dir: str | Path | None = None, *, verify: bool = False) -> Path:
     """Folder ``<cache>/models/smollm2-135m-instruct`` with config.json, model.safetensors (float32),
     generation_config.json and tokenizer files; loadable by ``AutoModelForCausalLM/AutoTokenizer.from_pretrained``.
