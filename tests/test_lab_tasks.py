@@ -157,14 +157,14 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_cli_rejects_bad_settings_with_the_flag_name(capsys):
-    from qtarget.lab.cli import main
+    from qtarget.cli import main
 
-    assert main(["--tiny", "--noise", "1.5", "--output_dir", "unused"]) == 2
+    assert main(["lab", "--tiny", "--noise", "1.5", "--output_dir", "unused"]) == 2
     assert "--noise" in capsys.readouterr().err
-    assert main(["--quick", "--objectives", "sft,sftt", "--output_dir", "unused"]) == 2
+    assert main(["lab", "--quick", "--objectives", "sft,sftt", "--output_dir", "unused"]) == 2
     assert "--objectives" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--quick", "--tiny"])  # mutually exclusive presets
+        main(["lab", "--quick", "--tiny"])  # mutually exclusive presets
 
 
 def test_presets_give_every_objective_the_same_budget():

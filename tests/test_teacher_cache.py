@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
+from qtarget.cli import main as qtarget_main
 from qtarget.data import Collator, prepare_data
 from qtarget.data.collate import CacheRows
 from qtarget.models import tiny_causal_lm
@@ -316,7 +317,7 @@ def test_cli_builds_the_same_cache_as_the_api(tmp_path, teacher):
     assert main(["--config", str(tmp_path / "recipe.yaml"), "--top_k", "5", "--rows_per_shard", "3",
                  "--progress", "false"]) == 0  # same manifest: nothing left to build
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "cli").rglob("*.safetensors")}
-    assert main(["--model", "x"]) == 2  # missing required keys: a usage error, not a traceback
+    assert qtarget_main(["teacher-cache", "--model", "x"]) == 2  # missing keys: a usage error, not a traceback
 
 
 def test_cache_folder_names_teacher_data_and_k(tmp_path, teacher, data):

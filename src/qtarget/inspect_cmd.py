@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 from matplotlib.figure import Figure
@@ -130,13 +129,8 @@ def main(argv: list[str]) -> int:
     names = args.objectives or list_objectives()
     params = {k: getattr(args, k) for k in list(PARAM_FLAGS) + ["gamma", "residual"] if getattr(args, k) is not None}
     if args.vocab < 2:
-        print("qtarget inspect: --vocab must be >= 2", file=sys.stderr)
-        return 2
-    try:
-        result = inspect_objectives(names, params, vocab=args.vocab, seed=args.seed, label=args.label)
-    except ValueError as err:
-        print(f"qtarget inspect: {err}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--vocab must be >= 2, got {args.vocab}")  # qtarget.cli prints it as one line, exit 2
+    result = inspect_objectives(names, params, vocab=args.vocab, seed=args.seed, label=args.label)
     print(format_report(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qtarget import cli
 from qtarget.evaluation.benchmarks import HubUnavailableError, load_benchmarks
 from qtarget.evaluation.generation import VLLMGenerator, vllm_available
 from qtarget.evaluation.runner import evaluate
@@ -98,5 +99,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # pragma: no cover - `python -m ...`: through the one CLI wrapper
+    sys.exit(cli.main(["eval", *sys.argv[1:]]))

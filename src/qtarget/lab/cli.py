@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from qtarget import cli
 from qtarget.lab.report import claims_table, metric_table
 from qtarget.lab.runner import rerender, run_lab
 from qtarget.lab.settings import OBJECTIVES, settings_for
@@ -69,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.report_from:
         if not Path(args.report_from).is_file():
-            print(f"qtarget lab: error: --report_from: no such file {args.report_from!r}", file=sys.stderr)
-            return 2
+            raise FileNotFoundError(f"--report_from: no such file {args.report_from!r}")
         rerender(args.report_from, args.output_dir)
         print(f"qtarget lab: report rewritten from {args.report_from} into {args.output_dir}/report.md")
         return 0
@@ -78,20 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     objectives = None
     if args.objectives:
         objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
-    try:
-        if args.sweep and objectives:
-            raise ValueError("--objectives cannot be combined with --sweep (a sweep trains sft, the reference, and "
-                             "the swept objective)")
-        sweep = parse_sweep(args.sweep) if args.sweep else None
-        settings = settings_for(
-            preset, seed=args.seed, seeds=args.seeds, noise=args.noise, objectives=objectives, steps=args.steps,
-            batch_size=args.batch_size, train_examples=args.train_examples, learning_rate=args.learning_rate,
-            train_top_layers=args.train_top_layers, eval_in_domain=args.eval_in_domain, rank_items=args.rank_items,
-            ood_texts=args.ood_texts, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, threads=args.threads,
-            sweep=sweep)
-    except ValueError as e:
-        print(f"qtarget lab: error: {e}", file=sys.stderr)
-        return 2
+    # bad input raises ValueError: qtarget.cli prints it as one line, exit 2
+    if args.sweep and objectives:
+        raise ValueError("--objectives cannot be combined with --sweep (a sweep trains sft, the reference, and "
+                         "the swept objective)")
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    settings = settings_for(
+        preset, seed=args.seed, seeds=args.seeds, noise=args.noise, objectives=objectives, steps=args.steps,
+        batch_size=args.batch_size, train_examples=args.train_examples, learning_rate=args.learning_rate,
+        train_top_layers=args.train_top_layers, eval_in_domain=args.eval_in_domain, rank_items=args.rank_items,
+        ood_texts=args.ood_texts, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, threads=args.threads,
+        sweep=sweep)
     t0 = time.perf_counter()
     results = run_lab(settings, args.output_dir, progress=not args.no_progress,
                       use_teacher_cache=not args.no_teacher_cache)
@@ -105,5 +102,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover - `python -m ...`: through the one CLI wrapper
+    sys.exit(cli.main(["lab", *sys.argv[1:]]))

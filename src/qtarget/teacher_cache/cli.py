@@ -22,6 +22,7 @@ import torch
 import yaml
 from transformers import AutoConfig
 
+from qtarget import cli
 from qtarget.data import prepare_data
 from qtarget.teacher_cache.build import build_cache
 from qtarget.teacher_cache.manifest import DATA_KEYS
@@ -131,11 +132,7 @@ def run(opts: dict[str, Any]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        opts = load_options(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"qtarget teacher-cache: error: {e}", file=sys.stderr)
-        return 2
+    opts = load_options(argv)  # bad input: ValueError / FileNotFoundError -> one line from qtarget.cli
     manifest = run(opts)
     folder = Path(opts["output_dir"])
     n_bytes = sum(p.stat().st_size for p in folder.glob("*/shard-*.safetensors"))
@@ -146,5 +143,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover - `python -m ...`: through the one CLI wrapper
+    sys.exit(cli.main(["teacher-cache", *sys.argv[1:]]))

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from qtarget import cli
 from qtarget.training.api import check_requirements, train
 from qtarget.training.config import QTargetConfig, config_fields
 
@@ -141,5 +142,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover - `python -m ...`: through the one CLI wrapper
+    sys.exit(cli.main(["train", *sys.argv[1:]]))
