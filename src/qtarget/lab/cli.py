@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller run (target: <= 5 minutes on 2 CPU cores once "
                                                           "the model and teacher are cached)")
-    size.add_argument("--long", action="store_true", help="the default run over 3 training seeds (the committed "
-                                                         "example in docs/lab_example)")
+    size.add_argument("--long", action="store_true", help="the default run over 3 training seeds (intervals then "
+                                                         "resample seeds too)")
     size.add_argument("--tiny", action="store_true", help="random 2-layer model, toy sizes: checks the pipeline "
                                                          "(numbers are meaningless)")
     p.add_argument("--output_dir", default="lab_output", help="where report.md, *.png, results.json and "

@@ -130,7 +130,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # paragraphs of 24 tokens; the 12 generation problems are a smoke check of the output format only
     "quick": dict(steps=8, train_examples=64, teacher_examples=128, teacher_steps=16, eval_in_domain=12,
                   eval_batch_size=12, rank_items=200, rank_distractors=1, ood_texts=200, ood_max_tokens=24),
-    # the committed example (docs/lab_example): the default run over 3 training seeds
+    # the default run over 3 training seeds (intervals then resample seeds too)
     "long": dict(seeds=3),
     # a random 2-layer model on the real tokenizer: the whole pipeline at toy scale, for the test suite
     "tiny": dict(model="tiny", steps=4, batch_size=2, train_examples=10, teacher_examples=8, teacher_steps=2,
