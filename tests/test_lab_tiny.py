@@ -120,6 +120,7 @@ def test_report_has_every_row_claims_and_no_absolute_path(tiny_run):
         assert len(cells) == len(TABLE_METRICS)
         assert all(c == "—" or "[" in c for c in cells), line   # every number with its interval
     assert "## Claims" in text and "## Difference from sft" in text
+    assert "Training reads it from a teacher cache" in text   # target_sft's run recorded its teacher cache
     for root in (str(out), str(cache), "/root", "/home", "/tmp"):
         assert root not in text and root not in (out / "results.json").read_text()
     for png in ("effects.png", "curves.png"):

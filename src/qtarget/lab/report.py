@@ -14,7 +14,6 @@ from typing import Any, Sequence
 from matplotlib.figure import Figure
 
 from qtarget.lab.analysis import METRIC_BY_KEY, METRICS
-from qtarget.lab.finetune import TEACHER_TAIL, TEACHER_TOP_K
 
 CURVE_KEYS = ("loss", "nll", "p_y", "entropy")
 # table columns (the held-out NLL is in results.json / results.csv)
@@ -234,11 +233,13 @@ def render_markdown(results: dict[str, Any]) -> str:
     if teacher:
         state = ("loaded from the cache" if teacher.get("cached") else
                  f"trained in this run in {teacher.get('trained_seconds') or 0:.0f} s and cached")
-        lines.append(f"- **Teacher for target_sft**: {teacher['description']}; {state} (`{teacher['path']}`). "
-                     f"Training reads it from a teacher cache (`qtarget teacher-cache`): its top-"
-                     f"{TEACHER_TOP_K} log-probs per demonstration token, computed once per run's data, the "
-                     f"remaining mass spread like the student's p (tail `{TEACHER_TAIL}`); no teacher forward "
-                     f"per step.")
+        caches = [r["teacher_cache"] for row in results["rows"].values() for r in row["runs"] if r.get("teacher_cache")]
+        how = (f"Training reads it from a teacher cache (`qtarget teacher-cache`): its top-{caches[0]['top_k']} "
+               f"log-probs per demonstration token, computed once per run's data, the remaining mass spread like "
+               f"the student's p (tail `{caches[0]['tail']}`); no teacher forward per step." if caches else
+               "Training ran the teacher live, one forward per step (results from before the lab used the "
+               "teacher cache).")
+        lines.append(f"- **Teacher for target_sft**: {teacher['description']}; {state} (`{teacher['path']}`). {how}")
     lines += ["", "## Time", "", _time_text(results), "",
               "Everything above comes out of the run as is: no objective-specific tuning, no hand-written "
               "verdicts.", ""]

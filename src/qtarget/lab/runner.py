@@ -258,7 +258,8 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
                 eval_seconds = measure(model, name, s)
                 rows.setdefault(name, {"objective": objective, "args": args, "runs": []})["runs"].append(
                     {"seed": s, "history": run["history"], "train_seconds": run["seconds"], "eval_seconds": eval_seconds,
-                     "params": run["params"], "changed_param_tensors": changed, "psft_refreshes": run["psft_refreshes"]})
+                     "params": run["params"], "changed_param_tensors": changed, "psft_refreshes": run["psft_refreshes"],
+                     "teacher_cache": run.get("teacher_cache")})
                 del model
         bar.phase("statistics and the report")
         analysis = analyze(items, n_boot=settings.n_boot, seed=settings.seed)
