@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import traceback
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -169,7 +170,7 @@ def main() -> None:
 
         deepspeed.init_distributed(dist_backend="gloo")
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a stalled pair fails, not hangs
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     data = batches()
