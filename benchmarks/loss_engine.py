@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from memory import reset_peak, rss_bytes  # benchmarks/memory.py (scripts run from this folder)
+
 OBJECTIVES = ["sft", "dft", "psft", "asft", "target_sft"]
 NEEDS_AUX_MODEL = {"asft": "ref", "target_sft": "teacher"}
 RESULTS = Path(__file__).resolve().parent / "results" / "loss_engine.json"
@@ -30,19 +32,6 @@ NAIVE_TEMPORARIES = 7  # [N, V] float32 tensors alive at the naive path's peak (
 
 
 # ----------------------------------------------------------------------------------- one case
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM) to the current RSS
-        f.write("5")
-
-
 def _build(case: dict):
     import torch
 
@@ -118,12 +107,12 @@ def run_case(case: dict) -> dict:
         hidden.grad = None
         weight.grad = None
 
-    base = _rss_bytes("VmRSS")
-    _reset_peak()
+    base = rss_bytes("VmRSS")
+    reset_peak()
     t0 = time.perf_counter()
     loss = step()  # first call: memory (and warm-up)
     first = time.perf_counter() - t0
-    out["peak_bytes"] = _rss_bytes("VmHWM") - base
+    out["peak_bytes"] = rss_bytes("VmHWM") - base
     out["loss"] = float(loss.detach())
     del loss
     clear()

@@ -34,22 +34,11 @@ import trl
 import qtarget
 from qtarget.models import load_tokenizer, tiny_causal_lm
 
+from memory import reset_peak, rss_bytes  # benchmarks/memory.py (scripts run from this folder)
+
 VARIANTS = ("dropin", "trl_dft", "full")
 BASELINE = "trl_dft"
 RESULTS = Path(__file__).resolve().parent / "results" / "trl_dropin.json"
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -105,11 +94,11 @@ def run_variant(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes("VmRSS")
-        _reset_peak()
+        base = rss_bytes("VmRSS")
+        reset_peak()
     step()
     sync()
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_bytes("VmHWM")) - base
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes("VmHWM")) - base
     times = []
     for _ in range(args.reps):
         sync()

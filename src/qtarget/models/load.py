@@ -8,6 +8,7 @@ loads through it.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -72,6 +73,26 @@ def load(name_or_path: str, *, role: str = "student", dtype: str | torch.dtype =
          tokenizer: bool = True) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     """(model, tokenizer) for a name / folder / hub id; the tokenizer is None with tokenizer=False."""
     return load_model(name_or_path, role=role, dtype=dtype), (load_tokenizer(name_or_path) if tokenizer else None)
+
+
+def load_aux_tokenizer(name: str, role: str) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of an auxiliary model, or None (with a warning saying what is then not checked)
+    when its folder has none."""
+    try:
+        return load_tokenizer(name)
+    except OSError as e:
+        warnings.warn(f"cannot load the {role} {name!r}'s tokenizer ({e}); only its LM-head size is checked "
+                      f"against the student's", stacklevel=2)
+        return None
+
+
+def load_aux_model(name: str, *, role: str, student_tokenizer: PreTrainedTokenizerBase, student_name: str,
+                   dtype: str | torch.dtype = "auto") -> nn.Module:
+    """A frozen teacher / reference model whose tokenizer (when it has one) is checked against the student's."""
+    tokenizer = load_aux_tokenizer(name, role)
+    if tokenizer is not None:
+        check_same_vocabulary(student_tokenizer, tokenizer, role=role, student_name=student_name, other_name=name)
+    return load_model(name, role="teacher" if role == "teacher" else "ref", dtype=dtype)
 
 
 def check_same_vocabulary(student: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, *, role: str,

@@ -27,8 +27,7 @@ from qtarget.data import prepare_data
 from qtarget.teacher_cache.build import build_cache
 from qtarget.teacher_cache.manifest import DATA_KEYS
 from qtarget.teacher_cache.schema import LOGPROB_DTYPES
-from qtarget.models.load import check_same_vocabulary, load_model, load_tokenizer, resolve
-from qtarget.training.api import load_aux_tokenizer
+from qtarget.models.load import check_same_vocabulary, load_aux_tokenizer, load_model, load_tokenizer, resolve
 from qtarget.training.cli import coerce
 from qtarget.training.config import config_fields
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from qtarget.data import Collator, PreparedData, TokenizeReport, prepare_data
-from qtarget.models.load import check_same_vocabulary, load_model, load_tokenizer
+from qtarget.models.load import load_aux_model, load_model, load_tokenizer
 from qtarget.teacher_cache.training import attach_teacher_cache, data_settings
 from qtarget.training.config import QTargetConfig
 from qtarget.training.logs import MetricsWriter
@@ -42,17 +41,6 @@ def check_requirements(config: QTargetConfig, *, teacher_given: bool = False) ->
                          f"cache (--teacher_cache)")
     if teacher_given and config.teacher_cache:
         raise ValueError("pass either teacher= or config.teacher_cache (--teacher_cache), not both")
-
-
-def load_aux_tokenizer(name: str, role: str):
-    """The tokenizer of an auxiliary model, or None (with a warning saying what is then not checked)
-    when its folder has none."""
-    try:
-        return load_tokenizer(name)
-    except OSError as e:
-        warnings.warn(f"cannot load the {role} {name!r}'s tokenizer ({e}); only its LM-head size is checked "
-                      f"against the student's", stacklevel=2)
-        return None
 
 
 def _is_tokenized(ds: Any) -> bool:
@@ -142,24 +130,16 @@ def train(
             settings=data_settings(config) if report is not None else None, verbose=config.process_index == 0)
     if "teacher" in needs and not config.teacher_cache:
         if teacher is None or isinstance(teacher, str):
-            teacher_name = teacher or config.teacher_model
-            teacher_tok = load_aux_tokenizer(teacher_name, "teacher")
-            if teacher_tok is not None:
-                check_same_vocabulary(tokenizer, teacher_tok, role="teacher", student_name=str(model_name),
-                                      other_name=teacher_name)
-            teacher = load_model(teacher_name, role="teacher", dtype=config.dtype)
+            teacher = load_aux_model(teacher or config.teacher_model, role="teacher", student_tokenizer=tokenizer,
+                                     student_name=str(model_name), dtype=config.dtype)
     else:
         teacher = None
     if config.use_lora:
         model = apply_lora(model, config)
     if "ref" in needs:
         if isinstance(ref, str) or (ref is None and config.ref_model):
-            ref_name = ref or config.ref_model
-            ref_tok = load_aux_tokenizer(ref_name, "reference")
-            if ref_tok is not None:
-                check_same_vocabulary(tokenizer, ref_tok, role="reference", student_name=str(model_name),
-                                      other_name=ref_name)
-            ref = load_model(ref_name, role="ref", dtype=config.dtype)
+            ref = load_aux_model(ref or config.ref_model, role="reference", student_tokenizer=tokenizer,
+                                 student_name=str(model_name), dtype=config.dtype)
     else:
         ref = None
 
