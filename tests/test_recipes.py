@@ -20,7 +20,7 @@ import yaml
 
 from qtarget.training import train
 from qtarget.training.cli import load_config
-from qtarget.training.trainer import vocab_size_of
+from qtarget.models.head import head_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -157,7 +157,7 @@ def test_gpu_recipe_runs_two_optimizer_steps_on_stand_ins(recipe, standins, tmp_
     # the models: the published head sizes and tie settings, fp32 weights, activation checkpointing as set
     student = trainer.model
     rows, tied = PUBLISHED_HEADS[cfg_raw["model"]]
-    assert vocab_size_of(student) == rows
+    assert head_rows(student) == rows
     assert (student.lm_head.weight is student.model.embed_tokens.weight) == tied
     assert student.model.layers[0].self_attn.q_proj.bias is not None and student.lm_head.bias is None
     assert next(student.parameters()).dtype == getattr(torch, cfg_raw["dtype"])
@@ -173,7 +173,7 @@ def test_gpu_recipe_runs_two_optimizer_steps_on_stand_ins(recipe, standins, tmp_
         assert lr_lambda(cfg_raw["warmup_steps"]) == lr_lambda(10 * cfg_raw["warmup_steps"]) == 1.0
     if "teacher_model" in models:
         t_rows, t_tied = PUBLISHED_HEADS[cfg_raw["teacher_model"]]
-        assert vocab_size_of(trainer.teacher) == t_rows
+        assert head_rows(trainer.teacher) == t_rows
         assert all(math.isfinite(row["kl_teacher"]) for row in result.history)
 
 

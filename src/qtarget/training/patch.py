@@ -34,6 +34,7 @@ from transformers import Trainer
 from transformers.modeling_outputs import ModelOutput
 
 from qtarget.models.head import LMHead, causal_lm_of, head_of_module, head_rows, unwrap_module
+from qtarget.models.load import freeze
 from qtarget.objectives import Objective, get_objective
 from qtarget.ops import fused_token_loss
 from qtarget.ops.sparse_teacher import TeacherTopK, check_tail
@@ -68,7 +69,6 @@ class PatchState:
 
     objective: Objective
     teacher: nn.Module | None  # a (possibly wrapped) patched aux model, or None
-    teacher_from_batch: bool  # teacher_topk_* come with the batch (a teacher cache)
     teacher_tail: str
     ref: nn.Module | None  # a separate frozen reference model (patched aux)
     ref_from_adapters: bool  # the reference is this model with its PEFT adapters disabled
@@ -154,9 +154,8 @@ def adapters_disabled(model: nn.Module):
 
 
 def _aux_forward(self: nn.Module, *args, qtarget_aux: bool = False, qtarget_vocab: int | None = None, **kwargs):
-    state: PatchState = self.__dict__["_qtarget_aux"]
     if not qtarget_aux:
-        return state.original_forward(*args, **kwargs)
+        return self.__dict__["_qtarget_aux"](*args, **kwargs)  # the original forward
     inputs = {k: kwargs.pop(k, None) for k in _MODEL_KEYS}
     with torch.no_grad():
         hidden = _decoder_hidden(self, inputs, kwargs)
@@ -284,14 +283,9 @@ def patch_aux(model: nn.Module) -> nn.Module:
     from inside its own forward (`model(..., qtarget_aux=True)`). Returns the model."""
     _check_wrapper(model)
     lm = causal_lm_of(model)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model)
     if "_qtarget_aux" not in lm.__dict__:
-        state = PatchState(objective=SFT, teacher=None, teacher_from_batch=False, teacher_tail="student", ref=None,
-                           ref_from_adapters=False, vocab_size=head_rows(lm), engine={},
-                           original_forward=lm.forward)
-        lm.__dict__["_qtarget_aux"] = state
+        lm.__dict__["_qtarget_aux"] = lm.forward
         lm.forward = _bind(_aux_forward, lm)
     return model
 
@@ -375,7 +369,7 @@ def patch(model: nn.Module, objective: str | Objective, *, teacher: nn.Module | 
     existing = lm.__dict__.get("_qtarget")
     original = existing.original_forward if existing is not None else lm.forward
     lm.__dict__["_qtarget"] = PatchState(
-        objective=objective, teacher=teacher_model, teacher_from_batch=from_batch, teacher_tail=teacher_tail,
+        objective=objective, teacher=teacher_model, teacher_tail=teacher_tail,
         ref=ref_model, ref_from_adapters=ref_from_adapters, vocab_size=rows,
         engine={"chunk_size": chunk_size, "memory_budget": memory_budget, "mode": mode}, original_forward=original)
     lm.forward = _bind(_fused_forward, lm)

@@ -28,20 +28,12 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from qtarget.data import Collator
-from qtarget.models.head import head_rows
-from qtarget.objectives import get_objective
 from qtarget.training.config import QTargetConfig
-from qtarget.training.patch import EXTRA_KEYS, TEACHER_FROM_BATCH, patch, patched_state
+from qtarget.training.patch import EXTRA_KEYS, SFT, TEACHER_FROM_BATCH, patch, patched_state
 
 STAGING_DIR = ".qtarget-staging"
 METRIC_KEYS = ("nll", "p_y", "entropy", "gamma", "top1", "clip_frac", "ratio", "kl_ref", "kl_teacher")
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
-SFT = get_objective("sft")
-
-
-def vocab_size_of(model: nn.Module) -> int:
-    """Rows of a model's LM head (from its config: safe under sharding)."""
-    return head_rows(model)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
