@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -67,8 +67,8 @@ class AuxSource:
                                           student_logits.detach(), self.tail)
         head = self.head
         h = self.hidden.index_select(0, idx).to(self.compute_dtype)
-        w = head.weight.to(self.compute_dtype)
-        raw = torch.mm(h, w.t()) if head.bias is None else torch.addmm(head.bias.to(self.compute_dtype), h, w.t())
+        w = head.weight  # already in compute_dtype (cast once when the source is built)
+        raw = torch.mm(h, w.t()) if head.bias is None else torch.addmm(head.bias, h, w.t())
         z = _transform(raw if raw.dtype == torch.float64 else raw.float(), head.logit_scale, head.softcap)[0]
         if head.vocab > head.rows:  # rows the aux head lacks: probability 0
             z = torch.cat([z, z.new_full((z.shape[0], head.vocab - head.rows), float("-inf"))], dim=-1)
@@ -427,8 +427,11 @@ def fused_token_loss(
             return AuxSource(logits=logits_aux.detach().reshape(-1, V))  # [N, V] view; rows gathered per chunk
         if h_aux is not None:
             aux_head = heads[who].detached()
+            aux_dtype = autocast or torch.promote_types(h_aux.dtype, aux_head.weight.dtype)
+            aux_head = replace(aux_head, weight=aux_head.weight.to(aux_dtype),
+                               bias=None if aux_head.bias is None else aux_head.bias.to(aux_dtype))
             return AuxSource(hidden=h_aux.detach().reshape(-1, h_aux.shape[-1]), head=aux_head,
-                             compute_dtype=autocast or torch.promote_types(h_aux.dtype, aux_head.weight.dtype))
+                             compute_dtype=aux_dtype)
         if who == "teacher" and teacher_topk is not None:
             return AuxSource(topk=teacher_topk.flatten().index(flat), tail=teacher_tail)
         return None
