@@ -87,7 +87,7 @@ def test_missing_column_names_the_column_and_row(tmp_path):
     path.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "c"}) + "\n")
     with pytest.raises(ValueError, match=r"row 1: missing value in column 'response'"):
         prepare_data(str(path), tok)
-    with pytest.raises(ValueError, match=r"no 'response' column"):
+    with pytest.raises(ValueError, match=r"no 'response' or 'completion' column"):
         prepare_data([{"prompt": "a"}], tok)
     with pytest.raises(ValueError, match=r"none of the supported formats"):
         prepare_data([{"question": "a", "answer": "b"}], tok)

@@ -20,6 +20,7 @@ from qtarget.data.tokenize import (
     IGNORE_INDEX,
     TokenizeOptions,
     TokenizeReport,
+    UntokenizableRow,
     detect_format,
     tokenize_row,
     tokenize_rows,
@@ -27,7 +28,7 @@ from qtarget.data.tokenize import (
 
 __all__ = ["load_rows", "write_jsonl", "prepare_data", "PreparedData", "ExampleDataset", "Collator",
            "pack_examples", "TokenizeOptions", "TokenizeReport", "tokenize_row", "tokenize_rows",
-           "detect_format", "IGNORE_INDEX", "split_examples"]
+           "detect_format", "UntokenizableRow", "IGNORE_INDEX", "split_examples"]
 
 
 class ExampleDataset(torch.utils.data.Dataset):
@@ -80,6 +81,7 @@ def prepare_data(
     split: str = "train",
     dataset_config: str | None = None,
     max_rows: int | None = None,
+    strict_rows: bool = False,
 ) -> PreparedData:
     """Load, tokenise, split and (optionally) pack a dataset. See `qtarget.data.tokenize` for formats.
 
@@ -90,7 +92,8 @@ def prepare_data(
         rows = rows.select(range(min(int(max_rows), len(rows))))
     if len(rows) == 0:
         raise ValueError(f"dataset {source!r} has no rows")
-    options = TokenizeOptions(max_length=max_length, response_only=response_only, chat_template=chat_template)
+    options = TokenizeOptions(max_length=max_length, response_only=response_only, chat_template=chat_template,
+                              strict_rows=strict_rows)
     examples, report = tokenize_rows(tokenizer, rows, options)
     if eval_source is not None:
         train_ex = examples
