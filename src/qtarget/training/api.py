@@ -113,7 +113,8 @@ def train(
             source, tokenizer, max_length=config.max_length, response_only=config.response_only,
             chat_template=config.chat_template, packing=config.packing, eval_fraction=config.eval_fraction,
             eval_source=eval_dataset if eval_dataset is not None else config.eval_dataset, seed=config.seed,
-            split=config.dataset_split, dataset_config=config.dataset_config, max_rows=config.max_rows)
+            split=config.dataset_split, dataset_config=config.dataset_config, max_rows=config.max_rows,
+            strict_rows=config.strict_rows)
         train_ds, eval_ds, report = prepared.train, prepared.eval, prepared.report
         if config.process_index == 0:
             print(f"[qtarget] data: {report.summary()}" + "".join(f"; {n}" for n in report.notes))

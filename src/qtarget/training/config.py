@@ -26,7 +26,8 @@ class QTargetConfig(TrainingArguments):
     # --- model & data ---
     model: str | None = _f(None, "Student model: a hub id or a local folder (AutoModelForCausalLM).")
     dataset: str | None = _f(None, "Training data: a .jsonl/.json/.parquet/.csv file, a save_to_disk folder or "
-                                   "a hub dataset id. Rows: prompt+response, messages, or text; optional token_weights.")
+                                   "a hub dataset id. Rows: messages, conversations (ShareGPT), prompt+completion (TRL), "
+                                   "prompt+response, instruction+output (Alpaca) or text; optional token_weights.")
     dataset_config: str | None = _f(None, "Hub dataset configuration name (datasets.load_dataset's `name`).")
     dataset_split: str = _f("train", "Split to read from a hub dataset or a DatasetDict folder.")
     eval_dataset: str | None = _f(None, "Separate eval data (same formats); otherwise `eval_fraction` of the rows.")
@@ -35,6 +36,8 @@ class QTargetConfig(TrainingArguments):
     max_length: int | None = _f(1024, "Truncate examples to this many tokens (the count of truncated rows is reported).")
     response_only: bool = _f(True, "Supervise only response / assistant tokens (prompt tokens get label -100).")
     chat_template: bool = _f(False, "Wrap prompt/response rows as a user and an assistant turn of the chat template.")
+    strict_rows: bool = _f(False, "Refuse (instead of skip and count) a row whose reply cannot be masked, e.g. one "
+                                  "the chat template refuses.")
     packing: bool = _f(False, "Pack several examples per row (position ids restart per example; no cross-example attention).")
     dtype: str = _f("auto", "Weights dtype when loading models: auto, float32, bfloat16 or float16.")
     # --- objective ---
