@@ -67,6 +67,16 @@ class TokenInputs:
     def ref_logp(self) -> Tensor:
         return torch.log_softmax(self.require("ref"), dim=-1)
 
+    @cached_property
+    def reference_view(self) -> TokenInputs:
+        """The same positions seen through the frozen reference model: its logits take the place of the
+        student's (detached), so any gamma rule can read p_y / p from the reference (gamma_from="reference")."""
+        view = TokenInputs(logits=self.require("ref").detach(), labels=self.labels,
+                           teacher_logits=self.teacher_logits, ref_logits=self.ref_logits,
+                           old_logprobs=self.old_logprobs, token_weights=self.token_weights)
+        view.__dict__["logp"] = self.ref_logp.detach()  # shared with a reference residual, computed once
+        return view
+
     def require(self, need: str) -> Tensor:
         value = getattr(self, AUX_ARGUMENTS[need])
         if value is None:

@@ -17,6 +17,7 @@ from qtarget.objectives.rules import (
     GammaRule,
     ResidualRule,
     TopKResidual,
+    compose_gamma,
 )
 
 _REGISTRY: dict[str, Callable[..., Objective]] = {}
@@ -36,11 +37,24 @@ def list_objectives() -> list[str]:
 
 
 def objective_parameters(name: str) -> dict[str, Any]:
-    """Parameter names of a registered objective with their defaults."""
+    """Parameter names of a registered objective with their defaults (for `target`, also the rules'
+    parameters, default None: a rule that reads one takes its own default)."""
     factory = _lookup(name)
+    named, accepts_any = _signature(factory)
+    if accepts_any and factory is target:
+        named.update({k: None for k in RULE_PARAMETERS if k not in named})
+    return named
+
+
+def _signature(factory: Callable[..., Objective]) -> tuple[dict[str, Any], bool]:
+    """({parameter: default}, whether it takes **kwargs). An Objective subclass that keeps the base
+    __init__ (e.g. SFT, DFT) takes no parameters: the base class's **params are for subclasses' super()."""
+    if isinstance(factory, type) and issubclass(factory, Objective) and factory.__init__ is Objective.__init__:
+        return {}, False
     sig = inspect.signature(factory)
-    return {p.name: (None if p.default is inspect.Parameter.empty else p.default)
-            for p in sig.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    named = {p.name: (None if p.default is inspect.Parameter.empty else p.default)
+             for p in sig.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return named, any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
 
 
 def objective_doc(name: str) -> str:
@@ -65,17 +79,22 @@ def get_objective(name: str | Objective, **params: Any) -> Objective:
             raise ValueError(f"parameters {sorted(params)} given with an objective instance {name!r}")
         return name
     factory = _lookup(name)
-    sig = inspect.signature(factory)
-    accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-    valid = [p for p in sig.parameters if sig.parameters[p].kind not in (inspect.Parameter.VAR_KEYWORD,)]
+    named, accepts_any = _signature(factory)
+    valid = list(named)
     unknown = [k for k in params if k not in valid]
     if unknown and not accepts_any:
         raise ValueError(f"objective {name!r} got unknown parameter(s) {unknown}; "
-                         f"valid parameters: {valid or 'none'}")
+                         f"valid parameters: {valid or 'none (it takes no parameters)'}")
     obj = factory(**params)
     if not isinstance(obj, Objective):
         raise ValueError(f"factory for objective {name!r} returned {type(obj).__name__}, not an Objective")
     return obj
+
+
+# The parameters of the named gamma / residual rules, which `target` takes as keywords.
+RULE_PARAMETERS = tuple(dict.fromkeys(
+    p.name for table in (GAMMA_RULES, RESIDUAL_RULES) for cls in table.values()
+    for p in inspect.signature(cls).parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)))
 
 
 def _make_rule(spec: Any, table: dict, aliases: dict, kind: str, params: dict[str, Any]):
@@ -98,7 +117,8 @@ def _make_rule(spec: Any, table: dict, aliases: dict, kind: str, params: dict[st
                      f"{', '.join(list(table) + list(aliases))}" + (" or a number" if kind == "gamma" else ""))
 
 
-def target(gamma: Any = "p_y", residual: Any = "student", *, top_k: int | None = None, **params: Any) -> Objective:
+def target(gamma: Any = "p_y", residual: Any = "student", *, top_k: int | None = None, gamma_from: str = "model",
+           gamma_min: float | None = None, gamma_max: float | None = None, **params: Any) -> Objective:
     """Compose any gamma rule with any residual rule: L = CE(gamma delta_y + (1-gamma) pi_tilde, p).
 
     gamma: a GammaRule, a number (constant) or a name in rules.GAMMA_RULES
@@ -106,14 +126,19 @@ def target(gamma: Any = "p_y", residual: Any = "student", *, top_k: int | None =
     residual: a ResidualRule or a name in rules.RESIDUAL_RULES
            (uniform, student, tempered, reference, teacher, geometric_mix).
     top_k: truncate the residual to its top-k and renormalise.
+    gamma_from: where the gamma rule reads p_y / p: "model" (the online student) or "reference" (the
+           frozen reference / base model, given as ref_logits; the objective then needs `ref`).
+    gamma_min / gamma_max: gamma = clamp(gamma, gamma_min, gamma_max), a floor / cap in [0, 1].
     params: the named rules' parameters (value, alpha, tau, k, lam, beta, temperature, eta).
     """
     params = dict(params)
     g = _make_rule(gamma, GAMMA_RULES, GAMMA_ALIASES, "gamma", params)
+    g = compose_gamma(g, gamma_from, gamma_min, gamma_max)
     r = _make_rule(residual, RESIDUAL_RULES, RESIDUAL_ALIASES, "residual", params)
     if params:
-        raise ValueError(f"target(): parameter(s) {sorted(params)} are not used by gamma rule {g!r} "
-                         f"or residual rule {r!r}")
+        raise ValueError(f"objective 'target': parameter(s) {sorted(params)} are not used by gamma rule {g!r} "
+                         f"or residual rule {r!r}; target's own parameters: gamma, residual, top_k, gamma_from, "
+                         f"gamma_min, gamma_max; rule parameters: {', '.join(RULE_PARAMETERS)}")
     if top_k is not None:
         r = TopKResidual(r, top_k)
     return catalog.TargetObjective(g, r)

@@ -30,6 +30,7 @@ class Rule:
 # ----------------------------------------------------------------------------- gamma rules
 class GammaRule(Rule):
     kind = "gamma"
+    reads_model = True  # reads p_y / p of a model (so its source can be chosen: gamma_from)
 
     def __call__(self, x: TokenInputs) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -39,6 +40,7 @@ class ConstantGamma(GammaRule):
     """gamma = c."""
 
     name = "constant"
+    reads_model = False
 
     def __init__(self, value: float = 1.0) -> None:
         super().__init__(value=float(value))
@@ -120,9 +122,77 @@ class DataWeightGamma(GammaRule):
 
     name = "data_weight"
     needs = frozenset({"token_weights"})
+    reads_model = False
 
     def __call__(self, x):
         return x.require("token_weights").to(x.p_y_detached.dtype)
+
+
+GAMMA_SOURCES = ("model", "reference")
+GAMMA_SOURCE_ALIASES = {"student": "model", "online": "model", "ref": "reference", "base": "reference"}
+
+
+class ReferenceSourcedGamma(GammaRule):
+    """Any gamma rule evaluated on the frozen reference model instead of the online student: the rule
+    reads p_y / p from `ref_logits` (PriFT: weights that do not drift with the run)."""
+
+    name = "from_reference"
+
+    def __init__(self, inner: GammaRule) -> None:
+        if not inner.reads_model:
+            raise ValueError(f"gamma rule {inner.name!r} reads no model probabilities: gamma_from='reference' "
+                             f"does not apply to it")
+        super().__init__(inner=inner)
+        self.needs = frozenset(inner.needs | {"ref"})
+
+    def __call__(self, x):
+        return self.params["inner"](x.reference_view)
+
+    def __repr__(self) -> str:
+        return f"{self.params['inner']!r}@reference"
+
+
+class ClampedGamma(GammaRule):
+    """gamma = clamp(inner gamma, low, high): a floor / cap on any gamma rule (DFT's low-prior fix)."""
+
+    name = "clamped"
+
+    def __init__(self, inner: GammaRule, low: float | None = None, high: float | None = None) -> None:
+        low = 0.0 if low is None else _unit("gamma_min", low)
+        high = 1.0 if high is None else _unit("gamma_max", high)
+        if low > high:
+            raise ValueError(f"gamma_min ({low}) must not exceed gamma_max ({high})")
+        super().__init__(inner=inner, low=low, high=high)
+        self.needs = inner.needs
+        self.reads_model = inner.reads_model
+
+    def __call__(self, x):
+        return self.params["inner"](x).clamp(self.params["low"], self.params["high"])
+
+    def __repr__(self) -> str:
+        return f"clamp({self.params['inner']!r}, {self.params['low']}, {self.params['high']})"
+
+
+def _unit(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1], got {value}")
+    return value
+
+
+def compose_gamma(rule: GammaRule, source: str = "model", low: float | None = None,
+                  high: float | None = None) -> GammaRule:
+    """`rule` read from `source` ("model": the online student; "reference": the frozen reference model),
+    then clamped to [low, high] when either bound is given."""
+    key = GAMMA_SOURCE_ALIASES.get(str(source), str(source))
+    if key not in GAMMA_SOURCES:
+        raise ValueError(f"gamma_from must be one of {', '.join(GAMMA_SOURCES)} (or {', '.join(GAMMA_SOURCE_ALIASES)}), "
+                         f"got {source!r}")
+    if key == "reference":
+        rule = ReferenceSourcedGamma(rule)
+    if low is not None or high is not None:
+        rule = ClampedGamma(rule, low, high)
+    return rule
 
 
 # -------------------------------------------------------------------------- residual rules

@@ -139,11 +139,18 @@ def _decoder_hidden(lm: nn.Module, inputs: dict[str, Any], kwargs: dict[str, Any
     return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
 
 
+def adapter_layers(model: nn.Module) -> list[nn.Module]:
+    """The PEFT adapter layers of `model`: modules whose `disable_adapters` is a flag. (transformers'
+    PreTrainedModel has enable_adapters / disable_adapters *methods* (PeftAdapterMixin) on every model,
+    adapters or not, so the names alone do not tell a PEFT student from a plain one.)"""
+    return [m for m in model.modules() if hasattr(m, "enable_adapters") and isinstance(
+        getattr(m, "disable_adapters", None), bool)]
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """Every PEFT adapter layer (LoRA, modules_to_save) of `model` switched off for the block."""
-    layers = [m for m in model.modules() if hasattr(m, "enable_adapters") and hasattr(m, "disable_adapters")
-              and not m.disable_adapters]
+    layers = [m for m in adapter_layers(model) if not m.disable_adapters]
     for m in layers:
         m.enable_adapters(False)
     try:
@@ -362,7 +369,7 @@ def patch(model: nn.Module, objective: str | Objective, *, teacher: nn.Module | 
         if ref is not None:
             _check_aux_vocab("reference", ref, rows, tokenizer)
             ref_model = patch_aux(ref)
-        elif any(hasattr(m, "enable_adapters") and hasattr(m, "disable_adapters") for m in lm.modules()):
+        elif adapter_layers(lm):
             ref_from_adapters = True
         else:
             ref_model = patch_aux(copy.deepcopy(unwrap_module(model)))  # the frozen initial model
