@@ -41,3 +41,16 @@ def test_cli_reports_one_line_with_exit_2(tmp_path, capsys):
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("qtarget train: error: ")
     assert "objective 'dft' got unknown parameter(s) ['lam']" in err and "Traceback" not in err
+
+
+def test_lab_accepts_every_registered_objective_with_its_defaults():
+    from qtarget.lab.settings import LabSettings
+
+    names = tuple(qtarget.list_objectives())
+    settings = LabSettings(objectives=names)
+    runs = dict(settings.runs())
+    assert set(runs) == set(names)
+    for name, args in runs.items():
+        qtarget.get_objective(name, **args)  # the lab's arguments are accepted by the objective
+    with pytest.raises(ValueError, match=r"unknown objective\(s\) \['nope'\]"):
+        LabSettings(objectives=("sft", "nope"))

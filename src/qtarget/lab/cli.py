@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "too); default 1")
     p.add_argument("--noise", type=float, default=None, help="share of demonstrations with a corrupted step or a "
                                                             "non-unique alternative form, in [0, 1]; default 0.3")
-    p.add_argument("--objectives", default=None, help=f"comma-separated subset of {','.join(OBJECTIVES)} "
-                                                      f"(default: all)")
+    p.add_argument("--objectives", default=None, help=f"comma-separated objectives (default: {','.join(OBJECTIVES)}); "
+                                                      f"any registered one (`qtarget objectives`) trains with its "
+                                                      f"registry defaults")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per row (same for all)")
     p.add_argument("--batch_size", type=int, default=None, help="demonstrations per optimizer step")
     p.add_argument("--train_examples", type=int, default=None, help="training demonstrations per run")

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from qtarget.objectives import get_objective
+from qtarget.objectives import get_objective, list_objectives
 
 OBJECTIVES = ("sft", "dft", "psft", "asft", "target_sft")
 
@@ -70,11 +70,12 @@ class LabSettings:
 
     def __post_init__(self) -> None:
         self.objectives = tuple(self.objectives)
-        unknown = [o for o in self.objectives if o not in OBJECTIVE_ARGS]
+        # any registered objective; those without an entry in OBJECTIVE_ARGS train with their registry defaults
+        unknown = [o for o in self.objectives if o not in list_objectives()]
         if self.sweep:
             unknown = []  # a sweep decides its rows (sft + the swept objective)
         if unknown:
-            raise ValueError(f"--objectives: unknown lab objective(s) {unknown}; choose from {', '.join(OBJECTIVES)}")
+            raise ValueError(f"--objectives: unknown objective(s) {unknown}; choose from {', '.join(list_objectives())}")
         if not self.objectives:
             raise ValueError("--objectives: give at least one objective")
         if not 0.0 <= self.noise <= 1.0:
