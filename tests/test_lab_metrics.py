@@ -23,10 +23,10 @@ def tok():
 @pytest.fixture(scope="module")
 def demos(tok):
     rows = tasks.demonstrations(tasks.shop_problems(40, 5), 0.5, 5)
-    seqs = [chat_sequence(tok, r["prompt"], r["response"], 192) for r in rows]
+    seqs = [chat_sequence(tok, r["prompt"], r["response"], 192, instruction=tasks.INSTRUCTION) for r in rows]
     # noisy rows vs their clean version; clean rows vs the corruption they did not get (the matched control)
     changed = [changed_tokens(s, chat_sequence(tok, r["prompt"], r.get("counterfactual_response", r["clean_response"]),
-                                               192)) for r, s in zip(rows, seqs)]
+                                               192, instruction=tasks.INSTRUCTION)) for r, s in zip(rows, seqs)]
     return rows, seqs, changed
 
 
@@ -77,8 +77,8 @@ def test_changed_tokens_mark_what_the_corruption_changed(tok, demos):
 
 
 def test_changed_tokens_of_an_inserted_digit(tok):
-    a = chat_sequence(tok, "q", "8 - 2 = 6. The answer is 6.", 64)
-    b = chat_sequence(tok, "q", "8 - 2 = 16. The answer is 16.", 64)
+    a = chat_sequence(tok, "q", "8 - 2 = 6. The answer is 6.", 64, instruction=None)
+    b = chat_sequence(tok, "q", "8 - 2 = 16. The answer is 16.", 64, instruction=None)
     scored = [t for t in a["labels"][1:] if t != IGNORE]
     mask = changed_tokens(a, b)
     assert [tok.decode([t]) for t, c in zip(scored, mask) if c] == ["6", "6"]

@@ -177,3 +177,46 @@ def test_presets_give_every_objective_the_same_budget():
         assert s.steps * s.batch_size <= s.train_examples  # at most one pass over the demonstrations
     assert settings_for("quick").digest() != settings_for("default").digest()
     assert settings_for("quick", seed=1).digest() == settings_for("quick", seed=1).digest()
+
+
+def test_shop_task_is_a_lab_task_whose_training_rows_avoid_every_evaluated_question():
+    from qtarget.lab.builtin_tasks import build_task
+
+    settings = settings_for("default", eval_in_domain=30, rank_items=40, ood_texts=5)
+    task = build_task("shop", settings)
+    assert task.name == "shop" and task.instruction == tasks.INSTRUCTION
+    assert len(task.generation) == 30 and len(task.ranking) == 40 and len(task.ood) == 5
+    assert task.n_candidates == settings.rank_distractors + 1
+    evaluated = {p.question for p in task.generation} | {it["prompt"] for it in task.ranking}
+    rows = task.demonstrations(0, 200, 0.3)
+    assert len(rows) == 200 and not evaluated & {r["prompt"] for r in rows}
+    assert sum(r["noise"] != "clean" for r in rows) == 60
+    # generation answers are written as parse_answer writes a stated one; the ranking's correct candidate states it
+    for p in task.generation:
+        assert task.parse_answer(f"5 + 1 = 6. The answer is {p.answer}.") == p.answer
+        assert task.is_correct(f"The answer is {p.answer}.", p) and not task.is_correct("no answer here", p)
+    for it in task.ranking:
+        assert [task.parse_answer(c) for c in it["candidates"]] == [str(a) for a in it["answers"]]
+    assert task.parse_answer("3 + 4 = 7.") is None
+    # the teacher's rows: clean, from their own stream
+    assert {r["noise"] for r in task.demonstrations(7_000_000, 20, 0.0)} == {"clean"}
+    with pytest.raises(ValueError, match="unknown lab task 'nope'"):
+        build_task("nope", settings)
+
+
+def test_lab_task_rejects_an_inconsistent_value():
+    from qtarget.evaluation import Problem
+    from qtarget.lab.task import LabTask
+
+    good = dict(name="t", version="1", description="d", noise_description="n", instruction=None,
+                demonstrations=lambda seed, n, noise: [], generation=(Problem("a", "q?", "1", "t"),),
+                parse_answer=lambda r: r, ranking=({"id": "r", "prompt": "q", "candidates": ["a", "b"]},),
+                ood=("some text",), example={"prompt": "q", "response": "a"})
+    assert LabTask(**good).n_candidates == 2
+    with pytest.raises(ValueError, match="generation is empty"):
+        LabTask(**{**good, "generation": ()})
+    with pytest.raises(ValueError, match="ranking item 0 .r. needs the correct candidate"):
+        LabTask(**{**good, "ranking": ({"id": "r", "prompt": "q", "candidates": ["a"]},)})
+    with pytest.raises(ValueError, match="same number of candidates"):
+        LabTask(**{**good, "ranking": ({"id": "r", "prompt": "q", "candidates": ["a", "b"]},
+                                       {"id": "s", "prompt": "q", "candidates": ["a", "b", "c"]})})

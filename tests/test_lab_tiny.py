@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -185,3 +186,41 @@ def test_bad_sweep_names_the_argument(spec, message, capsys, tmp_path):
 def test_sweep_with_objectives_is_refused(capsys, tmp_path):
     assert lab_main(["--tiny", "--sweep", "eta=0,1", "--objectives", "dft", "--output_dir", str(tmp_path)]) == 2
     assert "--objectives" in capsys.readouterr().err
+
+
+def test_a_task_of_another_kind_runs_through_the_same_lab(tmp_path):
+    """A LabTask with string answers, no system turn and no noise metadata: the runner, metrics and report
+    take it as they take the arithmetic task (noise fit is simply not measured)."""
+    from qtarget.evaluation import Problem
+    from qtarget.lab.task import LabTask
+
+    capitals = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Peru", "Lima"),
+                ("Egypt", "Cairo"), ("Chile", "Santiago"), ("Kenya", "Nairobi"), ("Cuba", "Havana"), ("Fiji", "Suva")]
+
+    def demonstrations(seed, n, noise):
+        return [{"prompt": f"Capital of {c}?", "response": f"Capital: {k}.", "noise": "clean"}
+                for c, k in (capitals[(seed + i) % 6] for i in range(n))]
+
+    def parse(response):
+        found = re.findall(r"Capital: (\w+)", response)
+        return found[-1] if found else None
+
+    task = LabTask(
+        name="capitals", version="1", description="capital cities", noise_description="none", instruction=None,
+        demonstrations=demonstrations,
+        generation=tuple(Problem(f"g{i}", f"Capital of {c}?", k, "capitals") for i, (c, k) in enumerate(capitals[6:])),
+        parse_answer=parse,
+        ranking=tuple({"id": f"r{i}", "prompt": f"Capital of {c}?", "candidates": [f"Capital: {k}.", "Capital: Oslo."]}
+                      for i, (c, k) in enumerate(capitals[6:])),
+        ood=("The quick brown fox jumps over the lazy dog near the river bank.",) * 3,
+        example={"prompt": "Capital of France?", "response": "Capital: Paris."})
+    results = run_lab(settings_for("tiny", objectives=("sft",)), tmp_path, progress=False, task=task,
+                      cache_dir=tmp_path / "cache")
+    items = results["items"]
+    assert set(items) == {"base", "sft"}
+    assert np.asarray(items["sft"]["gen.correct"]).shape == (1, 4)
+    assert np.asarray(items["sft"]["rank.correct"]).shape == (1, 4)
+    assert not any(k.startswith("noise.") for k in items["sft"])
+    assert "noise_fit" not in results["estimates"]["sft"] and "rank_acc" in results["estimates"]["sft"]
+    assert results["data"]["task"]["name"] == "capitals"
+    assert "capital cities" in (tmp_path / "report.md").read_text()

@@ -18,7 +18,7 @@ def test_lab_target_sft_reads_its_teacher_from_a_cache(tmp_path):
     settings = settings_for("tiny")
     base, tok, _ = load_base(settings)
     rows = tasks.demonstrations(tasks.shop_problems(6, seed=1), noise=0.0, seed=1)
-    examples = tokenize(tok, rows, settings.max_length)
+    examples = tokenize(tok, rows, settings.max_length, tasks.INSTRUCTION)
     teacher = freeze(copy.deepcopy(base))
     with torch.no_grad():
         teacher.get_output_embeddings().weight.mul_(3.0)  # a teacher that differs from the student

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from qtarget.data import TokenizeOptions, tokenize_rows
-from qtarget.evaluation import Problem, evaluate
-from qtarget.lab import tasks
+from qtarget.evaluation import evaluate
+from qtarget.lab.task import LabTask
 
 IGNORE = -100
 
@@ -151,11 +151,11 @@ def _top_forward(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, spl
 
 
 # ------------------------------------------------------------------------------------ sequences
-def chat_sequence(tokenizer, prompt: str, response: str, max_length: int) -> dict:
-    """The lab's chat format (system = instruction, user = prompt, assistant = response; only the
-    response and its end-of-turn are scored), exactly as in training."""
-    chat = {"messages": [{"role": "system", "content": tasks.INSTRUCTION}, {"role": "user", "content": prompt},
-                         {"role": "assistant", "content": response}]}
+def chat_sequence(tokenizer, prompt: str, response: str, max_length: int, *, instruction: str | None) -> dict:
+    """The lab's chat format (system = the task's instruction, none when None; user = prompt, assistant =
+    response; only the response and its end-of-turn are scored), exactly as in training."""
+    system = [] if instruction is None else [{"role": "system", "content": instruction}]
+    chat = {"messages": [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
     (example,), report = tokenize_rows(tokenizer, [chat], TokenizeOptions(max_length=max_length))
     if report.truncated:
         raise ValueError(f"a lab sequence exceeds max_length={max_length}; raise --max_length")
@@ -218,18 +218,17 @@ def nll_items(scores: Sequence[TokenScores]) -> np.ndarray:
     return np.array([-s.logp.mean() for s in scores])
 
 
-def generation_items(model: nn.Module, tokenizer, problems: Sequence[tasks.LabProblem], *, max_new_tokens: int,
-                     batch_size: int, seed: int) -> dict[str, Any]:
-    """Greedy answers through `qtarget.evaluation.evaluate`, graded by the stated final answer.
-    Per problem: correct (stated answer right), no_answer (no 'The answer is N': a format failure, apart
-    from a wrong answer), cut (hit max_new_tokens); plus the responses."""
-    res = evaluate(model, tokenizer, [Problem(id=p.id, question=p.question, answer=str(p.answer), source=p.task)
-                                      for p in problems],
-                   samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                   progress=False, instruction="", system_prompt=tasks.INSTRUCTION, prompt_style="chat",
-                   model_name="lab")
+def generation_items(model: nn.Module, tokenizer, task: LabTask, *, max_new_tokens: int, batch_size: int,
+                     seed: int) -> dict[str, Any]:
+    """Greedy answers to `task.generation` through `qtarget.evaluation.evaluate`, graded by the stated final
+    answer (`task.parse_answer`). Per problem: correct (stated answer right), no_answer (no stated answer: a
+    format failure, apart from a wrong answer), cut (hit max_new_tokens); plus the responses."""
+    problems = task.generation
+    res = evaluate(model, tokenizer, list(problems), samples=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, seed=seed, progress=False, instruction="", system_prompt=task.instruction,
+                   prompt_style="chat", model_name="lab")
     by_id = {r["problem_id"]: r for r in res.records}
-    stated = [tasks.stated_answer(by_id[p.id]["response"]) for p in problems]
+    stated = [task.parse_answer(by_id[p.id]["response"]) for p in problems]
     return {
         "correct": np.array([s == p.answer for s, p in zip(stated, problems)], dtype=np.float64),
         "no_answer": np.array([s is None for s in stated], dtype=np.float64),

@@ -18,6 +18,11 @@ from qtarget.lab.analysis import METRIC_BY_KEY, METRICS
 CURVE_KEYS = ("loss", "nll", "p_y", "entropy")
 # table columns (the held-out NLL is in results.json / results.csv)
 TABLE_METRICS = ("gen_acc", "format_fail", "rank_acc", "noise_fit", "forgetting", "entropy")
+# what results.json files written before tasks were values said (the arithmetic task was the only one)
+LEGACY_TASK = {"name": "shop", "description": "procedural arithmetic word problems with a compact chain of thought, "
+               "one equation per step", "noise": "half with a corrupted step (a wrong result carried to a wrong final "
+               "answer), half in a non-unique alternative form (operands swapped, words instead of symbols, another "
+               "closing phrase)"}
 FORMAT_WARN = 0.05  # a row whose format-failure rate exceeds this is named in the report
 
 
@@ -169,6 +174,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     model = results["model"]
     data = results["data"]
+    task = data.get("task", LEGACY_TASK)
     n_seeds = s["seeds"]
     level = "bootstrap over items" + (f" and over the {n_seeds} training seeds" if n_seeds > 1 else "")
     lines = [
@@ -204,16 +210,15 @@ def render_markdown(results: dict[str, Any]) -> str:
               "## Metrics", ""]
     lines += [f"- **{m.title}**: {m.meaning}." for m in METRICS]
     lines += ["", "## What was run", "",
-              f"- **Task (in-domain)**: procedural arithmetic word problems with a compact chain of thought, one "
-              f"equation per step. Example: `{data['gen']['example']}` — `{data['gen']['example_solution']}`",
+              f"- **Task (in-domain)**: {task['description']}. Example: `{data['gen']['example']}` — "
+              f"`{data['gen']['example_solution']}`",
               f"- **Demonstration noise** `--noise {s['noise']}`: that share of the {s['train_examples']} training "
-              f"demonstrations per seed is noisy, half with a corrupted step (a wrong result carried to a wrong final "
-              f"answer), half in a non-unique alternative form (operands swapped, words instead of symbols, another "
-              f"closing phrase). Seed {s['seed']}: {data['noise_counts_seed0']}; tokens measured for noise fit per "
+              f"demonstrations per seed is noisy, {task['noise']}. Seed {s['seed']}: {data['noise_counts_seed0']}; "
+              f"tokens measured for noise fit per "
               f"demonstration (those the noise changed; for clean ones, the correct tokens a corruption would have "
               f"changed): {_fmt_counts(data['changed_tokens_per_noisy_demo'])}.",
               f"- **Generation**: {data['gen']['n']} held-out problems, greedy, at most {s['max_new_tokens']} new "
-              f"tokens; correct = the stated `The answer is N` is right; no such statement = format failure.",
+              f"tokens; correct = the stated final answer is right; no stated answer = format failure.",
               f"- **Answer ranking**: {data['rank']['n']} other held-out problems, the correct demonstration against "
               f"{data['rank']['candidates_per_item'] - 1} corrupted ones (chance "
               f"{1 / data['rank']['candidates_per_item']:.2f}); held-out entropy / NLL on the correct ones.",

@@ -4,12 +4,10 @@ Phases: load the base model -> build the data and score it with the base model -
 (for target_sft; cached) -> for every seed and objective (or sweep point): fine-tune a fresh copy of the
 base, measure it -> statistics (`analysis`, `stats`) -> report.md, plots, results.json / results.csv.
 
-Data (procedural, from `qtarget.lab.tasks`, plus `qtarget.lab.ood_text`):
-- generation: in-domain problems from seed stream 9_000_000 + seed; answer ranking: problems from stream
-  9_000_001 + seed, each with corrupted distractors; out-of-domain: standard-library prose paragraphs;
-- training seed s: `train_examples` problems from stream s, a `noise` share of them noisy; problems whose
-  question also appears in an evaluation set are replaced, so nothing evaluated was trained on;
-- teacher: a separate stream (see `qtarget.lab.teacher`).
+Data: a `qtarget.lab.task.LabTask` (default: the arithmetic task, `qtarget.lab.tasks.shop_task`) gives the
+generation problems, the answer-ranking items, the out-of-domain paragraphs and, per training seed s,
+`train_examples` demonstrations (a `noise` share of them noisy, none evaluated); the target_sft teacher trains
+on the task's clean demonstrations from a separate stream (see `qtarget.lab.teacher`).
 """
 from __future__ import annotations
 
@@ -26,21 +24,19 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from qtarget.lab import tasks
 from qtarget.lab.analysis import analyze
+from qtarget.lab.builtin_tasks import build_task
 from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import (Scorer, changed_tokens, chat_sequence, generation_items, nll_items, noise_fit_items,
                                  ranking_items, text_sequence, trunk_split)
-from qtarget.lab.ood_text import ood_texts
 from qtarget.lab.report import write_outputs
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.sweep import row_name
+from qtarget.lab.task import LabTask
 from qtarget.lab.teacher import obtain_teacher, teacher_dir
 from qtarget.models import load_tokenizer, smollm2_dir, tiny_causal_lm
 from qtarget.models.load import freeze, load
 from qtarget.models.smollm2 import smollm2_is_cached
-
-EVAL_SEED = 9_000_000
 
 
 class Progress:
@@ -100,21 +96,10 @@ def load_base(settings: LabSettings):
     return model, tokenizer, info
 
 
-def tokenize(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    """prompt/response rows -> tokenised chat examples (system = the lab instruction, user = question,
+def tokenize(tokenizer, rows: list[dict], max_length: int, instruction: str | None) -> list[dict]:
+    """prompt/response rows -> tokenised chat examples (system = the task's instruction, user = question,
     assistant = response; only the response is supervised)."""
-    return [chat_sequence(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
-
-
-def train_rows(settings: LabSettings, seed: int, n: int, noise: float, exclude: set[str]) -> list[dict]:
-    """`n` demonstrations from seed stream `seed`, skipping questions in `exclude`."""
-    problems: list[tasks.LabProblem] = []
-    extra = 0
-    while len(problems) < n:
-        batch = tasks.shop_problems(n + extra, seed)
-        problems = [p for p in batch if p.question not in exclude][:n]
-        extra += max(8, n // 4)
-    return tasks.demonstrations(problems, noise, seed)
+    return [chat_sequence(tokenizer, r["prompt"], r["response"], max_length, instruction=instruction) for r in rows]
 
 
 def _units(settings: LabSettings, teacher_cached: bool) -> int:
@@ -127,36 +112,36 @@ def _units(settings: LabSettings, teacher_cached: bool) -> int:
 
 
 class EvalData:
-    """Everything a model is measured on, fixed for the run: generation problems, answer-ranking
-    candidates, out-of-domain paragraphs, and per training seed its demonstrations (with the tokens
-    each noisy one changed). The teacher-forced sets are scored with one `Scorer` each."""
+    """Everything a model is measured on, fixed for the run: the task's generation problems, answer-ranking
+    candidates, out-of-domain paragraphs, and per training seed its demonstrations (with the tokens each
+    noisy one changed). The teacher-forced sets are scored with one `Scorer` each."""
 
-    def __init__(self, settings: LabSettings, base, tokenizer, split: int | None) -> None:
-        eval_seed = EVAL_SEED + settings.seed
-        self.settings = settings
-        self.gen_problems = tasks.shop_problems(settings.eval_in_domain, eval_seed)
-        rank_problems = tasks.shop_problems(settings.rank_items, eval_seed + 1)
-        self.rank = tasks.ranking_items(rank_problems, settings.rank_distractors, eval_seed)
-        self.n_candidates = settings.rank_distractors + 1
-        self.ood = ood_texts(settings.ood_texts, eval_seed)
-        self.exclude = {p.question for p in self.gen_problems} | {p.question for p in rank_problems}
-        self.train_rows = {s: train_rows(settings, s, settings.train_examples, settings.noise, self.exclude)
+    def __init__(self, settings: LabSettings, task: LabTask, base, tokenizer, split: int | None) -> None:
+        self.settings, self.task = settings, task
+        self.n_candidates = task.n_candidates
+        self.train_rows = {s: task.demonstrations(s, settings.train_examples, settings.noise)
                            for s in settings_seeds(settings)}
-        self.train_examples = {s: tokenize(tokenizer, rows, settings.max_length) for s, rows in self.train_rows.items()}
-        ml = settings.max_length
-        rank_seqs = [chat_sequence(tokenizer, it["prompt"], c, ml) for it in self.rank for c in it["candidates"]]
-        ood_seqs = [text_sequence(tokenizer, t, settings.ood_max_tokens) for t in self.ood]
-        self.kinds, self.changed = {}, {}
+        ml, instruction = settings.max_length, task.instruction
+        self.train_examples = {s: tokenize(tokenizer, rows, ml, instruction) for s, rows in self.train_rows.items()}
+        rank_seqs = [chat_sequence(tokenizer, it["prompt"], c, ml, instruction=instruction)
+                     for it in task.ranking for c in it["candidates"]]
+        ood_seqs = [text_sequence(tokenizer, t, settings.ood_max_tokens) for t in task.ood]
+        # per seed, the demonstrations measured for noise fit (those with noise metadata): index, kind, tokens
+        self.measured: dict[int, list[int]] = {}
+        self.kinds: dict[int, list[str]] = {}
+        self.changed: dict[int, list[np.ndarray]] = {}
         for s, rows in self.train_rows.items():
-            self.kinds[s] = [r["noise"] for r in rows]
             # noisy rows: the tokens their noise changed; clean rows: the tokens a corruption would have changed
-            self.changed[s] = [changed_tokens(ex, chat_sequence(
-                tokenizer, r["prompt"], r["counterfactual_response" if r["noise"] == "clean" else "clean_response"], ml))
-                for r, ex in zip(rows, self.train_examples[s])]
+            measured = [(r, ex) for r, ex in zip(rows, self.train_examples[s]) if _contrast(r) is not None]
+            self.kinds[s] = [r["noise"] for r, _ in measured]
+            self.changed[s] = [changed_tokens(ex, chat_sequence(tokenizer, r["prompt"], _contrast(r), ml,
+                                                                instruction=instruction)) for r, ex in measured]
+            self.measured[s] = [i for i, r in enumerate(rows) if _contrast(r) is not None]
         kw = dict(pad_token_id=tokenizer.pad_token_id, split=split, batch_size=settings.score_batch_size)
         self.scorers = {"rank": Scorer(base, rank_seqs, **kw), "ood": Scorer(base, ood_seqs, **kw)}
         for s, examples in self.train_examples.items():
-            self.scorers[f"train{s}"] = Scorer(base, examples, **kw)
+            if self.measured[s]:
+                self.scorers[f"train{s}"] = Scorer(base, [examples[i] for i in self.measured[s]], **kw)
         self.tokens_scored = sum(len(sc.base_scores) for sc in self.scorers.values())
 
     def teacher_forced(self, model, seed: int | None) -> dict[str, np.ndarray]:
@@ -165,11 +150,16 @@ class EvalData:
         rank = ranking_items(score(self.scorers["rank"]), self.n_candidates)
         out = {"rank.correct": rank["correct"], "rank.entropy": rank["entropy"], "rank.nll": rank["nll"],
                "ood.nll": nll_items(score(self.scorers["ood"]))}
-        if model is not None:
+        if model is not None and f"train{seed}" in self.scorers:
             sc = self.scorers[f"train{seed}"]
             noise = noise_fit_items(sc.score(model), sc.base_scores, self.kinds[seed], self.changed[seed])
             out.update({f"noise.{k}": v for k, v in noise.items()})
         return out
+
+
+def _contrast(row: dict) -> str | None:
+    """The response whose token difference from `row`'s marks the tokens noise fit measures (see LabTask)."""
+    return row.get("counterfactual_response" if row["noise"] == "clean" else "clean_response")
 
 
 def settings_seeds(settings: LabSettings) -> list[int]:
@@ -177,9 +167,11 @@ def settings_seeds(settings: LabSettings) -> list[int]:
 
 
 def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: bool = True,
-            cache_dir: str | os.PathLike | None = None, use_teacher_cache: bool = True) -> dict[str, Any]:
-    """Run the comparison and write report.md, results.json, results.csv and the PNG plots into
-    `output_dir`. Returns the results dict (what results.json holds)."""
+            cache_dir: str | os.PathLike | None = None, use_teacher_cache: bool = True,
+            task: LabTask | None = None) -> dict[str, Any]:
+    """Run the comparison on `task` (default: the built-in arithmetic task) and write report.md,
+    results.json, results.csv and the PNG plots into `output_dir`. Returns the results dict (what
+    results.json holds)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -194,15 +186,17 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
         base, tokenizer, model_info = load_base(settings)
         timings["load_model"] = time.perf_counter() - t0
         split = trunk_split(base, settings.train_top_layers)
+        if task is None:
+            task = build_task("shop", settings)
 
         cache_path = Path(cache_dir) if cache_dir is not None else None
         teacher_cached = (settings.needs_teacher and use_teacher_cache
-                          and (teacher_dir(settings, model_info["model_id"], cache_path) / "lab-teacher.json").exists())
+                          and (teacher_dir(settings, model_info["model_id"], task, cache_path) / "lab-teacher.json").exists())
         bar = Progress(_units(settings, teacher_cached), enabled=progress)
 
         bar.phase("teacher-forced scoring of the base model")
         t0 = time.perf_counter()
-        data = EvalData(settings, base, tokenizer, split)
+        data = EvalData(settings, task, base, tokenizer, split)
         timings["base_scoring"] = time.perf_counter() - t0
 
         items: dict[str, dict[str, list]] = {}
@@ -215,7 +209,7 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
             values = data.teacher_forced(model, seed)
             bar.step()
             bar.phase(f"generating with {name}")
-            gen = generation_items(base if model is None else model, tokenizer, data.gen_problems,
+            gen = generation_items(base if model is None else model, tokenizer, task,
                                    max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size,
                                    seed=settings.seed)
             bar.step()
@@ -239,10 +233,10 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
             bar.phase("teacher for target_sft" + (" (cached)" if teacher_cached else " (training: SFT on clean data)"))
 
             def make_teacher_examples(n: int, seed: int) -> list[dict]:
-                return tokenize(tokenizer, train_rows(settings, seed, n, 0.0, data.exclude), settings.max_length)
+                return tokenize(tokenizer, task.demonstrations(seed, n, 0.0), settings.max_length, task.instruction)
 
             teacher, teacher_info = obtain_teacher(
-                settings, base, tokenizer, model_id=model_info["model_id"], model_name=model_info["name"],
+                settings, base, tokenizer, task, model_id=model_info["model_id"], model_name=model_info["name"],
                 make_examples=make_teacher_examples, work_dir=out / "runs" / "teacher", cache_dir=cache_path,
                 use_cache=use_teacher_cache, on_step=bar.step)
             timings["teacher"] = teacher_info["seconds"]
@@ -280,13 +274,15 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
         "model": model_info,
         "teacher": teacher_info,
         "data": {
-            "gen": {"task": "shop", "n": len(data.gen_problems), "ids": [p.id for p in data.gen_problems],
-                    "answers": [p.answer for p in data.gen_problems], "example": data.gen_problems[0].prompt,
-                    "example_solution": tasks.solution_text(data.gen_problems[0].steps, data.gen_problems[0].answer)},
-            "rank": {"n": len(data.rank), "candidates_per_item": data.n_candidates, "example": data.rank[0]},
+            "task": {"name": task.name, "version": task.version, "description": task.description,
+                     "noise": task.noise_description, "instruction": task.instruction},
+            "gen": {"task": task.name, "n": len(task.generation), "ids": [p.id for p in task.generation],
+                    "answers": [p.answer for p in task.generation], "example": task.example["prompt"],
+                    "example_solution": task.example["response"]},
+            "rank": {"n": len(task.ranking), "candidates_per_item": data.n_candidates, "example": task.ranking[0]},
             "ood": {"source": "Python standard library docstrings (prose paragraphs)",
-                    "python": sys.version.split()[0], "n": len(data.ood), "max_tokens": settings.ood_max_tokens,
-                    "example": data.ood[0]},
+                    "python": sys.version.split()[0], "n": len(task.ood), "max_tokens": settings.ood_max_tokens,
+                    "example": task.ood[0]},
             "train_examples_per_run": settings.train_examples,
             "noise_counts_seed0": noise_counts,
             "train_demonstrations_seed0": [{k: r[k] for k in ("prompt", "response", "noise")} for r in first[:8]],

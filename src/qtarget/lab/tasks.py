@@ -12,18 +12,27 @@ Out-of-domain ("convert"): unit conversions ("How many minutes are in 7 hours?")
 demonstrations never show. Its accuracy before and after fine-tuning measures forgetting.
 
 Every generator is a pure function of its seed (`random.Random(seed)`), so a run is reproducible.
+`shop_task(settings)` packs the in-domain task into a `qtarget.lab.task.LabTask`.
 """
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from qtarget.evaluation import Problem
+from qtarget.lab.ood_text import ood_texts
+from qtarget.lab.task import LabTask
+
+if TYPE_CHECKING:
+    from qtarget.lab.settings import LabSettings
 
 # The instruction is the chat's system turn (it replaces SmolLM2's default system prompt, which would
 # cost ~20 more tokens per example); the user turn is the question alone. Same in training and eval.
 INSTRUCTION = "Solve step by step. End with: The answer is N."
 TASK_VERSION = 2  # part of the teacher cache key: bump when a generator changes
+EVAL_SEED = 9_000_000  # evaluation streams: generation 9_000_000 + seed, ranking 9_000_001 + seed
 NOISE_KINDS = ("corrupt", "alternative")
 
 _NAMES = ("Mia", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Sara", "Ben", "Nina", "Tom",
@@ -329,3 +338,48 @@ def stated_answer(response: str) -> int | None:
 def is_correct(response: str, answer: int) -> bool:
     """Whether the response's final answer equals `answer` exactly."""
     return extract_final(response) == int(answer)
+
+
+# ---------------------------------------------------------------------------------------------
+# the task as a LabTask
+# ---------------------------------------------------------------------------------------------
+
+def shop_train_rows(seed: int, n: int, noise: float, exclude: set[str]) -> list[dict[str, Any]]:
+    """`n` demonstrations from seed stream `seed`, skipping problems whose question is in `exclude`."""
+    problems: list[LabProblem] = []
+    extra = 0
+    while len(problems) < n:
+        batch = shop_problems(n + extra, seed)
+        problems = [p for p in batch if p.question not in exclude][:n]
+        extra += max(8, n // 4)
+    return demonstrations(problems, noise, seed)
+
+
+def _parse_int_answer(response: str) -> str | None:
+    value = stated_answer(response)
+    return None if value is None else str(value)
+
+
+def shop_task(settings: LabSettings) -> LabTask:
+    """The arithmetic word problems: generation problems from stream EVAL_SEED + seed, ranking problems
+    from EVAL_SEED + seed + 1 (each against `rank_distractors` corrupted solutions), training rows from
+    stream s for training seed s with every evaluated question left out."""
+    eval_seed = EVAL_SEED + settings.seed
+    gen = shop_problems(settings.eval_in_domain, eval_seed)
+    rank_problems = shop_problems(settings.rank_items, eval_seed + 1)
+    exclude = {p.question for p in gen} | {p.question for p in rank_problems}
+    return LabTask(
+        name="shop", version=str(TASK_VERSION),
+        description="procedural arithmetic word problems with a compact chain of thought, one equation per step, "
+                    "ending in 'The answer is N.'",
+        noise_description="half with a corrupted step (a wrong result carried to a wrong final answer), half in a "
+                          "non-unique alternative form (operands swapped, words instead of symbols, another closing "
+                          "phrase)",
+        instruction=INSTRUCTION,
+        demonstrations=lambda seed, n, noise: shop_train_rows(seed, n, noise, exclude),
+        generation=tuple(Problem(id=p.id, question=p.prompt, answer=str(p.answer), source=p.task) for p in gen),
+        parse_answer=_parse_int_answer,
+        ranking=tuple(ranking_items(rank_problems, settings.rank_distractors, eval_seed)),
+        ood=tuple(ood_texts(settings.ood_texts, eval_seed)),
+        example={"prompt": gen[0].prompt, "response": solution_text(gen[0].steps, gen[0].answer)},
+    )

@@ -19,7 +19,7 @@ from torch import nn
 
 from qtarget.lab.finetune import finetune
 from qtarget.lab.settings import LabSettings
-from qtarget.lab.tasks import TASK_VERSION
+from qtarget.lab.task import LabTask
 from qtarget.models.cache import atomic_dir, cache_root, file_lock
 from qtarget.models.load import load_model
 
@@ -28,15 +28,15 @@ TEACHER_KEYS = ("model", "teacher_examples", "teacher_steps", "batch_size", "lea
 TEACHER_DATA_SEED = 7_000_000  # the teacher's problems: a stream no student or eval set uses
 
 
-def teacher_key(settings: LabSettings, model_id: str) -> str:
-    body = json.dumps({"model_id": model_id, "task_version": TASK_VERSION,
+def teacher_key(settings: LabSettings, model_id: str, task: LabTask) -> str:
+    body = json.dumps({"model_id": model_id, "task": task.name, "task_version": task.version,
                        **{k: settings.to_dict()[k] for k in TEACHER_KEYS}}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def teacher_dir(settings: LabSettings, model_id: str, cache_dir: Path | None = None) -> Path:
+def teacher_dir(settings: LabSettings, model_id: str, task: LabTask, cache_dir: Path | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    return root / "lab-teachers" / teacher_key(settings, model_id)
+    return root / "lab-teachers" / teacher_key(settings, model_id, task)
 
 
 def describe(settings: LabSettings, model_name: str) -> str:
@@ -46,13 +46,13 @@ def describe(settings: LabSettings, model_name: str) -> str:
             f"the students' data and the evaluation sets")
 
 
-def obtain_teacher(settings: LabSettings, base: nn.Module, tokenizer, *, model_id: str, model_name: str,
+def obtain_teacher(settings: LabSettings, base: nn.Module, tokenizer, task: LabTask, *, model_id: str, model_name: str,
                    make_examples: Callable[[int, int], list[dict]], work_dir: Path,
                    cache_dir: Path | None = None, use_cache: bool = True,
                    on_step: Callable[[], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(teacher model, info). `make_examples(n, seed)` gives tokenised clean demonstrations.
     info: description, cached (bool), path, seconds, key, history (when trained now)."""
-    folder = teacher_dir(settings, model_id, cache_dir)
+    folder = teacher_dir(settings, model_id, task, cache_dir)
     # the cache entry relative to the cache root: reports carry no absolute path of the machine
     info: dict[str, Any] = {"description": describe(settings, model_name), "key": folder.name,
                             "path": f"<qtarget cache>/lab-teachers/{folder.name}", "examples": settings.teacher_examples,
@@ -79,8 +79,8 @@ def obtain_teacher(settings: LabSettings, base: nn.Module, tokenizer, *, model_i
     return teacher, info
 
 
-def clear_teacher(settings: LabSettings, model_id: str, cache_dir: Path | None = None) -> None:
-    folder = teacher_dir(settings, model_id, cache_dir)
+def clear_teacher(settings: LabSettings, model_id: str, task: LabTask, cache_dir: Path | None = None) -> None:
+    folder = teacher_dir(settings, model_id, task, cache_dir)
     if folder.exists():
         shutil.rmtree(folder)
     os.makedirs(folder.parent, exist_ok=True)
