@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -51,9 +52,14 @@ def _is_tokenized(ds: Any) -> bool:
 
 
 def apply_lora(model: nn.Module, config: QTargetConfig) -> nn.Module:
+    """Wrap `model` in a LoRA adapter whose initial weights depend on `config.seed` only: the adapter is
+    drawn from a forked RNG seeded with it (the Trainer seeds the global RNG later, too late for this)."""
     lora = LoraConfig(r=int(config.lora_r), lora_alpha=float(config.lora_alpha), lora_dropout=float(config.lora_dropout),
                       target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(config.seed))
+        return get_peft_model(model, lora)
 
 
 def save_yaml(config: QTargetConfig, path: Path) -> None:
