@@ -25,6 +25,12 @@ CATALOGUE_PARAMS = {
     "distill_hybrid": {"lam": 0.4},
     "target_sft": {"eta": 0.3},
     "target": {"gamma": "power", "residual": "tempered", "alpha": 0.5, "beta": 0.5},
+    # the catalogue of 2026 (docs/objectives.md): formulas below from the papers' code, not the library's
+    "prob_masked": {"q": 0.05, "side": "above"},
+    "nll_masked": {"q": 0.2, "side": "below"},
+    "prift_prob": {},
+    "prift_mass": {"tau": 0.7},
+    "deft": {},
 }
 
 
@@ -58,8 +64,8 @@ def expected_loss(name, params, z, y, aux):
     if name == "prob":
         a = params["alpha"]
         return (1 - py**a) / a
-    if name == "profit":
-        return -(py > params["tau"]).double() * lpy
+    if name == "profit":  # ProFit's code drops p_y < tau (trainer_utils._profit_cross_entropy)
+        return -(py >= params["tau"]).double() * lpy
     if name == "eaft":
         k, a = params["k"], params["alpha"]
         top = p.topk(k, -1).values
@@ -87,6 +93,8 @@ def expected_loss(name, params, z, y, aux):
     if name == "distill_hybrid":
         lam = params["lam"]
         return -(1 - lam) * lpy + lam * _kl(_teacher(aux), logp)
+    if name in NEW_2026:
+        return _loss_2026(name, params, p, lpy, py, aux, y)
     Q, _ = expected_target(name, params, z, y, aux)
     return -(Q * logp).sum(-1)  # target_sft and target are CE(Q, p) by definition
 
@@ -111,7 +119,7 @@ def expected_target(name, params, z, y, aux):
     if name == "prob":
         return mix(py ** params["alpha"], student)
     if name == "profit":
-        return mix((py > params["tau"]).double(), student)
+        return mix((py >= params["tau"]).double(), student)
     if name == "eaft":
         k, a = params["k"], params["alpha"]
         top = p.topk(k, -1).values
@@ -144,9 +152,55 @@ def expected_target(name, params, z, y, aux):
         eta = params["eta"]
         pi = p ** (1 - eta) * _teacher(aux) ** eta
         return mix(py, pi / pi.sum(-1, keepdim=True))
+    if name in NEW_2026:
+        return mix(_gamma_2026(name, params, p, py, aux, y), student)
     if name == "target":  # the CATALOGUE_PARAMS composition: gamma = p_y^alpha, residual ∝ p^(1/beta)
         q = p ** (1 / params["beta"])
         return mix(py ** params["alpha"], q / q.sum(-1, keepdim=True))
+    raise KeyError(name)
+
+
+NEW_2026 = ("prob_masked", "nll_masked", "prift_prob", "prift_mass", "deft")
+DEFT_EPS = 1e-6  # DEFT's code: loss = -(exp(a log p) - 1) / (a + 1e-6)
+
+
+def _side(py, params):
+    """Beyond Log Likelihood's OnlyTop* keep p >= q, OnlyBottom* keep p <= q."""
+    keep = py >= params["q"] if params["side"] == "above" else py <= params["q"]
+    return keep.double()
+
+
+def _ref_label_prob(aux, y):
+    q = torch.softmax(aux["ref_logits"].double(), -1)
+    return q, q[torch.arange(len(y)), y]
+
+
+def _loss_2026(name, params, p, lpy, py, aux, y):
+    if name == "prob_masked":  # (1 - p) * 1[...]
+        return _side(py, params) * (1 - py)
+    if name == "nll_masked":  # -log p * 1[...]
+        return -_side(py, params) * lpy
+    if name == "deft":  # a = sum_v p_v^2 (detached), loss = (1 - p^a) / (a + eps)
+        a = (p * p).sum(-1)
+        return (1 - py ** a) / (a + DEFT_EPS)
+    return -_gamma_2026(name, params, p, py, aux, y) * lpy  # PriFT: -m_t log p with m_t from the reference
+
+
+def _gamma_2026(name, params, p, py, aux, y):
+    """gamma of dL/dz = p - (gamma delta_y + (1 - gamma) p), from each loss's derivative."""
+    if name == "prob_masked":  # d(1 - p_y)/dz = p_y (p - delta_y)
+        return _side(py, params) * py
+    if name == "nll_masked":
+        return _side(py, params)
+    if name == "prift_prob":  # m_t = p_ref(y_t)
+        return _ref_label_prob(aux, y)[1]
+    if name == "prift_mass":  # m_t = 1[u_t >= tau], u_t = 1 - (mass of the tokens more likely than y) under ref
+        q, qy = _ref_label_prob(aux, y)
+        u = 1 - (q * (q > qy.unsqueeze(-1))).sum(-1)
+        return (u >= params["tau"]).double()
+    if name == "deft":  # d/dz (1 - p^a)/(a + eps) = a/(a + eps) p^a (p - delta_y)
+        a = (p * p).sum(-1)
+        return a / (a + DEFT_EPS) * py ** a
     raise KeyError(name)
 
 

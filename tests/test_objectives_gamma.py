@@ -169,15 +169,24 @@ def _lora_student():
     return model
 
 
+TRAINER_CASES = {
+    "target": {"gamma": "power", "alpha": 0.5, "gamma_from": "reference", "gamma_min": 0.002},
+    "prift_prob": {},
+    "prift_mass": {"tau": 0.3},
+}
+
+
+@pytest.mark.parametrize("objective", list(TRAINER_CASES))
 @pytest.mark.parametrize("lora", [False, True], ids=["full_copy", "lora_adapters_off"])
-def test_trainer_reference_source_equals_a_separate_frozen_copy(tmp_path, lora):
-    """QTargetTrainer's loss and gradients with gamma_from="reference" equal token_loss with ref_logits
-    from a separately built frozen copy of the initial model, after the student has moved away from it."""
+def test_trainer_reference_source_equals_a_separate_frozen_copy(tmp_path, lora, objective):
+    """QTargetTrainer's loss and gradients with a gamma read from the reference (gamma_from="reference",
+    PriFT) equal token_loss with ref_logits from a separately built frozen copy of the initial model,
+    after the student has moved away from it."""
     tok = tokenizer()
-    args = {"gamma": "power", "alpha": 0.5, "gamma_from": "reference", "gamma_min": 0.002}
+    args = TRAINER_CASES[objective]
     student = _lora_student() if lora else _initial()
     trainer = QTargetTrainer(model=student, processing_class=tok,
-                             args=config(tmp_path, objective="target", objective_args=args))
+                             args=config(tmp_path, objective=objective, objective_args=args))
     assert trainer.use_adapter_ref == lora
     if not lora:  # move the student away from the frozen copy the trainer took at construction
         with torch.no_grad():
@@ -199,15 +208,16 @@ def test_trainer_reference_source_equals_a_separate_frozen_copy(tmp_path, lora):
     with torch.no_grad():
         ref_logits = frozen(**inputs).logits[:, :-1]
     logits = model(**inputs).logits[:, :-1]  # without labels the patched forward returns plain logits
-    want = qtarget.token_loss(qtarget.target(**args), logits, labels, normalizer=float(n), ref_logits=ref_logits)
+    want = qtarget.token_loss(qtarget.get_objective(objective, **args), logits, labels, normalizer=float(n),
+                              ref_logits=ref_logits)
     want.loss.backward()
     assert float(got.detach()) == pytest.approx(float(want.loss), rel=1e-5)
     scale = max(float(g.abs().max()) for g in got_grads.values())
     for k, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got_grads[k], p.grad, rtol=1e-4, atol=1e-6 * scale)
-    # and the reference really differs from the student: gamma from the model would give another loss
-    model_source = qtarget.token_loss(qtarget.target(**{**args, "gamma_from": "model"}), logits.detach(), labels,
-                                      normalizer=float(n))
-    assert abs(float(model_source.loss) - float(want.loss)) > 1e-4
+    # and the reference really differs from the student: gamma read from the student differs
+    student_as_ref = qtarget.token_loss(qtarget.get_objective(objective, **args), logits.detach(), labels,
+                                        normalizer=float(n), ref_logits=logits.detach())
+    assert student_as_ref.metrics["gamma"] != pytest.approx(want.metrics["gamma"], rel=1e-2)
 

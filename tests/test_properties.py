@@ -12,6 +12,8 @@ DISTRIBUTION_OBJECTIVES = {
     "sft": {}, "label_smoothing": {"lam": 0.3}, "dft": {}, "prob": {"alpha": 0.7}, "profit": {"tau": 0.2},
     "eaft": {"k": 4, "alpha": 1.0}, "token_weighted": {}, "sft_kl": {"lam": 0.5}, "asft": {"lam": 0.05},
     "kd": {"temperature": 1.5}, "distill_hybrid": {"lam": 0.3}, "target_sft": {"eta": 0.5},
+    "prob_masked": {"q": 0.1, "side": "above"}, "nll_masked": {"q": 0.3, "side": "below"}, "prift_prob": {},
+    "prift_mass": {"tau": 0.5}, "deft": {},
 }
 
 

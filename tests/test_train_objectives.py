@@ -9,7 +9,8 @@ from qtarget.data import Collator, prepare_data
 from qtarget.training import train
 from test_train_support import config, tiny, tokenizer, toy_rows
 
-ARGS = {"profit": {"tau": 0.0}, "psft": {"eps": 0.2}}
+ARGS = {"profit": {"tau": 0.0}, "psft": {"eps": 0.2}, "prob_masked": {"q": 0.0}, "nll_masked": {"q": 0.0},
+        "prift_mass": {"tau": 0.0}}
 EXTRA = {"psft": {"psft_updates_per_batch": 2}}
 
 

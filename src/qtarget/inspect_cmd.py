@@ -15,10 +15,11 @@ from matplotlib.figure import Figure
 
 from qtarget.analysis import implied_target
 from qtarget.objectives import get_objective, list_objectives, objective_parameters, token_loss
-from qtarget.objectives.registry import objective_doc
+from qtarget.objectives.registry import RULE_PARAMETERS, objective_doc, rule_parameters
 
 PARAM_FLAGS = {"lam": float, "alpha": float, "tau": float, "k": int, "eps": float, "beta": float,
-               "temperature": float, "eta": float}
+               "temperature": float, "eta": float, "q": float, "side": str,
+               "gamma_from": str, "gamma_min": float, "gamma_max": float}
 TOKENS = ["the", "answer", "is", "4", "5", "four", "=", "so", "therefore", "\\boxed", "we", "get",
           "2+2", "sum", "total", "."]
 
@@ -51,7 +52,10 @@ def inspect_objectives(names: list[str], params: dict, vocab: int = 12, seed: in
     z, y, aux = example_position(vocab, seed, label)
     rows = []
     for name in names:
-        accepted = objective_parameters(name)
+        accepted = set(objective_parameters(name))
+        if name == "target":  # of the rule parameters, only those its chosen rules read
+            accepted = (accepted - set(RULE_PARAMETERS)) | rule_parameters(params.get("gamma", "p_y"),
+                                                                          params.get("residual", "student"))
         objective = get_objective(name, **{k: v for k, v in params.items() if k in accepted})
         Q, c = implied_target(objective, z, y, return_scale=True, **aux)
         res = token_loss(objective, z, y, **aux)

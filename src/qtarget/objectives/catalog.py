@@ -89,7 +89,8 @@ class Prob(Objective):
 
 
 class ProFit(Objective):
-    """-1[sg(p_y) > tau] log p_y; gamma = 1[p_y > tau], pi_tilde = sg(p)."""
+    """-1[sg(p_y) >= tau] log p_y; gamma = 1[p_y >= tau], pi_tilde = sg(p). (The official code masks
+    p_y < tau, so p_y == tau is kept; tau = 0.1 as in its run script.)"""
 
     name = "profit"
 
@@ -97,7 +98,7 @@ class ProFit(Objective):
         super().__init__(tau=check_range("tau", tau, 0.0, 1.0, objective="profit"))
 
     def terms(self, x):
-        keep = (x.p_y_detached > self.params["tau"]).to(x.logp_y.dtype)
+        keep = (x.p_y_detached >= self.params["tau"]).to(x.logp_y.dtype)
         return TokenTerms(loss=-keep * x.logp_y, gamma=keep)
 
 

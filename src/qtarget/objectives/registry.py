@@ -5,7 +5,7 @@ import difflib
 import inspect
 from typing import Any, Callable
 
-from qtarget.objectives import catalog
+from qtarget.objectives import catalog, catalog_2026
 from qtarget.objectives.base import Objective
 from qtarget.objectives.rules import (
     GAMMA_ALIASES,
@@ -97,6 +97,18 @@ RULE_PARAMETERS = tuple(dict.fromkeys(
     for p in inspect.signature(cls).parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)))
 
 
+def rule_parameters(gamma: Any = "p_y", residual: Any = "student") -> set[str]:
+    """The parameters the gamma and residual rules named `gamma` / `residual` read (a rule given as an
+    instance or a number reads none)."""
+    out: set[str] = set()
+    for spec, table, aliases in ((gamma, GAMMA_RULES, GAMMA_ALIASES), (residual, RESIDUAL_RULES, RESIDUAL_ALIASES)):
+        cls = table.get(aliases.get(spec, spec)) if isinstance(spec, str) else None
+        if cls is not None:
+            out |= {p.name for p in inspect.signature(cls).parameters.values()
+                    if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return out
+
+
 def _make_rule(spec: Any, table: dict, aliases: dict, kind: str, params: dict[str, Any]):
     """A rule from an instance, a float (gamma only: constant) or a name whose parameters are
     taken from `params` (consumed)."""
@@ -160,5 +172,11 @@ for _name, _factory in {
     "distill_hybrid": catalog.DistillHybrid,
     "target_sft": catalog.target_sft,
     "target": target,
+    # the catalogue of 2026 (objectives/catalog_2026.py, docs/objectives.md)
+    "prob_masked": catalog_2026.ProbMasked,
+    "nll_masked": catalog_2026.nll_masked,
+    "prift_prob": catalog_2026.prift_prob,
+    "prift_mass": catalog_2026.prift_mass,
+    "deft": catalog_2026.DEFT,
 }.items():
     register_objective(_name, _factory)

@@ -90,6 +90,30 @@ def topk_entropy_ratio(logp: Tensor, k: int) -> Tensor:
     return (entropy / math.log(k)).clamp(0.0, 1.0) if k > 1 else torch.zeros_like(entropy)
 
 
+def mass_at_or_below_label(logp: Tensor, labels: Tensor) -> Tensor:
+    """[n] u = sum_v p_v 1[p_v < p_y] + p_y: the probability mass of the tokens no more likely than the
+    label (the label's position in the cumulative distribution sorted by probability, PriFT-mass)."""
+    p = logp.exp()
+    p_y = p.gather(-1, labels.unsqueeze(-1))
+    return (p * (p < p_y)).sum(-1) + p_y.squeeze(-1)
+
+
+class MassGamma(GammaRule):
+    """gamma = 1[u >= tau], u the mass of the tokens no more likely than the label (PriFT-mass; with
+    gamma_from="reference" it is read from the frozen pretrained model, as in the paper)."""
+
+    name = "mass"
+
+    def __init__(self, tau: float = 0.5) -> None:
+        if not 0.0 <= float(tau) <= 1.0:
+            raise ValueError(f"gamma rule 'mass': `tau` must be in [0, 1], got {tau}")
+        super().__init__(tau=float(tau))
+
+    def __call__(self, x):
+        u = mass_at_or_below_label(x.logp.detach(), x.labels)
+        return (u >= self.params["tau"]).to(x.p_y_detached.dtype)
+
+
 class TopKEntropyGamma(GammaRule):
     """gamma = (H_k / log k)^alpha, H_k the entropy of the renormalised top-k of sg(p) (EAFT)."""
 
@@ -302,7 +326,8 @@ class TopKResidual(ResidualRule):
 
 GAMMA_RULES: dict[str, type[GammaRule]] = {
     cls.name: cls
-    for cls in (ConstantGamma, LabelProbGamma, PowerGamma, ThresholdGamma, TopKEntropyGamma, RatioGamma, DataWeightGamma)
+    for cls in (ConstantGamma, LabelProbGamma, PowerGamma, ThresholdGamma, TopKEntropyGamma, RatioGamma, DataWeightGamma,
+                MassGamma)
 }
 RESIDUAL_RULES: dict[str, type[ResidualRule]] = {
     cls.name: cls
