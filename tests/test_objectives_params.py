@@ -54,3 +54,16 @@ def test_lab_accepts_every_registered_objective_with_its_defaults():
         qtarget.get_objective(name, **args)  # the lab's arguments are accepted by the objective
     with pytest.raises(ValueError, match=r"unknown objective\(s\) \['nope'\]"):
         LabSettings(objectives=("sft", "nope"))
+
+
+def test_new_parameters_reach_the_objective_from_config_and_sweep(tmp_path):
+    from qtarget.lab.sweep import parse_sweep
+    from qtarget.training import QTargetConfig
+
+    cfg = QTargetConfig(output_dir=str(tmp_path), objective="prob_masked", objective_args="q=0.3,side=below",
+                        use_cpu=True, report_to="none")
+    assert repr(cfg.build_objective()) == "prob_masked(q=0.3, side='below')"
+    assert parse_sweep(["nll_masked.side=above,below"]) == (("nll_masked", "side", ("above", "below")),)
+    assert parse_sweep(["prift_mass.tau=0.3,0.5"]) == (("prift_mass", "tau", (0.3, 0.5)),)
+    with pytest.raises(ValueError, match=r"--sweep prob_masked.side='middle'.*`side` must be one of"):
+        parse_sweep(["prob_masked.side=above,middle"])
