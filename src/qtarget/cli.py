@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("qtarget.inspect_cmd", "show p, the implied target Q, gamma and the residual per objective"),
     "objectives": ("qtarget.inspect_cmd:list_main", "list the objective catalogue and parameters"),
     "teacher-cache": ("qtarget.teacher_cache.cli", "run a teacher once and cache its top-k per supervised token"),
+    "profile": ("qtarget.profile.cli", "the prior profile of a model on your data and the objectives to try first"),
 }
 
 
