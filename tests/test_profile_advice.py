@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 
 from qtarget.objectives.registry import get_objective
-from qtarget.profile.advice import BANDS, FINDINGS, LAB_VERDICTS, PAPER, advise, lab_command, place
+from qtarget.profile.advice import (
+    BANDS,
+    FINDINGS,
+    LAB_VERDICTS,
+    PAPER,
+    PROFIT_LAB_TAU,
+    advise,
+    lab_command,
+    place,
+)
 from qtarget.profile.compute import TokenProfile
 from qtarget.profile.summary import summarize
 
@@ -59,7 +68,7 @@ def test_all_high_p_y_is_model_strong_and_recommends_prior_leaning():
     d = advice.to_dict()
     dft = next(r for r in d["recommendations"] if r["objective"] == "dft")
     assert any("inconclusive" in t for t in dft["lab"]) and any("supported" in t for t in dft["lab"])
-    assert advice.lab_objectives == ["sft", "dft"]
+    assert advice.lab_objectives == ["sft", "prob", "profit", "dft"]
     assert "not a result" in d["caveat"]
     assert any("Table 6" in n for n in advice.notes)
 
@@ -115,6 +124,7 @@ def test_noisy_tokens_under_a_strong_prior_are_flagged():
 
 
 def test_every_finding_names_a_registered_objective_and_sources():
+    assert get_objective("profit").params["tau"] == PROFIT_LAB_TAU  # what the lab trains, as the note says
     for f in FINDINGS:
         get_objective(f.objective, **f.args)  # a real objective with valid arguments
         assert f.sources and all(s.paper and s.where and s.says for s in f.sources)

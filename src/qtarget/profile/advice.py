@@ -120,13 +120,14 @@ FINDINGS: tuple[Finding, ...] = (
                                       "32.75 vs 17.00"),
              Source(PAPER, "Table 8", "Qwen2.5-Coder-7B: −p 77.8 vs −log p 74.7 average pass@1 (EvalPlus)"),
              Source(PAPER, "Figure 7", "the −p gain over NLL grows with model size (Qwen2.5 3B→32B, math)")),
-            lab_row="dft"),
+            lab_row="prob"),
     Finding("profit", {"tau": 0.2}, ("strong", "strong_intermediate"),
             "NLL that skips tokens the model gives p_y ≤ 0.2: the low-probability tokens hurt at the strong end",
             (Source(PAPER, "Table 1", "−log(p)·1{p ≥ 0.2} beats −log p on all four math backbones, e.g. "
                                       "Qwen2.5-Math-7B 38.16 vs 22.67"),
              Source(PAPER, "Figure 5", "training only on the top 10 % most likely tokens beats NLL on all tokens; "
-                                       "the bottom 10 % account for most of NLL's loss (Qwen2.5-Math-1.5B)"))),
+                                       "the bottom 10 % account for most of NLL's loss (Qwen2.5-Math-1.5B)")),
+            lab_row="profit"),
     Finding("dft", {}, ("strong", "strong_intermediate"),
             "γ = p_y: the same logit gradient as −p (SPEC §2), the form this library and its lab train",
             (Source("arXiv 2508.05629 (DFT)", "Sec. 3 / SPEC §3", "Qwen2.5-Math-1.5B average 31.58 vs SFT 18.01 "
@@ -150,7 +151,7 @@ FINDINGS: tuple[Finding, ...] = (
             (Source(PAPER, "Table 2", "medical: −p and −log p within noise on all four backbones"),
              Source(PAPER, "Table 7", "general instruction tuning: −p vs NLL win rate 41 % (3B), 50 % (7B), "
                                       "57 % (14B)")),
-            lab_row="dft"),
+            lab_row="prob"),
     Finding("psft", {"eps": 0.28}, ("intermediate", "weak_intermediate"),
             "NLL-like updates with a trust-region clip: on par in-domain, less forgetting",
             (Source("arXiv 2508.17784 (PSFT)", "SPEC §3", "in-domain on par with SFT, better out-of-domain "
@@ -158,6 +159,7 @@ FINDINGS: tuple[Finding, ...] = (
             lab=("psft_forgetting", "psft_gen"), lab_row="psft"),
 )
 BASELINE = "sft"  # always trained by the lab as the reference
+PROFIT_LAB_TAU = 0.1  # catalog.ProFit's default, what `qtarget lab --objectives profit` trains
 
 
 # ------------------------------------------------------------------------------------ placement
@@ -257,8 +259,9 @@ def advise(summary: dict[str, Any], *, has_teacher: bool = False) -> Advice:
     for f in recs:
         if f.lab_row and f.lab_row not in lab_objs:
             lab_objs.append(f.lab_row)
-    if "prob" in {f.objective for f in recs} and "dft" in lab_objs:
-        notes.append("the lab trains −p as dft: γ = p_y gives exactly the logit gradient of −p (SPEC §2)")
+    if "profit" in lab_objs:
+        notes.append(f"the lab trains profit with its registry default τ = {PROFIT_LAB_TAU}; the paper's thresholded "
+                     f"NLL used p ≥ 0.2 ({PAPER}, Table 1)")
     return Advice(placement, recs, notes, lab_objs)
 
 
