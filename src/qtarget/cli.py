@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import sys
+
+import yaml
 
 from qtarget import __version__
 
-# Exceptions that mean "the input is wrong" (their messages name the argument, field or row).
-USER_ERRORS = (ValueError, FileNotFoundError)
+# Exceptions that mean "the input is wrong" (their messages name the argument, field or row): a bad
+# value, a missing file, a folder or hub id that cannot be read (OSError, ConnectionError included),
+# a YAML file that does not parse. QTARGET_TRACEBACK=1 shows the traceback instead.
+USER_ERRORS = (ValueError, OSError, yaml.YAMLError)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (library messages often span several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) or type(error).__name__
 
 # name -> (module, one-line summary)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -54,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(getattr(module, func or "main")(argv[1:]) or 0)
     except USER_ERRORS as e:  # bad input: one clear line, exit status 2 (no traceback)
-        print(f"qtarget {name}: error: {e}", file=sys.stderr)
+        if os.environ.get("QTARGET_TRACEBACK"):
+            raise
+        print(f"qtarget {name}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,8 @@ from typing import Any, Iterable, Mapping
 
 import datasets
 
+from qtarget.models.load import looks_like_path
+
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -49,11 +51,37 @@ def load_rows(source: Any, *, split: str = "train", name: str | None = None) -> 
         if path.stat().st_size == 0:
             raise ValueError(f"dataset file {str(path)!r} is empty")
         builder = FILE_BUILDERS[path.suffix.lower()]
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        quiet = datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # a bar per small local file is noise (and precedes any error)
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 - datasets wraps parse errors in its own classes
+            raise ValueError(f"dataset file {str(path)!r} cannot be read as {path.suffix.lower()[1:]}: "
+                             f"{_cause(e)}") from None
+        finally:
+            if not quiet:
+                datasets.enable_progress_bars()
     if path.exists():
         raise ValueError(f"dataset file {str(path)!r} has an unsupported extension {path.suffix!r}; "
                          f"expected one of {', '.join(FILE_BUILDERS)} or a save_to_disk folder")
-    return datasets.load_dataset(str(source), name, split=split)
+    if looks_like_path(str(source)):
+        raise FileNotFoundError(f"dataset {str(source)!r} does not exist (no such file or folder)")
+    try:
+        return datasets.load_dataset(str(source), name, split=split)
+    except (OSError, ValueError) as e:  # offline, not on the hub (DatasetNotFoundError), no such split
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        hint = " (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set: only datasets in the local cache load)" if offline else ""
+        raise ValueError(f"dataset {str(source)!r} is not a local file or folder, and loading it as a hub dataset "
+                         f"failed: {_cause(e)}{hint}") from None
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost message of a (chained) library error, on one line."""
+    while error.__cause__ is not None and str(error.__cause__).strip():
+        error = error.__cause__
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _pick_split(dd: datasets.DatasetDict, split: str, where: str) -> datasets.Dataset:

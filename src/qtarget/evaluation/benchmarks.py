@@ -147,6 +147,7 @@ def jsonl_file(path: str | Path) -> list[Problem]:
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist")
     problems = []
+    first_line: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -163,6 +164,10 @@ def jsonl_file(path: str | Path) -> list[Problem]:
             if "answer" not in row or row["answer"] is None or str(row["answer"]).strip() == "":
                 raise ValueError(f"{path}:{lineno}: field 'answer' is missing or empty")
             pid = str(row.get("id", lineno))
+            if pid in first_line:
+                raise ValueError(f"{path}:{lineno}: duplicate id {pid!r} in this file (first on line "
+                                 f"{first_line[pid]}); ids must be unique within a benchmark file")
+            first_line[pid] = lineno
             meta = {k: v for k, v in row.items() if k not in ("question", "problem", "answer", "id")}
             problems.append(Problem(
                 id=f"{path.stem}/{pid}", question=question.strip(), answer=str(row["answer"]).strip(),
@@ -297,10 +302,20 @@ def load_benchmarks(names: str | list[str], *, limit: int | None = None, seed: i
         names = [n for n in names.split(",") if n.strip()]
     if not names:
         raise ValueError("no benchmark names given")
+    names = [n.strip() for n in names]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"benchmark(s) {', '.join(map(repr, twice))} listed more than once; list each benchmark once")
     out: list[Problem] = []
+    where: dict[str, str] = {}  # problem id -> the benchmark name it came from
     for n in names:
-        out.extend(load_benchmark(n, limit=limit, seed=seed))
-    ids = [p.id for p in out]
-    if len(set(ids)) != len(ids):
-        raise ValueError("duplicate problem ids across benchmarks; list each benchmark once")
+        for p in load_benchmark(n, limit=limit, seed=seed):
+            if p.id in where:
+                other = where[p.id]
+                if other == n:
+                    raise ValueError(f"duplicate problem id {p.id!r} within benchmark {n!r}")
+                raise ValueError(f"duplicate problem id {p.id!r} across benchmarks {other!r} and {n!r} "
+                                 f"(two files with the same name? ids are prefixed by the file's stem)")
+            where[p.id] = n.strip()
+            out.append(p)
     return out

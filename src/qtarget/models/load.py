@@ -8,8 +8,10 @@ loads through it.
 """
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,11 +26,45 @@ DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32, "bfloat16": 
                           "float16": torch.float16}
 
 
-def resolve(name_or_path: str) -> str:
-    """A loadable folder or hub id for a name: aliases become their cached local folder."""
+# role -> how a message names it (with the train flag that sets it)
+DESCRIBE = {"student": "model (--model)", "base": "model (--model)", "teacher": "teacher model (--teacher_model)",
+            "ref": "reference model (--ref_model)", "reference": "reference model (--ref_model)"}
+# a folder holding any of these has a tokenizer (fast json, sentencepiece, BPE vocab, tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "tekken.json", "tokenizer.tiktoken")
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path, not a hub id ("name" or "org/name")."""
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or "\\" in name
+            or name.count("/") > 1 or name.endswith("/"))
+
+
+def resolve(name_or_path: str, role: str = "student") -> str:
+    """A loadable folder or hub id for a name: aliases become their cached local folder. A path that
+    does not exist, or a file, is an error naming the role's argument."""
     if name_or_path == "smollm2":
         return str(smollm2_dir())
-    return name_or_path
+    what = DESCRIBE.get(role, role)
+    path = Path(str(name_or_path)).expanduser()
+    if path.is_file():
+        raise ValueError(f"{what} {name_or_path!r} is a file; expected a model folder or a hub id")
+    if not path.exists() and looks_like_path(str(name_or_path)):
+        raise FileNotFoundError(f"{what} {name_or_path!r} does not exist (no such folder)")
+    return str(name_or_path)
+
+
+def _from_pretrained(load: Callable[[str], Any], name: str, role: str, kind: str) -> Any:
+    """`load(resolved)` with a one-line error naming the role when the folder / hub id cannot be read."""
+    source = resolve(name, role)
+    try:
+        return load(source)
+    except OSError as e:  # transformers: not a folder with the files, not on the hub, offline, gated
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = (" (HF_HUB_OFFLINE is set: only folders and models already in the local cache can be loaded)"
+                if offline and not Path(source).exists() else "")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load the {kind} of the {DESCRIBE.get(role, role)} {name!r}: {first}{hint}") from None
 
 
 def torch_dtype(dtype: str | torch.dtype) -> Any:
@@ -47,12 +83,22 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def has_tokenizer_files(name_or_path: str) -> bool:
+    """False only for a local folder with none of the tokenizer files (a hub id may have them)."""
+    path = Path(str(name_or_path)).expanduser()
+    return not path.is_dir() or any((path / f).exists() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(name_or_path: str, role: str = "student") -> PreTrainedTokenizerBase:
     """The tokenizer of a model name / folder / hub id, with a pad token (eos when it has none)."""
     if name_or_path == "smollm2":
         tokenizer = load_offline_tokenizer("smollm2")  # chat template and pad token set
     else:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+        if not has_tokenizer_files(name_or_path):
+            raise FileNotFoundError(f"the {DESCRIBE.get(role, role)} folder {name_or_path!r} has no tokenizer files "
+                                    f"({', '.join(TOKENIZER_FILES[:2])}, ...): save the tokenizer into it "
+                                    f"(tokenizer.save_pretrained)")
+        tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, role, "tokenizer")
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"the tokenizer of {name_or_path!r} has neither a pad nor an eos token; set "
@@ -65,7 +111,8 @@ def load_model(name_or_path: str, *, role: str = "student", dtype: str | torch.d
     """A causal LM; frozen unless role == "student"."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
-    model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=torch_dtype(dtype))
+    model = _from_pretrained(lambda src: AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype(dtype)),
+                             name_or_path, role, "weights")
     return model if role == "student" else freeze(model)
 
 
@@ -78,12 +125,23 @@ def load(name_or_path: str, *, role: str = "student", dtype: str | torch.dtype =
 def load_aux_tokenizer(name: str, role: str) -> PreTrainedTokenizerBase | None:
     """The tokenizer of an auxiliary model, or None (with a warning saying what is then not checked)
     when its folder has none."""
-    try:
-        return load_tokenizer(name)
-    except OSError as e:
-        warnings.warn(f"cannot load the {role} {name!r}'s tokenizer ({e}); only its LM-head size is checked "
-                      f"against the student's", stacklevel=2)
-        return None
+    resolve(name, role)  # a missing folder is an error, not a missing tokenizer
+    if not has_tokenizer_files(name):
+        why = "its folder has no tokenizer files"
+    else:
+        try:
+            return load_tokenizer(name, role)
+        except (OSError, ValueError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    warnings.warn(f"cannot load the {role} {name!r}'s tokenizer ({why}); only its LM-head size is checked "
+                  f"against the student's", stacklevel=2)
+    return None
+
+
+def check_source(name: str | None, role: str) -> None:
+    """Fail early (before data and models load) on a model argument that names a missing folder or a file."""
+    if name and name not in ALIASES:
+        resolve(name, role)
 
 
 def load_aux_model(name: str, *, role: str, student_tokenizer: PreTrainedTokenizerBase, student_name: str,

@@ -26,7 +26,9 @@ BATCH_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_log_tai
 FILLER_LOG_TAIL_GAP = 50.0  # filler at unsupervised positions: uniform over k ids, tail e^-50 of that
 
 
-class MissingRowError(KeyError):
+class MissingRowError(KeyError, ValueError):
+    """A row, split or shard the cache does not hold (a ValueError too: bad input, one line on the CLI)."""
+
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0])
 

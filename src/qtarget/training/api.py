@@ -13,7 +13,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from qtarget.data import Collator, PreparedData, TokenizeReport, prepare_data
-from qtarget.models.load import load_aux_model, load_model, load_tokenizer
+from qtarget.models.load import check_source, load_aux_model, load_model, load_tokenizer
+from qtarget.teacher_cache.reader import TeacherCache
 from qtarget.teacher_cache.training import attach_teacher_cache, data_settings
 from qtarget.training.config import QTargetConfig
 from qtarget.training.logs import MetricsWriter
@@ -42,6 +43,10 @@ def check_requirements(config: QTargetConfig, *, teacher_given: bool = False) ->
                          f"cache (--teacher_cache)")
     if teacher_given and config.teacher_cache:
         raise ValueError("pass either teacher= or config.teacher_cache (--teacher_cache), not both")
+    for name, role in ((config.model, "student"), (config.teacher_model, "teacher"), (config.ref_model, "ref")):
+        check_source(name, role)
+    if config.teacher_cache:
+        TeacherCache(config.teacher_cache, verify=False)  # a missing manifest or shard, before any model loads
 
 
 def _is_tokenized(ds: Any) -> bool:
@@ -150,17 +155,17 @@ def train(
     else:
         ref = None
 
-    if config.process_index == 0:
-        save_yaml(config, output_dir / "config.yaml")
     writer = MetricsWriter(output_dir, plot=config.plot)
-    if config.process_index == 0 and not config.resume:
-        for name in ("metrics.jsonl", "metrics.csv"):
-            (output_dir / name).unlink(missing_ok=True)
     trainer = QTargetTrainer(
         model=model, args=config, teacher=teacher, ref=ref, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, data_collator=collator,
         callbacks=[writer] + list(callbacks or []),
     )
+    if config.process_index == 0:  # set-up succeeded: only now does output_dir look like a run
+        save_yaml(config, output_dir / "config.yaml")
+        if not config.resume:
+            for name in ("metrics.jsonl", "metrics.csv"):
+                (output_dir / name).unlink(missing_ok=True)
     resume = config.resume
     if resume == "last":
         resume = True

@@ -118,7 +118,13 @@ def load_config(argv: list[str]) -> QTargetConfig:
         path = Path(given.pop("config"))
         if not path.exists():
             raise FileNotFoundError(f"--config {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"--config {str(path)!r} is not valid YAML{where}: "
+                             f"{getattr(e, 'problem', None) or e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"--config {str(path)!r} must hold a mapping of keys to values")
         _check_keys(data, f"in {path}")
