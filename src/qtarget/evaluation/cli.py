@@ -62,10 +62,8 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir or Path("eval_out") / Path(args.model.rstrip("/")).name)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-    except OSError as e:
-        raise ValueError(f"cannot load tokenizer {args.tokenizer or args.model!r}: {e}") from e
+    # a missing folder or an unreachable hub id is a one-line error naming --tokenizer / --model
+    tokenizer = load_tokenizer(args.tokenizer, role="tokenizer") if args.tokenizer else load_tokenizer(args.model)
 
     generator = None
     model = None
@@ -76,10 +74,7 @@ def main(argv: list[str]) -> int:
                                   dtype=args.dtype if args.dtype != "float32" else "auto")
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            model = load_model(args.model, role="student", dtype=args.dtype).to(device)
-        except OSError as e:
-            raise ValueError(f"cannot load model {args.model!r}: {e}") from e
+        model = load_model(args.model, role="student", dtype=args.dtype).to(device)
 
     try:
         result = evaluate(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -28,7 +29,8 @@ DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32, "bfloat16": 
 
 # role -> how a message names it (with the train flag that sets it)
 DESCRIBE = {"student": "model (--model)", "base": "model (--model)", "teacher": "teacher model (--teacher_model)",
-            "ref": "reference model (--ref_model)", "reference": "reference model (--ref_model)"}
+            "ref": "reference model (--ref_model)", "reference": "reference model (--ref_model)",
+            "tokenizer": "tokenizer (--tokenizer)"}
 # a folder holding any of these has a tokenizer (fast json, sentencepiece, BPE vocab, tiktoken)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
                    "tekken.json", "tokenizer.tiktoken")
@@ -60,9 +62,8 @@ def _from_pretrained(load: Callable[[str], Any], name: str, role: str, kind: str
     try:
         return load(source)
     except OSError as e:  # transformers: not a folder with the files, not on the hub, offline, gated
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         hint = (" (HF_HUB_OFFLINE is set: only folders and models already in the local cache can be loaded)"
-                if offline and not Path(source).exists() else "")
+                if hub_offline() and not Path(source).exists() else "")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load the {kind} of the {DESCRIBE.get(role, role)} {name!r}: {first}{hint}") from None
 
@@ -138,10 +139,24 @@ def load_aux_tokenizer(name: str, role: str) -> PreTrainedTokenizerBase | None:
     return None
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def check_source(name: str | None, role: str) -> None:
-    """Fail early (before data and models load) on a model argument that names a missing folder or a file."""
-    if name and name not in ALIASES:
-        resolve(name, role)
+    """Fail early (before data and models load) on a model argument that names a missing folder or a
+    file, or, with HF_HUB_OFFLINE set, a hub id that is not in the local hub cache."""
+    if not name or name in ALIASES:
+        return
+    resolve(name, role)
+    if hub_offline() and not Path(name).expanduser().exists():
+        try:
+            cached = try_to_load_from_cache(name, "config.json")
+        except ValueError as e:  # not a valid repo id
+            raise ValueError(f"{DESCRIBE.get(role, role)} {name!r} is neither a local folder nor a hub id ({e})") from None
+        if not isinstance(cached, str):
+            raise ValueError(f"{DESCRIBE.get(role, role)} {name!r} is not a local folder and not in the local hub "
+                             f"cache, and HF_HUB_OFFLINE is set: download it first or pass a local folder")
 
 
 def load_aux_model(name: str, *, role: str, student_tokenizer: PreTrainedTokenizerBase, student_name: str,

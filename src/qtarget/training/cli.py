@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers.utils import logging as transformers_logging
 
 from qtarget import cli
 from qtarget.training.api import check_requirements, train
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = load_config(argv)  # bad input: ValueError / FileNotFoundError -> one line from qtarget.cli
     check_requirements(config)
+    if config.disable_tqdm:  # also the loading / saving bars of transformers (this process ends with the run)
+        transformers_logging.disable_progress_bar()
     result = train(config)
     last = result.history[-1] if result.history else {}
     shown = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "nll", "p_y", "entropy", "gamma") if k in last)

@@ -1,0 +1,229 @@
+"""Bad input through the real CLI (`qtarget.cli.main`, in process): exit status 2, exactly one line on
+stderr (`qtarget <cmd>: error: ...`) naming the problem, no traceback, and no output folder that looks
+like a run (no config.yaml, checkpoint, metrics, curves or final model).
+
+stderr is captured at the file-descriptor level (capfd), so library warnings, logging and progress bars
+printed before the error would count as extra lines."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import datasets
+import pytest
+
+from qtarget.cli import main as qtarget_main
+from qtarget.data import prepare_data
+from qtarget.models import tiny_causal_lm
+from qtarget.teacher_cache import build_cache
+from test_train_support import tiny, tokenizer, toy_rows
+
+# refuses conversations whose roles do not alternate (as the Llama-2 / Mistral templates do)
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+               "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "curves.png", "final")
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _chat(*turns):
+    return {"messages": [{"role": r, "content": c} for r, c in zip(["user", "assistant"] * len(turns), turns)]}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, smollm2_tokenizer):
+    """Tiny model folders, data files and a teacher cache with a deleted shard, shared by every case."""
+    d = tmp_path_factory.mktemp("cli_errors")
+    tok = tokenizer()
+    model = tiny()
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    model.save_pretrained(d / "model_notok")
+    chat_tok = copy.deepcopy(smollm2_tokenizer)
+    chat_tok.chat_template = ALTERNATING
+    tiny_causal_lm(chat_tok, hidden_size=16, num_layers=1, num_heads=2, seed=0).save_pretrained(d / "chat_model")
+    chat_tok.save_pretrained(d / "chat_model")
+
+    f = {"d": str(d)}
+    f["train"] = _jsonl(d / "train.jsonl", toy_rows(8))
+    f["empty"] = str(d / "empty.jsonl")
+    (d / "empty.jsonl").write_text("")
+    (d / "broken.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    f["broken"] = str(d / "broken.jsonl")
+    (d / "data.txt").write_text("hello")
+    f["txt"] = str(d / "data.txt")
+    f["qa"] = _jsonl(d / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    f["no_response"] = _jsonl(d / "no_response.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c"}])
+    f["image"] = _jsonl(d / "image.jsonl", [{"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                     {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]},
+        {"role": "assistant", "content": "a cat"}]}])
+    f["tools"] = _jsonl(d / "tools.jsonl", [_chat("hi", "hello"), {"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "w"}}]}]}])
+    f["speaker"] = _jsonl(d / "speaker.jsonl", [{"conversations": [{"from": "human", "value": "q"},
+                                                                    {"from": "robot", "value": "a"}]}])
+    f["chat"] = _jsonl(d / "chat.jsonl", [_chat(f"q{i}", f"a{i}") for i in range(4)])
+    f["chat_refused"] = _jsonl(d / "chat_refused.jsonl", [_chat("q0", "a0"), _chat("q1", "a1"), {"messages": [
+        {"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}])
+    f["weights"] = _jsonl(d / "weights.jsonl", [{"prompt": "p", "response": " a b", "token_weights": [1.0]}])
+    f["list_yaml"] = str(d / "list.yaml")
+    (d / "list.yaml").write_text("- objective\n- dft\n")
+    f["bad_yaml"] = str(d / "bad.yaml")
+    (d / "bad.yaml").write_text("objective: dft\nobjective_args: {eta: 0.5\nmax_steps: 3\n")
+    f["typo_yaml"] = str(d / "typo.yaml")
+    (d / "typo.yaml").write_text("objectve: dft\n")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(toy_rows(4))}).save_to_disk(str(d / "saved"))
+
+    data = prepare_data(toy_rows(8), tok, max_length=48)
+    teacher = tiny_causal_lm(tok, hidden_size=16, num_layers=1, num_heads=2, seed=7)
+    build_cache(teacher, tok, data.train, d / "cache", top_k=4, rows_per_shard=4, progress=False,
+                settings={"max_length": 48})
+    build_cache(teacher, tok, data.train, d / "full_cache", top_k=4, rows_per_shard=4, progress=False,
+                settings={"max_length": 48})
+    shards = sorted((d / "cache").rglob("*.safetensors"))
+    assert len(shards) == 2
+    shards[-1].unlink()
+
+    (d / "dup.jsonl").write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n'
+                                 '{"id": "b", "question": "2+2?", "answer": "4"}\n'
+                                 '{"id": "a", "question": "3+3?", "answer": "6"}\n')
+    (d / "noanswer.jsonl").write_text('{"question": "1+1?"}\n')
+    return f
+
+
+TRAIN = ["--output_dir", "{out}", "--use_cpu", "--disable_tqdm", "--max_steps", "1", "--max_length", "48"]
+MODEL = ["--model", "{d}/model"]
+DATA = ["--dataset", "{train}"]
+
+# id: (argv, regex the one error line must match)
+CASES = {
+    # models
+    "model folder missing": (["train", "--model", "/does/not/exist", *DATA, *TRAIN],
+                             r"model \(--model\) '/does/not/exist' does not exist"),
+    "model hub id offline": (["train", "--model", "someorg/some-model", *DATA, *TRAIN],
+                             r"model \(--model\) 'someorg/some-model' is not a local folder.*HF_HUB_OFFLINE"),
+    "model is a file": (["train", "--model", "{d}/model/config.json", *DATA, *TRAIN],
+                        r"model \(--model\) '.*config.json' is a file"),
+    "model folder without tokenizer": (["train", "--model", "{d}/model_notok", *DATA, *TRAIN],
+                                       r"folder '.*model_notok' has no tokenizer files"),
+    "teacher folder missing": (["train", *MODEL, *DATA, *TRAIN, "--objective", "target_sft",
+                                "--teacher_model", "/no/teacher"],
+                               r"teacher model \(--teacher_model\) '/no/teacher' does not exist"),
+    "teacher hub id offline": (["train", *MODEL, *DATA, *TRAIN, "--objective", "kd", "--teacher_model", "org/t"],
+                               r"teacher model \(--teacher_model\) 'org/t' is not a local folder.*HF_HUB_OFFLINE"),
+    "reference folder missing": (["train", *MODEL, *DATA, *TRAIN, "--objective", "asft", "--ref_model", "./no_ref/"],
+                                 r"reference model \(--ref_model\) './no_ref/' does not exist"),
+    "teacher needed": (["train", *MODEL, *DATA, *TRAIN, "--objective", "target_sft"],
+                       r"objective 'target_sft' needs a teacher model \(--teacher_model\)"),
+    "dtype": (["train", *MODEL, *DATA, *TRAIN, "--dtype", "float8"], r"dtype must be one of .*got 'float8'"),
+    # keys and config files
+    "yaml syntax error": (["train", "--config", "{bad_yaml}", *MODEL, *DATA, *TRAIN],
+                          r"--config '.*bad.yaml' is not valid YAML at line 3, column 1"),
+    "config missing": (["train", "--config", "{d}/nope.yaml", *TRAIN], r"--config '.*nope.yaml' does not exist"),
+    "config not a mapping": (["train", "--config", "{list_yaml}", *TRAIN], r"must hold a mapping of keys to values"),
+    "config unknown key": (["train", "--config", "{typo_yaml}", *TRAIN], r"unknown key 'objectve'.*did you mean objective"),
+    "flag unknown": (["train", *MODEL, *DATA, *TRAIN, "--lerning_rate", "1"], r"unknown key 'lerning_rate'.*--learning_rate"),
+    "flag bad integer": (["train", *MODEL, *DATA, *TRAIN, "--max_steps", "many"], r"--max_steps: cannot read 'many'"),
+    "flag bad boolean": (["train", *MODEL, *DATA, *TRAIN, "--packing", "maybe"], r"--packing: expected true or false"),
+    "objective unknown": (["train", *MODEL, *DATA, *TRAIN, "--objective", "dtf"], r"unknown objective 'dtf'"),
+    "eval_fraction": (["train", *MODEL, *DATA, *TRAIN, "--eval_fraction", "1.5"], r"eval_fraction must be in \[0, 1\)"),
+    # data sources
+    "dataset hub id offline": (["train", *MODEL, "--dataset", "someorg/some-data", *TRAIN],
+                               r"dataset 'someorg/some-data' is not a local file.*HF_HUB_OFFLINE"),
+    "dataset folder missing": (["train", *MODEL, "--dataset", "/no/data", *TRAIN], r"dataset '/no/data' does not exist"),
+    "dataset file missing": (["train", *MODEL, "--dataset", "{d}/missing.jsonl", *TRAIN],
+                             r"dataset file '.*missing.jsonl' does not exist"),
+    "dataset file empty": (["train", *MODEL, "--dataset", "{empty}", *TRAIN], r"dataset file '.*empty.jsonl' is empty"),
+    "dataset not json": (["train", *MODEL, "--dataset", "{broken}", *TRAIN],
+                         r"dataset file '.*broken.jsonl' cannot be read as jsonl"),
+    "dataset extension": (["train", *MODEL, "--dataset", "{txt}", *TRAIN], r"unsupported extension '.txt'"),
+    "dataset split": (["train", *MODEL, "--dataset", "{d}/saved", "--dataset_split", "test", *TRAIN],
+                      r"no split 'test'; available splits: train"),
+    # rows
+    "no supported format": (["train", *MODEL, "--dataset", "{qa}", *TRAIN],
+                            r"columns \['answer', 'question'\] have none of the supported formats"),
+    "missing value": (["train", *MODEL, "--dataset", "{no_response}", *TRAIN],
+                      r"row 1: missing value in column 'response'"),
+    "image content part": (["train", *MODEL, "--dataset", "{image}", *TRAIN],
+                           r"row 0, messages\[0\], content part 1: only text parts .* got 'image_url'"),
+    "assistant tool call": (["train", "--model", "{d}/chat_model", "--dataset", "{tools}", *TRAIN],
+                            r"row 1, messages\[1\]: an assistant turn with 'tool_calls' cannot be trained on"),
+    "sharegpt speaker": (["train", *MODEL, "--dataset", "{speaker}", *TRAIN],
+                         r"row 0, conversations\[1\]: unknown ShareGPT speaker 'robot'"),
+    "no chat template": (["train", *MODEL, "--dataset", "{chat}", *TRAIN], r"need a tokenizer with a chat template"),
+    "strict rows": (["train", "--model", "{d}/chat_model", "--dataset", "{chat_refused}", "--strict_rows", *TRAIN],
+                    r"row 2: the chat template refused the conversation \(Conversation roles must alternate.*strict_rows"),
+    "nothing left": (["train", *MODEL, *DATA, *TRAIN[:-2], "--max_length", "3"],
+                     r"the dataset is empty after tokenisation and filtering.*raise max_length"),
+    "token weights": (["train", *MODEL, "--dataset", "{weights}", *TRAIN],
+                      r"row 0: column 'token_weights' has 1 values but the row has 3 supervised tokens"),
+    # teacher cache
+    "teacher cache missing": (["train", *MODEL, *DATA, *TRAIN, "--objective", "target_sft", "--teacher_cache",
+                               "{d}/no_cache"], r"no_cache is not a teacher cache: manifest.json is missing"),
+    "teacher cache shard deleted": (["train", *MODEL, *DATA, *TRAIN, "--objective", "target_sft", "--teacher_cache",
+                                     "{d}/cache"], r"teacher cache .* is incomplete: missing train rows 4-7"),
+    "teacher cache for other data": (["train", *MODEL, *DATA, *TRAIN[:-2], "--max_length", "12", "--objective",
+                                      "target_sft", "--teacher_cache", "{d}/full_cache"],
+                                     r"teacher cache .* was built for other data.*max_length: cache has 48, this run 12"),
+    "teacher-cache teacher missing": (["teacher-cache", *MODEL, "--teacher_model", "/no/teacher", *DATA,
+                                       "--output_dir", "{out}"],
+                                      r"teacher model \(--teacher_model\) '/no/teacher' does not exist"),
+    # eval
+    "eval duplicate ids in one file": (["eval", *MODEL, "--benchmarks", "{d}/dup.jsonl", "--output_dir", "{out}"],
+                                       r"dup.jsonl:3: duplicate id 'a' in this file \(first on line 1\)"),
+    "eval benchmark listed twice": (["eval", *MODEL, "--benchmarks", "arith:3,arith:3", "--output_dir", "{out}"],
+                                    r"benchmark\(s\) 'arith:3' listed more than once"),
+    "eval missing answer": (["eval", *MODEL, "--benchmarks", "{d}/noanswer.jsonl", "--output_dir", "{out}"],
+                            r"noanswer.jsonl:1: field 'answer' is missing or empty"),
+    "eval unknown benchmark": (["eval", *MODEL, "--benchmarks", "nosuch", "--output_dir", "{out}"],
+                               r"unknown benchmark 'nosuch'"),
+    "eval model missing": (["eval", "--model", "/no/model", "--benchmarks", "arith:3", "--output_dir", "{out}"],
+                           r"model \(--model\) '/no/model' does not exist"),
+    "eval tokenizer missing": (["eval", *MODEL, "--tokenizer", "/no/tok", "--benchmarks", "arith:3",
+                                "--output_dir", "{out}"], r"tokenizer \(--tokenizer\) '/no/tok' does not exist"),
+    # other commands
+    "inspect unknown objective": (["inspect", "dtf"], r"unknown objective 'dtf' \(did you mean dft\?\)"),
+}
+
+
+def test_the_table_is_large():
+    assert len(CASES) >= 35
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_leaves_no_run(case, files, tmp_path, capfd):
+    argv, pattern = CASES[case]
+    out = tmp_path / "out"
+    values = {**files, "out": str(out)}
+    argv = [a.format(**values) for a in argv]
+    capfd.readouterr()
+    rc = qtarget_main(argv)
+    err = capfd.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"qtarget {argv[0]}: error: "), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not [n for n in left if n in RUN_FILES or n.startswith("checkpoint-")], left
+
+
+def test_a_teacher_folder_without_tokenizer_files_warns_and_trains(files, tmp_path, recwarn):
+    """The documented warning (only the LM-head size is checked), not a tokenizer-conversion error."""
+    d = files["d"]
+    rc = qtarget_main(["train", "--model", f"{d}/model", "--dataset", files["train"], "--output_dir", str(tmp_path / "o"),
+                       "--use_cpu", "--disable_tqdm", "--max_steps", "1", "--max_length", "48", "--save_strategy", "no",
+                       "--objective", "target_sft", "--teacher_model", f"{d}/model_notok", "--plot", "false"])
+    assert rc == 0
+    messages = [str(w.message) for w in recwarn.list]
+    assert any("cannot load the teacher" in m and "its folder has no tokenizer files" in m
+               and "only its LM-head size is checked" in m for m in messages), messages
+    assert (tmp_path / "o" / "config.yaml").exists()
