@@ -33,11 +33,12 @@ import torch
 from torch import Tensor
 
 from qtarget.models.head import LMHead
-from qtarget.objectives.base import Objective, TokenInputs
-from qtarget.objectives.metrics import MetricSums, token_metrics
+from qtarget.objectives.base import Objective
+from qtarget.objectives.metrics import MetricSums
 from qtarget.objectives.registry import get_objective
 from qtarget.objectives.supervised import LossResult, check_finite as assert_finite, reduction_weights, supervised_rows
 from qtarget.ops.budget import resolve_chunk_size
+from qtarget.ops.kernels import Kernel, closed_form_step, select_kernel
 from qtarget.ops.sparse_teacher import TeacherTopK, check_teacher_topk, dense_teacher_logprobs
 
 MODES = ("auto", "forward", "recompute")
@@ -70,9 +71,14 @@ class AuxSource:
         w = head.weight  # already in compute_dtype (cast once when the source is built)
         raw = torch.mm(h, w.t()) if head.bias is None else torch.addmm(head.bias, h, w.t())
         z = _transform(raw if raw.dtype == torch.float64 else raw.float(), head.logit_scale, head.softcap)[0]
-        if head.vocab > head.rows:  # rows the aux head lacks: probability 0
-            z = torch.cat([z, z.new_full((z.shape[0], head.vocab - head.rows), float("-inf"))], dim=-1)
+        if head.vocab > head.rows:  # rows the aux head lacks: probability 0 (lowest finite logit, see `finite`)
+            z = torch.cat([z, z.new_full((z.shape[0], head.vocab - head.rows), torch.finfo(z.dtype).min)], dim=-1)
         return z
+
+    @property
+    def finite(self) -> bool:
+        """Chunks hold no -inf (logits formed from hidden states; given logits and sparse teachers may)."""
+        return self.hidden is not None
 
 
 @dataclass(eq=False)
@@ -94,6 +100,7 @@ class _ChunkPlan:
     ref: AuxSource | None = None
     old_logprobs: Tensor | None = None  # [n] float32
     token_weights: Tensor | None = None  # [n] float32
+    kernel: Kernel = closed_form_step  # the chunk math after the logits GEMM (ops/kernels.py)
 
 
 @dataclass
@@ -171,6 +178,7 @@ def _run_chunks(p: _ChunkPlan, hidden: Tensor, weight: Tensor, bias: Tensor | No
     g_b = torch.zeros(V, dtype=loss_dtype, device=device) if grad_bias else None
     sums = MetricSums()
     scale, cap = float(p.logit_scale), p.softcap
+    finite_aux = tuple(who for who, src in (("teacher", p.teacher), ("ref", p.ref)) if src is not None and src.finite)
 
     for start in range(0, n, p.chunk):
         sl = slice(start, min(n, start + p.chunk))
@@ -181,27 +189,17 @@ def _run_chunks(p: _ChunkPlan, hidden: Tensor, weight: Tensor, bias: Tensor | No
         z = raw if raw.dtype == torch.float64 else raw.float()
         del raw
         z, t = _transform(z, scale, cap)
-        z.requires_grad_(want_grad)
-        x = TokenInputs(
-            logits=z,
+        aux = dict(
             labels=p.labels[sl],
             teacher_logits=None if p.teacher is None else p.teacher.chunk(idx, sl, z),
             ref_logits=None if p.ref is None else p.ref.chunk(idx, sl, z),
             old_logprobs=None if p.old_logprobs is None else p.old_logprobs[sl],
             token_weights=None if p.token_weights is None else p.token_weights[sl],
         )
-        with torch.enable_grad() if want_grad else torch.no_grad():
-            terms = p.objective.terms(x)
-            if tuple(terms.loss.shape) != (sl.stop - sl.start,):
-                raise ValueError(f"objective {p.objective.name!r} returned a per-token loss of shape "
-                                 f"{tuple(terms.loss.shape)}, expected [{sl.stop - sl.start}]")
-            weighted = (terms.loss * p.weights[sl].to(terms.loss.dtype)).sum()
+        step = p.kernel(p.objective, z, aux, p.weights[sl], want_grad=want_grad, metrics=collect and p.metrics,
+                        finite_aux=finite_aux)
         if want_grad:
-            g = None
-            if weighted.requires_grad:
-                (g,) = torch.autograd.grad(weighted, z, allow_unused=True)
-            if g is None:  # the loss does not depend on these logits (e.g. every token clipped)
-                g = torch.zeros_like(z)
+            g = step.grad
             # chain through softcap and scale: dz/draw = scale * (1 - tanh^2)
             if t is not None:
                 g.mul_(t.square_().neg_().add_(1.0))
@@ -215,12 +213,12 @@ def _run_chunks(p: _ChunkPlan, hidden: Tensor, weight: Tensor, bias: Tensor | No
             if g_b is not None:
                 g_b += g.sum(0)
             del g, g_low
-        total += weighted.detach()
+        total += step.weighted
         if collect:
-            per_token[sl] = terms.loss.detach().float()
-            if p.metrics:
-                sums.add(token_metrics(x, terms, p.objective.teacher_temperature))
-        del x, terms, z, t, weighted  # free this chunk's [c, V] temporaries before the next one
+            per_token[sl] = step.loss.float()
+            if step.metrics is not None:
+                sums.add(step.metrics)
+        del aux, z, t, step  # free this chunk's [c, V] temporaries before the next one
     metrics = sums.means() if (collect and p.metrics) else {}
     return _PassOutput(total, per_token, metrics, g_h, g_w, g_b)
 
@@ -414,7 +412,7 @@ def fused_token_loss(
                             ("teacher_hidden", teacher_hidden), ("teacher_head weight", _weight(heads["teacher"])),
                             ("ref_hidden", ref_hidden), ("ref_head weight", _weight(heads["ref"]))):
             if value is not None:
-                assert_finite(name, value.detach())
+                _check_finite(name, value.detach())
 
     device_type = hidden.device.type
     autocast = _autocast_dtype(device_type)
@@ -450,6 +448,7 @@ def fused_token_loss(
         ref=source("ref", ref_logits, ref_hidden),
         old_logprobs=sup.pick(old_logprobs),
         token_weights=sup.pick(token_weights),
+        kernel=select_kernel(objective, device_type)[1],
     )
     plan.chunk = resolve_chunk_size(chunk_size, V, int(plan.teacher is not None) + int(plan.ref is not None),
                                     memory_budget)
@@ -471,6 +470,13 @@ def fused_token_loss(
     per_token = torch.zeros(flat.shape, dtype=torch.float32, device=hidden.device)
     per_token = per_token.masked_scatter(flat, per_rows).reshape(positions)
     return LossResult(loss=loss, per_token=per_token, metrics=result_metrics)
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    """NaN / inf in `value` is an error. One reduction pass (NaN propagates through min and max) and
+    one host sync; the full check, which counts the bad values for the message, runs only on failure."""
+    if value.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(value))).all()):
+        assert_finite(name, value)
 
 
 def _weight(head: LMHead | None) -> Tensor | None:

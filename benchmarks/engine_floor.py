@@ -1,0 +1,169 @@
+"""The fused engine against its hardware floor: the LM-head GEMMs alone, in one process.
+
+The floor for one fwd+bwd over N supervised rows is the three GEMMs of the LM head — logits
+(h W^T), grad-hidden (G W) and grad-weight (G^T h, accumulated) — run chunk by chunk at the engine's
+own chunk size, plus the teacher's logits GEMM for a teacher objective. Everything else the engine
+does (softmax, the objective, metrics, the gradient written into the logits buffer) is overhead on
+top of it. Contestants, interleaved round by round in this one process (the box is shared, so the
+ratios of medians taken under the same load are the figures to read):
+
+    gemms        the floor
+    fused        fused_token_loss with the default kernel (closed form on CPU; ops/kernels.py)
+    autograd     the same engine with QTARGET_CLOSED_FORM=0 (autograd over each chunk: the old path)
+    compiled     QTARGET_COMPILE=1 (sft/dft only); its first call, which compiles, is timed apart
+
+Wall time and process CPU time (all threads) are both recorded; on a shared box the CPU time is the
+steadier of the two. Writes benchmarks/results/engine_floor.json and prints a markdown table.
+
+    python benchmarks/engine_floor.py                        # N = 4096 and 16384, sft, dft, target_sft
+    python benchmarks/engine_floor.py --N 4096 --reps 3 --objectives sft
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import qtarget
+from qtarget.ops.budget import chunk_rows
+from qtarget.ops.kernels import CLOSED_FORM_ENV, COMPILE_ENV
+
+RESULTS = Path(__file__).resolve().parent / "results" / "engine_floor.json"
+TEACHER_OBJECTIVES = {"target_sft", "kd", "distill_hybrid"}
+COMPILABLE = {"sft", "dft"}
+
+
+def build(N: int, H: int, V: int, teacher: bool, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {
+        "hidden": torch.randn(N, H, generator=g).requires_grad_(True),
+        "weight": (torch.randn(V, H, generator=g) * (2.0 / H**0.5)).requires_grad_(True),
+        "labels": torch.randint(0, V, (N,), generator=g),
+    }
+    if teacher:
+        out["teacher_hidden"] = torch.randn(N, H, generator=g)
+        out["teacher_head"] = torch.randn(V, H, generator=g) * (2.0 / H**0.5)
+    return out
+
+
+def gemm_floor(x: dict, chunk: int) -> None:
+    """The three LM-head GEMMs (and the teacher's logits GEMM) over the same chunks as the engine."""
+    h, W = x["hidden"].detach(), x["weight"].detach()
+    N, H = h.shape
+    g_h = torch.empty_like(h)
+    g_w = torch.zeros_like(W)
+    for start in range(0, N, chunk):
+        h_c = h[start:start + chunk]
+        z = torch.mm(h_c, W.t())
+        if "teacher_hidden" in x:
+            torch.mm(x["teacher_hidden"][start:start + chunk], x["teacher_head"].t())
+        g_h[start:start + chunk] = torch.mm(z, W)
+        g_w.addmm_(z.t(), h_c)
+
+
+def engine_step(x: dict, objective: str, env: dict[str, str]) -> None:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        kw = {k: x[k] for k in ("teacher_hidden", "teacher_head") if k in x}
+        res = qtarget.fused_token_loss(objective, x["hidden"], x["weight"], x["labels"], **kw)
+        res.loss.backward()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        x["hidden"].grad = None
+        x["weight"].grad = None
+
+
+def timed(fn) -> tuple[float, float]:
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def run(N: int, objective: str, reps: int, H: int, V: int, contestants: list[str]) -> dict:
+    teacher = objective in TEACHER_OBJECTIVES
+    x = build(N, H, V, teacher)
+    chunk = chunk_rows(V, int(teacher))
+    envs = {"fused": {}, "autograd": {CLOSED_FORM_ENV: "0"}, "compiled": {COMPILE_ENV: "1"}}
+    todo = [c for c in contestants if c != "compiled" or objective in COMPILABLE]
+    fns = {"gemms": lambda: gemm_floor(x, chunk)}
+    fns.update({c: (lambda c=c: engine_step(x, objective, envs[c])) for c in todo if c != "gemms"})
+    out: dict = {"N": N, "H": H, "V": V, "objective": objective, "chunk": chunk, "threads": torch.get_num_threads()}
+    if "compiled" in fns:
+        out["compiled_first_call_s"] = timed(fns["compiled"])[0]  # includes compiling
+    for name, fn in fns.items():  # warm-up (allocator, first-touch of the gradient buffers)
+        if name != "compiled":
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(reps):
+        for name, fn in fns.items():
+            w, c = timed(fn)
+            wall[name].append(w)
+            cpu[name].append(c)
+            print(f"  N={N} {objective} round {r + 1}/{reps} {name}: {w:.2f} s wall, {c:.2f} s cpu",
+                  file=sys.stderr, flush=True)
+    out["wall_s"], out["cpu_s"] = wall, cpu
+    base_w, base_c = statistics.median(wall["gemms"]), statistics.median(cpu["gemms"])
+    out["ratio_wall"] = {k: statistics.median(v) / base_w for k, v in wall.items()}
+    out["ratio_cpu"] = {k: statistics.median(v) / base_c for k, v in cpu.items()}
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    names = ["fused", "autograd", "compiled"]
+    head = ["N", "objective", "chunk", "GEMMs s (wall / cpu)"] + \
+        [f"{n} / GEMMs (wall, cpu)" for n in names] + ["compile (first call) s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["N"]), r["objective"], str(r["chunk"]),
+                 f"{statistics.median(r['wall_s']['gemms']):.2f} / {statistics.median(r['cpu_s']['gemms']):.2f}"]
+        for n in names:
+            cells.append(f"{r['ratio_wall'][n]:.2f}x, {r['ratio_cpu'][n]:.2f}x" if n in r["ratio_wall"] else "")
+        cells.append(f"{r['compiled_first_call_s']:.1f}" if "compiled_first_call_s" in r else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--N", default="4096,16384", help="comma-separated supervised token counts")
+    ap.add_argument("--objectives", default="sft,dft,target_sft")
+    ap.add_argument("--contestants", default="gemms,fused,autograd,compiled")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved rounds (median reported)")
+    ap.add_argument("--H", type=int, default=576)
+    ap.add_argument("--V", type=int, default=49152)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--append", action="store_true", help="keep the other cases already in --out")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    contestants = args.contestants.split(",")
+    if "gemms" not in contestants:
+        contestants.insert(0, "gemms")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(out.read_text())["cases"] if args.append and out.exists() else []
+    for N in (int(n) for n in args.N.split(",")):
+        for obj in args.objectives.split(","):
+            res = run(N, obj, args.reps, args.H, args.V, contestants)
+            rows = [r for r in rows if (r["N"], r["objective"]) != (N, obj)] + [res]
+            out.write_text(json.dumps({"cases": rows, "note": "one process, interleaved rounds, medians; "
+                                       "shared 2-core box"}, indent=1))
+            print(table([res]), flush=True)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""Closed-form chunk math: loss, metrics and the logit gradient of the catalogue's objectives without
+autograd over the `[c, V]` chunk.
+
+Every objective of SPEC §2 has a logit gradient of the form (SPEC §1, all coefficients detached)
+
+    dL/dz = alpha * p - beta * delta_y - sum_j lam_j * pi_j          alpha, beta, lam_j: [c]
+
+(e.g. sft: alpha = beta = 1; dft: alpha = beta = sg(p_y); target: alpha = 1, beta = gamma,
+lam = 1 - gamma, pi = pi_tilde; sft_kl: alpha = 1 + lam, beta = 1, lam, pi_ref; gem: alpha = 0,
+beta = 1, lam = -1, pi = q). A `ClosedForm` states those coefficients together with the per-token
+loss value, gamma and extra metrics; the engine then writes the gradient into the softmax buffer in
+place (one scale, one fused multiply-add per auxiliary distribution, one scatter at the labels).
+
+The chunk statistics come from three row-wise kernels over the logits (max with argmax, softmax,
+one batched dot product for the entropy): the max row holds p = 1/S exactly, so
+lse = max - log p_max without a separate log-sum-exp pass, and log p_y = z_y - lse is never rounded
+through p (no underflow for unlikely labels).
+
+Which objectives have a closed form is decided by the objective's own `terms` function (a subclass
+that overrides `terms` falls back to autograd), so user objectives stay exact through the generic
+path in chunked.py.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from qtarget.objectives.base import TokenInputs
+from qtarget.objectives.catalog import (
+    ASFT,
+    DFT,
+    EAFT,
+    GEM,
+    PSFT,
+    SFT,
+    SFTKL,
+    DistillHybrid,
+    ProFit,
+    Prob,
+    TargetObjective,
+    TokenWeighted,
+)
+from qtarget.objectives.rules import GeometricMixResidual, TeacherResidual, topk_entropy_ratio
+
+
+@dataclass
+class ChunkStats:
+    """Row statistics of one chunk of float logits z [c, V] (detached)."""
+
+    p: Tensor  # [c, V] softmax(z), a buffer the caller owns (the gradient is written into it)
+    lse: Tensor  # [c] log-sum-exp
+    logp_y: Tensor  # [c] z_y - lse
+    top1: Tensor  # [c] float, 1 where the label attains the row's maximum (argmax == label)
+    entropy: Tensor | None  # [c] -sum p log p = lse - sum p z, or None when not asked for
+
+
+def chunk_stats(z: Tensor, labels: Tensor, entropy: bool = True, shift: bool = False) -> ChunkStats:
+    """Statistics of the float logits z [c, V] (float32 or float64) at labels [c].
+
+    shift=True first subtracts each row's maximum from z in place (one more pass; z must be a
+    buffer the caller owns), and `lse` is then that of the shifted logits: sums over the vocabulary
+    weighted by z (cross-entropies, KLs) keep an absolute error of eps * |log p| instead of
+    eps * |z|, which matters for losses that are small differences of such sums."""
+    top, arg = z.max(dim=-1)
+    if shift:
+        z.sub_(top.unsqueeze(-1))
+    p = torch.softmax(z, dim=-1)
+    log_s = -p.gather(-1, arg.unsqueeze(-1)).squeeze(-1).log()  # p at the max is exactly 1 / S
+    z_y = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if shift:
+        lse, logp_y = log_s, z_y - log_s
+    else:  # (z_y - max) is exact or rounded relative to its own size; log p_y never goes through p
+        lse, logp_y = top + log_s, (z_y - top) - log_s
+    ent = None
+    if entropy:  # sum_v p_v z_v as a batched dot product: no [c, V] temporary
+        ent = lse - _dot(p, z)
+    return ChunkStats(p=p, lse=lse, logp_y=logp_y, top1=(arg == labels).to(z.dtype), entropy=ent)
+
+
+@dataclass
+class ClosedForm:
+    """One objective on one chunk: per-token loss [c], gamma [c], extras {name: [c]} and the
+    gradient coefficients (see the module docstring); `aux` holds (lam [c], pi [c, V]) pairs with pi
+    a probability buffer the engine may overwrite."""
+
+    loss: Tensor
+    gamma: Tensor
+    alpha: Tensor | float
+    beta: Tensor | float
+    aux: list[tuple[Tensor | float, Tensor]] = field(default_factory=list)
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _sft(obj, x, s):
+    return ClosedForm(loss=-s.logp_y, gamma=torch.ones_like(s.logp_y), alpha=1.0, beta=1.0)
+
+
+def _label_weighted(w: Tensor, s: ChunkStats, extras: dict | None = None) -> ClosedForm:
+    """-w log p_y with a detached w [c]: dL/dz = w (p - delta_y)."""
+    return ClosedForm(loss=-w * s.logp_y, gamma=w, alpha=w, beta=w, extras=extras or {})
+
+
+def _dft(obj, x, s):
+    return _label_weighted(x.p_y_detached, s)
+
+
+def _prob(obj, x, s):
+    a = obj.params["alpha"]
+    p_pow = torch.exp(a * s.logp_y)  # d(1 - p_y^a)/a / dz = p_y^a (p - delta_y)
+    return ClosedForm(loss=(1.0 - p_pow) / a, gamma=p_pow, alpha=p_pow, beta=p_pow)
+
+
+def _profit(obj, x, s):
+    return _label_weighted((x.p_y_detached > obj.params["tau"]).to(s.logp_y.dtype), s)
+
+
+def _eaft(obj, x, s):
+    return _label_weighted(topk_entropy_ratio(x.logp, obj.params["k"]).pow(obj.params["alpha"]), s)
+
+
+def _token_weighted(obj, x, s):
+    return _label_weighted(x.require("token_weights").to(s.logp_y.dtype), s)
+
+
+def _psft(obj, x, s):
+    upper = 1.0 + obj.params["eps"]
+    log_ratio = s.logp_y - x.require("old_logprobs").to(s.logp_y.dtype)
+    ratio = torch.exp(torch.clamp(log_ratio, -20.0, 20.0))
+    clipped = ratio > upper
+    # -r has gradient r (p - delta_y) where r is not clipped and the clamp passes the gradient
+    active = ~clipped & (log_ratio >= -20.0) & (log_ratio <= 20.0)
+    coef = torch.where(active, ratio, torch.zeros_like(ratio))
+    return ClosedForm(loss=-torch.where(clipped, torch.full_like(ratio, upper), ratio),
+                      gamma=torch.where(clipped, torch.zeros_like(ratio), ratio), alpha=coef, beta=coef,
+                      extras={"clip_frac": clipped.to(ratio.dtype), "ratio": ratio})
+
+
+def _sft_kl(obj, x, s):
+    lam = obj.params["lam"]
+    kl, q = kl_from_logits(x, s, "ref", shift=True)
+    return ClosedForm(loss=-s.logp_y + lam * kl, gamma=torch.full_like(s.logp_y, 1.0 / (1.0 + lam)),
+                      alpha=1.0 + lam, beta=1.0, aux=[(lam, q)])
+
+
+def _asft(obj, x, s):
+    lam, p_y = obj.params["lam"], x.p_y_detached
+    kl, q = kl_from_logits(x, s, "ref", shift=True)
+    gamma = p_y / (p_y + lam) if lam > 0 else torch.ones_like(p_y)
+    return ClosedForm(loss=-p_y * s.logp_y + lam * kl, gamma=gamma, alpha=p_y + lam, beta=p_y, aux=[(lam, q)])
+
+
+def _distill_hybrid(obj, x, s):
+    lam = obj.params["lam"]
+    kl, q = kl_from_logits(x, s, "teacher", obj._teacher.params["temperature"], shift=True)
+    return ClosedForm(loss=-(1.0 - lam) * s.logp_y + lam * kl, gamma=torch.full_like(s.logp_y, 1.0 - lam),
+                      alpha=1.0, beta=1.0 - lam, aux=[(lam, q)])
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """[c] row-wise sum of a * b for [c, V] tensors, as a batched dot product (no [c, V] temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+def aux_probs(x: TokenInputs, who: str, temperature: float = 1.0, shift: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(q = softmax(a) [c, V], lse(a) [c], a [c, V]) for a = teacher or reference logits / temperature,
+    with -inf (probability-0 tokens) replaced by the dtype's lowest finite value so that dot products
+    with q stay finite (q is 0 there either way); `shift` subtracts the row maxima from a (for the
+    accuracy of KL losses, as in `chunk_stats`). Cached on `x`: the objective and the metrics share
+    it (the first call decides the shift)."""
+    key = f"_aux_{who}_{temperature!r}"
+    if key not in x.__dict__:
+        a = x.require(who)
+        a = (a / temperature) if temperature != 1.0 else a
+        top, arg = a.max(dim=-1)
+        if shift:
+            a = a - top.unsqueeze(-1)
+        if not x.__dict__.get(f"_finite_{who}", False):
+            a = a.clamp_min_(torch.finfo(a.dtype).min) if a is not x.require(who) else a.clamp_min(torch.finfo(a.dtype).min)
+        q = torch.softmax(a, dim=-1)
+        log_s = -q.gather(-1, arg.unsqueeze(-1)).squeeze(-1).log()
+        x.__dict__[key] = (q, log_s if shift else top + log_s, a)
+    return x.__dict__[key]
+
+
+def kl_from_logits(x: TokenInputs, s: ChunkStats, who: str, temperature: float = 1.0,
+                   shift: bool = False) -> tuple[Tensor, Tensor]:
+    """(KL(q || p) [c], q [c, V]) with q = softmax(aux logits / temperature):
+    sum q (log q - log p) = sum q a - sum q z - lse(a) + lse(z) (sum q = 1 to rounding), two batched
+    dot products and no [c, V] temporary. Absolute error about eps * max |logit|."""
+    q, lse_a, a = aux_probs(x, who, temperature, shift)
+    return (_dot(q, a) - lse_a) - (_dot(q, x.logits) - s.lse), q
+
+
+def _cross_entropy(pi: Tensor, s: ChunkStats, x: TokenInputs, normalized: bool = False) -> Tensor:
+    """[c] CE(pi, p) = -sum pi log p. From log p when a rule already formed it (no cancellation
+    between lse and sum pi z), else as lse * sum pi - sum pi z without forming log p; `normalized`
+    (pi from a softmax: sum pi = 1 to rounding) skips the sum."""
+    if "logp" in x.__dict__:
+        return -_dot(pi, x.logp)
+    return (s.lse if normalized else s.lse * pi.sum(-1)) - _dot(pi, x.logits)
+
+
+def _gem(obj, x, s):
+    q = torch.softmax(x.logp / obj.params["beta"], dim=-1)  # q ∝ sg(p)^(1/beta); gradient q - delta_y
+    loss = -s.logp_y - _cross_entropy(q, s, x)
+    return ClosedForm(loss=loss, gamma=torch.ones_like(s.logp_y), alpha=0.0, beta=1.0, aux=[(-1.0, q)])
+
+
+def residual_probs(rule, x: TokenInputs) -> tuple[Tensor, bool]:
+    """(pi_tilde [c, V] of a residual rule, whether it came from a softmax). The teacher and
+    geometric-mix residuals are formed from logits (softmax(t / T); softmax((1 - eta) z + eta t), the
+    same distribution as the rule's log_softmax((1 - eta) log p + eta log pi_T)) without
+    log-softmaxes of student and teacher."""
+    if type(rule) is TeacherResidual:
+        return aux_probs(x, "teacher", rule.params["temperature"])[0], True
+    if type(rule) is GeometricMixResidual and rule.params["eta"] > 0.0:
+        t = aux_probs(x, "teacher")[2]
+        return softmax_(torch.lerp(x.logits, t, rule.params["eta"])), True
+    return rule.log_probs(x).exp(), False
+
+
+def softmax_(t: Tensor) -> Tensor:
+    """softmax over the last dim written into `t` (a buffer the caller owns)."""
+    try:
+        return torch._softmax(t, -1, False, out=t)
+    except (RuntimeError, TypeError):  # an out= variant this build or device lacks
+        return torch.softmax(t, dim=-1)
+
+
+def _target(obj, x, s):
+    gamma = obj.gamma_rule(x)
+    pi, normalized = residual_probs(obj.residual_rule, x)
+    loss = -gamma * s.logp_y + (1.0 - gamma) * _cross_entropy(pi, s, x, normalized)
+    return ClosedForm(loss=loss, gamma=gamma, alpha=1.0, beta=gamma, aux=[(1.0 - gamma, pi)])
+
+
+# keyed by the `terms` function the closed form restates: an override of `terms` is not matched
+CLOSED_FORMS: dict[Callable, Callable[[object, TokenInputs, ChunkStats], ClosedForm]] = {
+    SFT.terms: _sft, DFT.terms: _dft, Prob.terms: _prob, ProFit.terms: _profit, EAFT.terms: _eaft,
+    TokenWeighted.terms: _token_weighted, PSFT.terms: _psft, SFTKL.terms: _sft_kl, ASFT.terms: _asft,
+    DistillHybrid.terms: _distill_hybrid, GEM.terms: _gem, TargetObjective.terms: _target,
+}
+
+
+# closed forms whose loss sums over the vocabulary (cross-entropies, KLs): shifted logits (chunk_stats)
+SHIFTED = {SFTKL.terms, ASFT.terms, DistillHybrid.terms, GEM.terms, TargetObjective.terms}
+
+
+def closed_form_of(objective) -> Callable | None:
+    """The closed form of `objective`'s terms, or None (autograd over the chunk is then used)."""
+    return CLOSED_FORMS.get(type(objective).terms)
+
+
+def needs_shift(objective) -> bool:
+    return type(objective).terms in SHIFTED
+
+
+def seeded_inputs(z: Tensor, s: ChunkStats, finite_aux: tuple[str, ...] = (), **aux) -> TokenInputs:
+    """TokenInputs on the detached logits with the statistics already known filled in, so rules and
+    metrics read them instead of recomputing (log p is still formed on demand). `finite_aux` names
+    the auxiliary logits known to hold no -inf (formed from hidden states)."""
+    x = TokenInputs(logits=z, **aux)
+    x.__dict__["logp_y"] = s.logp_y
+    x.__dict__["p_y_detached"] = s.logp_y.exp()
+    for who in finite_aux:
+        x.__dict__[f"_finite_{who}"] = True
+    return x
+
+
+def write_gradient(s: ChunkStats, form: ClosedForm, labels: Tensor, weights: Tensor) -> Tensor:
+    """dL/dz for L = sum_rows weights * loss, written into s.p (returned): weights * (alpha p -
+    sum_j lam_j pi_j) and -weights * beta at the labels."""
+    g = s.p
+    g.mul_((weights * form.alpha).unsqueeze(-1) if isinstance(form.alpha, Tensor) else
+           (weights * float(form.alpha)).unsqueeze(-1))
+    for lam, pi in form.aux:
+        g.addcmul_(pi, (weights * lam).unsqueeze(-1), value=-1.0)
+    beta = weights * form.beta
+    g.scatter_add_(-1, labels.unsqueeze(-1), -beta.to(g.dtype).unsqueeze(-1))
+    return g
+
+
+def closed_form_metrics(x: TokenInputs, s: ChunkStats, form: ClosedForm, teacher_temperature: float) -> dict[str, Tensor]:
+    """The values of `token_metrics` from the chunk statistics (same keys, same definitions)."""
+    out = {
+        "nll": -s.logp_y,
+        "p_y": x.p_y_detached,
+        "entropy": s.entropy,
+        "gamma": form.gamma.detach().to(torch.float32),
+        "top1": s.top1.to(torch.float32),
+    }
+    if x.ref_logits is not None:
+        out["kl_ref"] = kl_from_logits(x, s, "ref")[0]
+    if x.teacher_logits is not None:
+        out["kl_teacher"] = kl_from_logits(x, s, "teacher", teacher_temperature)[0]
+    for key, value in form.extras.items():
+        out[key] = value.detach().to(torch.float32)
+    return out
