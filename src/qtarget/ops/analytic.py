@@ -43,6 +43,7 @@ from qtarget.objectives.catalog import (
     TargetObjective,
     TokenWeighted,
 )
+from qtarget.objectives.catalog_2026 import DEFT, ProbMasked, WeightedNLL
 from qtarget.objectives.rules import GeometricMixResidual, TeacherResidual, topk_entropy_ratio
 
 
@@ -237,11 +238,32 @@ def _target(obj, x, s):
     return ClosedForm(loss=loss, gamma=gamma, alpha=1.0, beta=gamma, aux=[(1.0 - gamma, pi)])
 
 
+def _weighted_nll(obj, x, s):
+    return _label_weighted(obj.weight_rule(x).detach(), s)
+
+
+def _prob_masked(obj, x, s):
+    p_y = x.p_y_detached  # d mask (1 - p_y) / dz = mask p_y (p - delta_y)
+    keep = (p_y >= obj.params["q"]) if obj.params["side"] == "above" else (p_y <= obj.params["q"])
+    coef = keep.to(p_y.dtype) * p_y
+    return ClosedForm(loss=keep.to(p_y.dtype) * (1.0 - p_y), gamma=coef, alpha=coef, beta=coef)
+
+
+def _deft(obj, x, s):
+    # a = sg(sum p^2); d (1 - p_y^a) / (a + eps) / dz = a / (a + eps) p_y^a (p - delta_y)
+    a = _dot(s.p, s.p) if type(obj).concentration is DEFT.concentration else obj.concentration(x).detach()
+    p_pow = torch.exp(a * s.logp_y)
+    coef = a / (a + obj.eps) * p_pow
+    return ClosedForm(loss=(1.0 - p_pow) / (a + obj.eps), gamma=coef, alpha=coef, beta=coef,
+                      extras={"concentration": a})
+
+
 # keyed by the `terms` function the closed form restates: an override of `terms` is not matched
 CLOSED_FORMS: dict[Callable, Callable[[object, TokenInputs, ChunkStats], ClosedForm]] = {
     SFT.terms: _sft, DFT.terms: _dft, Prob.terms: _prob, ProFit.terms: _profit, EAFT.terms: _eaft,
     TokenWeighted.terms: _token_weighted, PSFT.terms: _psft, SFTKL.terms: _sft_kl, ASFT.terms: _asft,
     DistillHybrid.terms: _distill_hybrid, GEM.terms: _gem, TargetObjective.terms: _target,
+    WeightedNLL.terms: _weighted_nll, ProbMasked.terms: _prob_masked, DEFT.terms: _deft,
 }
 
 
@@ -265,6 +287,7 @@ def seeded_inputs(z: Tensor, s: ChunkStats, finite_aux: tuple[str, ...] = (), **
     x = TokenInputs(logits=z, **aux)
     x.__dict__["logp_y"] = s.logp_y
     x.__dict__["p_y_detached"] = s.logp_y.exp()
+    x.__dict__["p_detached"] = s.p  # valid until the gradient is written into it (after the form and metrics)
     for who in finite_aux:
         x.__dict__[f"_finite_{who}"] = True
     return x
