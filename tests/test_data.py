@@ -9,6 +9,7 @@ import torch
 
 from qtarget.data import Collator, load_rows, pack_examples, prepare_data, split_examples, write_jsonl
 from qtarget.data.tokenize import IGNORE_INDEX, TokenizeOptions, tokenize_row, tokenize_rows
+from test_data_formats import supervised_runs
 from test_train_support import tiny, tokenizer, toy_rows
 
 
@@ -35,16 +36,7 @@ def test_messages_supervise_exactly_the_assistant_turns():
     ex = tokenize_row(tok, {"messages": msgs}, "messages", TokenizeOptions(max_length=None))
     assert ex["input_ids"] == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
     # the supervised spans, decoded per contiguous run, are the two assistant replies with their end marker
-    runs, cur = [], []
-    for t, lab in zip(ex["input_ids"], ex["labels"]):
-        if lab != IGNORE_INDEX:
-            cur.append(t)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    assert [tok.decode(r) for r in runs] == ["Hello there!<|im_end|>\n", "It is 4.<|im_end|>\n"]
+    assert supervised_runs(tok, ex) == ["Hello there!<|im_end|>\n", "It is 4.<|im_end|>\n"]
 
 
 def test_text_rows_supervise_everything():
