@@ -134,6 +134,10 @@ CASES = {
     "flag bad boolean": (["train", *MODEL, *DATA, *TRAIN, "--packing", "maybe"], r"--packing: expected true or false"),
     "objective unknown": (["train", *MODEL, *DATA, *TRAIN, "--objective", "dtf"], r"unknown objective 'dtf'"),
     "eval_fraction": (["train", *MODEL, *DATA, *TRAIN, "--eval_fraction", "1.5"], r"eval_fraction must be in \[0, 1\)"),
+    "resume without checkpoint": (["train", *MODEL, *DATA, *TRAIN, "--resume"],
+                                  r"--resume: output_dir '.*out' has no checkpoint-N folder to resume from"),
+    "resume folder missing": (["train", *MODEL, *DATA, *TRAIN, "--resume", "{d}/checkpoint-9"],
+                              r"--resume: checkpoint folder '.*checkpoint-9' does not exist"),
     # data sources
     "dataset hub id offline": (["train", *MODEL, "--dataset", "someorg/some-data", *TRAIN],
                                r"dataset 'someorg/some-data' is not a local file.*HF_HUB_OFFLINE"),
@@ -175,6 +179,8 @@ CASES = {
     "teacher-cache teacher missing": (["teacher-cache", *MODEL, "--teacher_model", "/no/teacher", *DATA,
                                        "--output_dir", "{out}"],
                                       r"teacher model \(--teacher_model\) '/no/teacher' does not exist"),
+    "teacher-cache yaml syntax error": (["teacher-cache", "--config", "{bad_yaml}"],
+                                        r"--config '.*bad.yaml' is not valid YAML at line 3, column 1"),
     # eval
     "eval duplicate ids in one file": (["eval", *MODEL, "--benchmarks", "{d}/dup.jsonl", "--output_dir", "{out}"],
                                        r"dup.jsonl:3: duplicate id 'a' in this file \(first on line 1\)"),
@@ -188,6 +194,10 @@ CASES = {
                            r"model \(--model\) '/no/model' does not exist"),
     "eval tokenizer missing": (["eval", *MODEL, "--tokenizer", "/no/tok", "--benchmarks", "arith:3",
                                 "--output_dir", "{out}"], r"tokenizer \(--tokenizer\) '/no/tok' does not exist"),
+    "eval samples": (["eval", *MODEL, "--benchmarks", "arith:3", "--samples", "0", "--output_dir", "{out}"],
+                     r"--samples must be >= 1, got 0"),
+    "eval top_p": (["eval", *MODEL, "--benchmarks", "arith:3", "--top_p", "1.5", "--output_dir", "{out}"],
+                   r"--top_p must be in \(0, 1\], got 1.5"),
     # other commands
     "inspect unknown objective": (["inspect", "dtf"], r"unknown objective 'dtf' \(did you mean dft\?\)"),
 }

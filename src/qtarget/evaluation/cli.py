@@ -52,9 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The numeric options, before anything loads."""
+    for name, low in (("samples", 1), ("max_new_tokens", 1), ("batch_size", 1), ("limit", 1), ("threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name} must be >= {low}, got {value}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
+
+
 def main(argv: list[str]) -> int:
     """Bad input raises ValueError / FileNotFoundError; `qtarget.cli` prints it as one line, exit 2."""
     args = build_parser().parse_args(argv)
+    check_args(args)
     try:
         problems = load_benchmarks(args.benchmarks, limit=args.limit, seed=args.seed)
     except (HubUnavailableError, ModuleNotFoundError) as e:  # the benchmark asked for cannot be reached here

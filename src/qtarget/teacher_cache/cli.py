@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import AutoConfig
 
 from qtarget import cli
@@ -28,7 +27,7 @@ from qtarget.teacher_cache.build import build_cache
 from qtarget.teacher_cache.manifest import DATA_KEYS
 from qtarget.teacher_cache.schema import LOGPROB_DTYPES
 from qtarget.models.load import check_same_vocabulary, load_aux_tokenizer, load_model, load_tokenizer, resolve
-from qtarget.training.cli import coerce
+from qtarget.training.cli import coerce, read_yaml_mapping
 from qtarget.training.config import config_fields
 
 # keys shared with `qtarget train` (same meaning, same parsing)
@@ -69,12 +68,7 @@ def load_options(argv: list[str]) -> dict[str, Any]:
     given = vars(build_parser().parse_args(argv))
     values: dict[str, Any] = {}
     if "config" in given:
-        path = Path(given.pop("config"))
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {str(path)!r} does not exist")
-        recipe = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(recipe, dict):
-            raise ValueError(f"--config {str(path)!r} must hold a mapping of keys to values")
+        recipe = read_yaml_mapping(Path(given.pop("config")))
         values.update({k: v for k, v in recipe.items() if k in TRAIN_KEYS})
         if recipe.get("teacher_cache"):
             values["output_dir"] = recipe["teacher_cache"]

@@ -11,6 +11,7 @@ import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers.trainer_utils import get_last_checkpoint
 
 from qtarget.data import Collator, PreparedData, TokenizeReport, prepare_data
 from qtarget.models.load import check_source, load_aux_model, load_model, load_tokenizer
@@ -47,6 +48,19 @@ def check_requirements(config: QTargetConfig, *, teacher_given: bool = False) ->
         check_source(name, role)
     if config.teacher_cache:
         TeacherCache(config.teacher_cache, verify=False)  # a missing manifest or shard, before any model loads
+    check_resume(config.resume, Path(config.output_dir))
+
+
+def check_resume(resume: str | None, output_dir: Path) -> None:
+    """--resume names a checkpoint that exists: 'last' needs a checkpoint-N folder in output_dir."""
+    if not resume:
+        return
+    if resume == "last":
+        if not output_dir.is_dir() or get_last_checkpoint(str(output_dir)) is None:
+            raise ValueError(f"--resume: output_dir {str(output_dir)!r} has no checkpoint-N folder to resume from "
+                             f"(drop --resume to start a new run)")
+    elif not Path(resume).is_dir():
+        raise FileNotFoundError(f"--resume: checkpoint folder {resume!r} does not exist")
 
 
 def _is_tokenized(ds: Any) -> bool:

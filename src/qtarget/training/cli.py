@@ -104,6 +104,21 @@ def _check_keys(keys, where: str) -> None:
             raise ValueError(f"unknown key {key!r} ({where}){hint} (`qtarget train --help` lists every key)")
 
 
+def read_yaml_mapping(path: Path, flag: str = "--config") -> dict[str, Any]:
+    """A YAML recipe as a dict, or a one-line error naming the flag, the file and (syntax) line and column."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{flag} {str(path)!r} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{flag} {str(path)!r} must hold a mapping of keys to values")
+    return data
+
+
 def load_config(argv: list[str]) -> QTargetConfig:
     """argv (flags and/or --config) -> a validated QTargetConfig. Raises ValueError on bad keys."""
     parser = build_parser()
@@ -117,17 +132,7 @@ def load_config(argv: list[str]) -> QTargetConfig:
     values: dict[str, Any] = {}
     if "config" in given:
         path = Path(given.pop("config"))
-        if not path.exists():
-            raise FileNotFoundError(f"--config {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ValueError(f"--config {str(path)!r} is not valid YAML{where}: "
-                             f"{getattr(e, 'problem', None) or e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"--config {str(path)!r} must hold a mapping of keys to values")
+        data = read_yaml_mapping(path)
         _check_keys(data, f"in {path}")
         values.update(data)
     values.update(given)
