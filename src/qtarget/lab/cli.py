@@ -10,8 +10,9 @@ from pathlib import Path
 from qtarget import cli
 from qtarget.lab.report import claims_table, metric_table
 from qtarget.lab.runner import rerender, run_lab
-from qtarget.lab.settings import OBJECTIVES, settings_for
+from qtarget.lab.settings import OBJECTIVES
 from qtarget.lab.sweep import parse_sweep
+from qtarget.lab.user_task import setup_user_lab
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_teacher_cache", action="store_true", help="train the target_sft teacher again and do "
                                                                   "not read or write its cache")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    user = p.add_argument_group("your model and data (default: SmolLM2 on the built-in arithmetic task)")
+    user.add_argument("--model", default=None, help="a model folder (or smollm2 / tiny); training defaults "
+                                                    "(--train_top_layers, --batch_size, --learning_rate) scale to its size")
+    user.add_argument("--dataset", default=None, help="your demonstrations (any chat / prompt-response format of "
+                                                      "`qtarget train`): held-out NLL, entropy and ranking rows, "
+                                                      "generation on rows with a checkable answer; --noise defaults to 0")
+    user.add_argument("--teacher", default=None, help="target_sft's teacher (default: the lab trains one with SFT on "
+                                                      "a part of the data no student or held-out row uses)")
+    user.add_argument("--answer_column", default="answer", help="column with each row's final answer (default: "
+                                                               "answer; else the answer the response states)")
+    user.add_argument("--dataset_split", default="train", help="split of a hub dataset / DatasetDict folder")
+    user.add_argument("--dataset_config", default=None, help="hub dataset configuration name")
+    user.add_argument("--max_length", type=int, default=None, help="longest training sequence in tokens (user data "
+                                                                   "default 512; longer rows are left out)")
     p.add_argument("--report_from", default=None, metavar="RESULTS_JSON",
                    help="run no model: recompute every interval, difference and claim from this results.json's "
                         "per-item values and write the report into --output_dir")
@@ -84,15 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--objectives cannot be combined with --sweep (a sweep trains sft, the reference, and "
                          "the swept objective)")
     sweep = parse_sweep(args.sweep) if args.sweep else None
-    settings = settings_for(
-        preset, seed=args.seed, seeds=args.seeds, noise=args.noise, objectives=objectives, steps=args.steps,
+    overrides = dict(
+        seed=args.seed, seeds=args.seeds, noise=args.noise, objectives=objectives, steps=args.steps,
         batch_size=args.batch_size, train_examples=args.train_examples, learning_rate=args.learning_rate,
         train_top_layers=args.train_top_layers, eval_in_domain=args.eval_in_domain, rank_items=args.rank_items,
         ood_texts=args.ood_texts, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, threads=args.threads,
-        sweep=sweep)
+        sweep=sweep, max_length=args.max_length)
+    settings, task, teacher, notes = setup_user_lab(
+        model=args.model, dataset=args.dataset, preset=preset, overrides=overrides, teacher=args.teacher,
+        answer_column=args.answer_column, split=args.dataset_split, config=args.dataset_config)
+    for note in notes:
+        print(f"qtarget lab: {note}")
     t0 = time.perf_counter()
     results = run_lab(settings, args.output_dir, progress=not args.no_progress,
-                      use_teacher_cache=not args.no_teacher_cache)
+                      use_teacher_cache=not args.no_teacher_cache, task=task, teacher=teacher)
     print()
     print(metric_table(results))
     if results["claims"]:

@@ -236,7 +236,7 @@ def render_markdown(results: dict[str, Any]) -> str:
               "- **Rows**: " + "; ".join(_row_text(name, row, s) for name, row in results["rows"].items()) + "."]
     teacher = results.get("teacher")
     if teacher:
-        state = ("loaded from the cache" if teacher.get("cached") else
+        state = ("given by the user" if teacher.get("given") else "loaded from the cache" if teacher.get("cached") else
                  f"trained in this run in {teacher.get('trained_seconds') or 0:.0f} s and cached")
         caches = [r["teacher_cache"] for row in results["rows"].values() for r in row["runs"] if r.get("teacher_cache")]
         how = (f"Training reads it from a teacher cache (`qtarget teacher-cache`): its top-{caches[0]['top_k']} "

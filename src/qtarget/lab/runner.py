@@ -34,6 +34,7 @@ from qtarget.lab.settings import LabSettings
 from qtarget.lab.sweep import row_name
 from qtarget.lab.task import LabTask
 from qtarget.lab.teacher import obtain_teacher, teacher_dir
+from qtarget.lab.user_task import folder_identity
 from qtarget.models import load_tokenizer, smollm2_dir, tiny_causal_lm
 from qtarget.models.load import freeze, load
 from qtarget.models.smollm2 import smollm2_is_cached
@@ -80,6 +81,10 @@ def load_base(settings: LabSettings):
         tokenizer = load_tokenizer("smollm2")
         model = tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=settings.seed)
         info = {"name": "tiny random Llama (2 layers, hidden 64) on the SmolLM2 tokenizer", "model_id": "tiny",
+                "cache_seconds": 0.0, "was_cached": True}
+    elif settings.model != "smollm2":  # a model folder of the user's (qtarget lab --model DIR)
+        model, tokenizer = load(settings.model, role="base", dtype="float32")
+        info = {"name": settings.model, "model_id": "folder:" + folder_identity(settings.model),
                 "cache_seconds": 0.0, "was_cached": True}
     else:
         was_cached = smollm2_is_cached()
@@ -168,10 +173,10 @@ def settings_seeds(settings: LabSettings) -> list[int]:
 
 def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: bool = True,
             cache_dir: str | os.PathLike | None = None, use_teacher_cache: bool = True,
-            task: LabTask | None = None) -> dict[str, Any]:
+            task: LabTask | None = None, teacher: tuple | None = None) -> dict[str, Any]:
     """Run the comparison on `task` (default: the built-in arithmetic task) and write report.md,
     results.json, results.csv and the PNG plots into `output_dir`. Returns the results dict (what
-    results.json holds)."""
+    results.json holds). `teacher`: (model, info) of a given target_sft teacher (default: the lab trains one)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -190,7 +195,8 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
             task = build_task("shop", settings)
 
         cache_path = Path(cache_dir) if cache_dir is not None else None
-        teacher_cached = (settings.needs_teacher and use_teacher_cache
+        given_teacher, teacher = teacher, None
+        teacher_cached = given_teacher is not None or (settings.needs_teacher and use_teacher_cache
                           and (teacher_dir(settings, model_info["model_id"], task, cache_path) / "lab-teacher.json").exists())
         bar = Progress(_units(settings, teacher_cached), enabled=progress)
 
@@ -228,8 +234,8 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
 
         rows["base"] = {"objective": None, "args": {}, "runs": [{"seed": None, "eval_seconds": measure(None, "base", None)}]}
 
-        teacher, teacher_info = None, None
-        if settings.needs_teacher:
+        teacher, teacher_info = given_teacher or (None, None)
+        if settings.needs_teacher and given_teacher is None:
             bar.phase("teacher for target_sft" + (" (cached)" if teacher_cached else " (training: SFT on clean data)"))
 
             def make_teacher_examples(n: int, seed: int) -> list[dict]:

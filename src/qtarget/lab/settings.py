@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qtarget.objectives import get_objective, list_objectives
@@ -93,8 +94,8 @@ class LabSettings:
         if self.sweep and len({o for o, _, _ in self.sweep}) != 1:
             raise ValueError(f"--sweep: every swept parameter must belong to one objective, got "
                              f"{sorted({o for o, _, _ in self.sweep})}")
-        if self.model not in ("smollm2", "tiny"):
-            raise ValueError(f"model must be 'smollm2' or 'tiny', got {self.model!r}")
+        if self.model not in ("smollm2", "tiny") and not Path(self.model).is_dir():
+            raise ValueError(f"--model must be 'smollm2', 'tiny' or a model folder, got {self.model!r}")
 
     @property
     def needs_teacher(self) -> bool:
