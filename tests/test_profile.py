@@ -13,7 +13,9 @@ from qtarget import cli
 from qtarget.data import prepare_data, write_jsonl
 from qtarget.models import tiny_causal_lm
 from qtarget.profile import profile_examples, summarize
+from qtarget.profile.cli import sample_indices
 from qtarget.profile.summary import QUANTILES
+from qtarget.teacher_cache import TeacherCache, build_cache
 
 ROWS = [{"prompt": f"Q{i}: {i} plus {3 * i % 7}?", "response": f" {i} + {3 * i % 7} = {i + 3 * i % 7}. " * (1 + i % 3)}
         for i in range(9)]
@@ -154,3 +156,42 @@ def test_profile_cli_bad_input_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err[-1].startswith("qtarget profile: error: ") and message in err[-1]
+
+
+def test_profile_from_a_teacher_cache_matches_the_live_teacher(tmp_path, smollm2_tokenizer, capsys):
+    """--teacher_cache: the cached top-k gives the live teacher's top-1 and, for labels inside the top-k,
+    its p_y; rows are looked up by their index in the cache's train split (checked by fingerprint)."""
+    student, teacher = planted(smollm2_tokenizer, 3), planted(smollm2_tokenizer, 4)
+    data = write_jsonl(ROWS, tmp_path / "d.jsonl")
+    examples = list(prepare_data(str(data), smollm2_tokenizer, max_length=1024).train)
+    cache = tmp_path / "cache"
+    settings = {"max_length": 1024, "response_only": True, "chat_template": False, "eval_fraction": 0.0}
+    build_cache(teacher, smollm2_tokenizer, examples, cache, top_k=16, settings=settings, progress=False)
+    folder = tmp_path / "student"
+    student.save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    rc = cli.main(["profile", "--model", str(folder), "--dataset", str(data), "--teacher_cache", str(cache),
+                   "--limit", "5", "--seed", "1", "--output_dir", str(out), "--no_progress"])
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads((out / "profile.json").read_text())
+    # the same sampled rows with the live teacher
+    rows = sample_indices(len(examples), 5, 1)
+    live = profile_examples(student, [examples[i] for i in rows], pad_token_id=smollm2_tokenizer.pad_token_id,
+                            teacher=teacher)
+    ref = reference(teacher, [examples[i] for i in rows], smollm2_tokenizer.pad_token_id)
+    s = summarize(live)
+    assert record["tokens"] == live.tokens
+    assert record["teacher"]["top1_agreement"] == pytest.approx(s["teacher"]["top1_agreement"])
+    assert record["teacher"]["teacher_student_agreement"] == pytest.approx(s["teacher"]["teacher_student_agreement"])
+    rank = (ref["logp"] > ref["logp"][np.arange(live.tokens), ref["label"]][:, None]).sum(-1)
+    assert (rank < 16).mean() > 0.5  # most labels are inside the cached top-k, so the check below bites
+    cached = profile_examples(student, [examples[i] for i in rows], pad_token_id=smollm2_tokenizer.pad_token_id,
+                              teacher_cache=TeacherCache(cache), cache_rows=rows)
+    inside = rank < 16
+    np.testing.assert_allclose(cached.teacher["p_y"][inside], ref["p_y"][inside], rtol=1e-4, atol=1e-7)
+    # a cache of other data is refused, naming the row
+    other = write_jsonl(ROWS[::-1], tmp_path / "other.jsonl")
+    rc = cli.main(["profile", "--model", str(folder), "--dataset", str(other), "--teacher_cache", str(cache),
+                   "--no_progress"])
+    assert rc == 2 and "was built for other data" in capsys.readouterr().err

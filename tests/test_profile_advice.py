@@ -142,6 +142,8 @@ def test_lab_verdicts_match_the_lab_results():
 
 
 def test_lab_command_is_exact_and_quoted():
-    cmd = lab_command("my model", "data.jsonl", ["sft", "dft"], teacher_cache="cache dir")
+    cmd = lab_command("my model", "data.jsonl", ["sft", "target_sft"], teacher="t dir")
     assert shlex.split(cmd) == ["qtarget", "lab", "--model", "my model", "--dataset", "data.jsonl", "--objectives",
-                                "sft,dft", "--teacher_cache", "cache dir"]
+                                "sft,target_sft", "--teacher", "t dir"]
+    # the teacher is only passed where an objective reads it
+    assert "--teacher" not in lab_command("m", "d", ["sft", "dft"], teacher="t")

@@ -266,12 +266,11 @@ def advise(summary: dict[str, Any], *, has_teacher: bool = False) -> Advice:
 
 
 def lab_command(model: str, dataset: str, objectives: Sequence[str], *, teacher: str | None = None,
-                teacher_cache: str | None = None, extra: Sequence[str] = ()) -> str:
-    """The exact `qtarget lab` command that tests the advice on the user's model and data."""
+                extra: Sequence[str] = ()) -> str:
+    """The exact `qtarget lab` command that tests the advice on the user's model and data (the lab trains
+    target_sft's teacher itself unless `teacher` is given)."""
     parts = ["qtarget", "lab", "--model", model, "--dataset", dataset, "--objectives", ",".join(objectives)]
-    if teacher:
+    if teacher and "target_sft" in objectives:
         parts += ["--teacher", teacher]
-    if teacher_cache:
-        parts += ["--teacher_cache", teacher_cache]
     parts += list(extra)
     return shlex.join(parts)

@@ -155,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(profile, tokenizer)
     has_teacher = teacher is not None or cache is not None
     advice = advise(summary, has_teacher=has_teacher)
-    cmd = lab_command(args.model, args.dataset, advice.lab_objectives, teacher=args.teacher,
-                      teacher_cache=args.teacher_cache)
+    cmd = lab_command(args.model, args.dataset, advice.lab_objectives, teacher=args.teacher)
+    if args.teacher_cache and "target_sft" in advice.lab_objectives:
+        advice.notes.append("the lab trains target_sft from a live teacher (it builds its own top-64 cache per run): "
+                            "add --teacher MODEL to the command below to use the cached teacher's model, else the lab "
+                            "trains one by SFT on a disjoint part of your data")
     text = terminal_report(summary, advice, cmd)
     print(text)
     if args.output_dir:
