@@ -59,7 +59,7 @@ def test_every_objective_trains_a_tiny_model(tmp_path, objective):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["dft", "target_sft"])
+@pytest.mark.parametrize("objective", ["dft", "target_sft", "prift_prob"])  # prift_prob: a frozen reference copy
 def test_smollm2_short_fine_tune(tmp_path, objective):
     from qtarget.models import load_smollm2
 
