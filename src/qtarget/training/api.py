@@ -1,6 +1,7 @@
 """`train()`: the Python entry point behind `qtarget train`, reusable with already-loaded models."""
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from torch import nn
 from transformers.trainer_utils import get_last_checkpoint
 
 from qtarget.data import Collator, PreparedData, TokenizeReport, prepare_data
-from qtarget.models.load import check_source, load_aux_model, load_model, load_tokenizer
+from qtarget.models.load import check_source, freeze, load_aux_model, load_model, load_tokenizer, torch_dtype
 from qtarget.teacher_cache.reader import TeacherCache
 from qtarget.teacher_cache.training import attach_teacher_cache, data_settings
 from qtarget.training.config import QTargetConfig
@@ -157,7 +158,7 @@ def train(
     if "teacher" in needs and not config.teacher_cache:
         if teacher is None or isinstance(teacher, str):
             teacher = load_aux_model(teacher or config.teacher_model, role="teacher", student_tokenizer=tokenizer,
-                                     student_name=str(model_name), dtype=config.dtype)
+                                     student_name=str(model_name), dtype=config.aux_dtype("teacher"))
     else:
         teacher = None
     if config.use_lora:
@@ -165,7 +166,9 @@ def train(
     if "ref" in needs:
         if isinstance(ref, str) or (ref is None and config.ref_model):
             ref = load_aux_model(ref or config.ref_model, role="reference", student_tokenizer=tokenizer,
-                                 student_name=str(model_name), dtype=config.dtype)
+                                 student_name=str(model_name), dtype=config.aux_dtype("ref"))
+        elif ref is None and config.ref_dtype not in (None, "auto") and not config.use_lora:  # frozen initial student
+            ref = freeze(copy.deepcopy(model)).to(torch_dtype(config.ref_dtype))
     else:
         ref = None
 

@@ -54,6 +54,13 @@ class QTargetConfig(TrainingArguments):
                                       "top-k renormalised) or 'uniform' (spread evenly). See docs/teacher_cache.md.")
     ref_model: str | None = _f(None, "Reference / base model (sft_kl, asft). Default: the frozen initial student "
                                      "(with LoRA: the student with adapters disabled, no second copy).")
+    teacher_dtype: str | None = _f(None, "Weights dtype of the teacher model: auto, float32, bfloat16 or float16 "
+                                         "(default: `dtype`). A bfloat16 teacher next to a float32 student holds half "
+                                         "the memory; the fused loss forms its logits in bfloat16 and does the loss "
+                                         "math in float32.")
+    ref_dtype: str | None = _f(None, "Weights dtype of the reference model (--ref_model, or the frozen copy of the "
+                                     "initial student; not used with LoRA, whose reference is the student itself): "
+                                     "auto, float32, bfloat16 or float16 (default: `dtype`).")
     psft_updates_per_batch: int = _f(8, "PSFT: optimizer steps (mini-batches) per global batch that share one pi_old. "
                                         "One optimizer step consumes one mini-batch of per_device_train_batch_size x "
                                         "gradient_accumulation_steps x world_size rows.")
@@ -94,6 +101,9 @@ class QTargetConfig(TrainingArguments):
             raise ValueError(f"psft_updates_per_batch must be >= 1, got {self.psft_updates_per_batch}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+        for key in ("teacher_dtype", "ref_dtype"):
+            if getattr(self, key) not in (None, "auto", "float32", "bfloat16", "float16"):
+                raise ValueError(f"{key} must be one of auto, float32, bfloat16, float16; got {getattr(self, key)!r}")
         if self.max_length is not None and int(self.max_length) < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.packing and self.max_length is None:
@@ -102,6 +112,10 @@ class QTargetConfig(TrainingArguments):
             raise ValueError(f"teacher_tail must be one of {', '.join(TAILS)}; got {self.teacher_tail!r}")
         self.build_objective()  # unknown objective / parameter -> error now, before any model loads
         super().__post_init__()
+
+    def aux_dtype(self, role: str) -> str:
+        """The weights dtype of the auxiliary model `role` ("teacher" or "ref"): its own key, else `dtype`."""
+        return getattr(self, f"{role}_dtype") or self.dtype
 
     def build_objective(self):
         """The objective of this config, built once (and again only if `objective`/`objective_args` change)."""
