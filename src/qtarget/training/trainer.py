@@ -12,10 +12,13 @@ nor rescales further. The accumulated gradient is then the gradient of the globa
 PSFT (SPEC §3). With `objective=psft`, `get_batch_samples` pre-fetches the micro-batches of
 `psft_updates_per_batch` (M) optimizer steps, computes log pi_old(y) for all of them with the current
 model (no gradient, eval mode) and then serves them one optimizer step at a time: M optimizer steps
-on M mini-batches share one pi_old, refreshed at every global step that is a multiple of M.
+on M mini-batches share one pi_old, refreshed at every global step that is a multiple of M. A global
+batch that crosses an epoch boundary keeps its pi_old: the next epoch's first mini-batches are scored
+by a CPU snapshot of the trainable weights taken at the refresh.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -83,6 +86,9 @@ class QTargetTrainer(Trainer):
         self._psft_queue: list[list[dict]] = []
         self._psft_iter = None
         self.psft_refreshes = 0  # how many times pi_old was recomputed (one per PSFT global batch)
+        self.psft_refresh_steps: list[int] = []  # the optimizer step (1-based) at which each pi_old took effect
+        self._psft_owed = 0  # optimizer steps of the current global batch still to come from the next epoch
+        self._psft_snapshot: dict[str, torch.Tensor] | None = None  # pi_old's trainable weights, for those steps
 
     # ---- loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -141,34 +147,98 @@ class QTargetTrainer(Trainer):
             model.train(was_training)
         return out.label_logprobs
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
+    def get_batch_samples(self, epoch_iterator, num_batches, device=None):
         if not self.is_psft:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         if epoch_iterator is not self._psft_iter:
             self._psft_iter, self._psft_queue = epoch_iterator, []
         if not self._psft_queue:
-            M = int(self.args.psft_updates_per_batch)
-            left_in_group = M - self.state.global_step % M
-            if left_in_group != M and self.psft_refreshes == 0:
-                warnings.warn(f"resuming PSFT at step {self.state.global_step}, inside a global batch of {M} "
-                              f"mini-batches: pi_old is recomputed now (save checkpoints at multiples of "
-                              f"psft_updates_per_batch for an exact resume)", stacklevel=2)
-            for _ in range(left_in_group):
-                group = []
-                for _ in range(num_batches):
-                    try:
-                        group.append(next(epoch_iterator))
-                    except StopIteration:
-                        break
-                if not group:
-                    break
-                self._psft_queue.append(group)
-            for group in self._psft_queue:
-                for b in group:
-                    b["old_logprobs"] = self._label_logprobs(self._prepare_inputs(b)).to(b["labels"].device)
-            self.psft_refreshes += 1
+            if self._psft_owed:  # a global batch that began in the previous epoch goes on in this one
+                self._serve_rest_of_global_batch(epoch_iterator, num_batches)
+            else:
+                self._refresh_old_policy(epoch_iterator, num_batches)
         batch_samples = self._psft_queue.pop(0) if self._psft_queue else []
         return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    def _fetch_groups(self, epoch_iterator, num_batches: int, count: int) -> list[list[dict]]:
+        """Up to `count` optimizer steps' worth of micro-batches (fewer when the epoch ends)."""
+        groups = []
+        for _ in range(count):
+            group = []
+            for _ in range(num_batches):
+                try:
+                    group.append(next(epoch_iterator))
+                except StopIteration:
+                    break
+            if not group:
+                break
+            groups.append(group)
+        return groups
+
+    def _attach_old_logprobs(self, groups: list[list[dict]]) -> None:
+        for group in groups:
+            for b in group:
+                b["old_logprobs"] = self._label_logprobs(self._prepare_inputs(b)).to(b["labels"].device)
+
+    def _refresh_old_policy(self, epoch_iterator, num_batches: int) -> None:
+        """Start a global batch at this step: pi_old = the current model on the mini-batches of the next
+        M - (global_step mod M) optimizer steps, so refreshes fall exactly on steps 0, M, 2M, ... If the
+        epoch ends first, the rest of the global batch comes from the next epoch's first mini-batches,
+        scored by a snapshot of the weights taken now (`_serve_rest_of_global_batch`)."""
+        M = int(self.args.psft_updates_per_batch)
+        step = self.state.global_step
+        left_in_group = M - step % M
+        if left_in_group != M and self.psft_refreshes == 0:
+            warnings.warn(f"resuming PSFT at step {step}, inside a global batch of {M} "
+                          f"mini-batches: pi_old is recomputed now (save checkpoints at multiples of "
+                          f"psft_updates_per_batch for an exact resume)", stacklevel=3)
+        groups = self._fetch_groups(epoch_iterator, num_batches, left_in_group)
+        if not groups:
+            return
+        self._attach_old_logprobs(groups)
+        self._psft_queue = groups
+        self.psft_refreshes += 1
+        self.psft_refresh_steps.append(step + 1)  # the first optimizer step that uses this pi_old
+        owed = left_in_group - len(groups)
+        if owed > 0 and step + len(groups) < self.state.max_steps:
+            self._psft_owed = owed
+            self._psft_snapshot = self._old_policy_snapshot()
+
+    def _serve_rest_of_global_batch(self, epoch_iterator, num_batches: int) -> None:
+        groups = self._fetch_groups(epoch_iterator, num_batches, self._psft_owed)
+        snapshot, self._psft_snapshot, self._psft_owed = self._psft_snapshot, None, 0
+        if not groups:
+            return
+        if snapshot is None:
+            self._attach_old_logprobs(groups)  # no snapshot (sharded weights): the current model stands in
+        else:
+            with self._weights_swapped(snapshot):
+                self._attach_old_logprobs(groups)
+        self._psft_queue = groups
+
+    def _old_policy_snapshot(self) -> dict[str, torch.Tensor] | None:
+        """A copy of the trainable weights (the only ones that change) on the CPU, to score next epoch's
+        first mini-batches with pi_old; None where the weights are partitioned away from the module (ZeRO-3)."""
+        trainable = {name: p for name, p in self.model_wrapped.named_parameters() if p.requires_grad}
+        if any(hasattr(p, "ds_tensor") for p in trainable.values()):
+            warnings.warn("PSFT with ZeRO-3: the mini-batches of a global batch that crosses an epoch boundary are "
+                          "scored by the model at the epoch boundary, not by pi_old", stacklevel=3)
+            return None
+        return {name: p.detach().to("cpu", copy=True) for name, p in trainable.items()}
+
+    @contextlib.contextmanager
+    def _weights_swapped(self, snapshot: dict[str, torch.Tensor]):
+        params = dict(self.model_wrapped.named_parameters())
+        current = {name: params[name].detach().clone() for name in snapshot}
+        try:
+            with torch.no_grad():
+                for name, value in snapshot.items():
+                    params[name].copy_(value)
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in current.items():
+                    params[name].copy_(value)
 
     # ---- logging ----------------------------------------------------------------------------
     def _reduced_means(self, split: str) -> dict[str, float]:
