@@ -12,14 +12,15 @@ import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers.trainer_utils import get_last_checkpoint
 
 from qtarget.data import Collator, PreparedData, TokenizeReport, prepare_data
 from qtarget.models.load import check_source, freeze, load_aux_model, load_model, load_tokenizer, torch_dtype
+from qtarget.teacher_cache.manifest import Manifest
 from qtarget.teacher_cache.reader import TeacherCache
 from qtarget.teacher_cache.training import attach_teacher_cache, data_settings
 from qtarget.training.config import QTargetConfig
 from qtarget.training.logs import MetricsWriter
+from qtarget.training.run_dir import check_output_dir, claim_output_dir, resume_checkpoint, run_fingerprint
 from qtarget.training.trainer import STAGING_DIR, QTargetTrainer
 
 
@@ -38,7 +39,7 @@ class TrainResult:
 
 
 def check_requirements(config: QTargetConfig, *, teacher_given: bool = False) -> None:
-    """Everything that can be checked before a model loads."""
+    """Everything that can be checked before a model loads, including settings that would be ignored."""
     needs = config.objective_needs
     if "teacher" in needs and not teacher_given and not config.teacher_model and not config.teacher_cache:
         raise ValueError(f"objective {config.objective!r} needs a teacher model (--teacher_model) or a teacher "
@@ -47,21 +48,28 @@ def check_requirements(config: QTargetConfig, *, teacher_given: bool = False) ->
         raise ValueError("pass either teacher= or config.teacher_cache (--teacher_cache), not both")
     for name, role in ((config.model, "student"), (config.teacher_model, "teacher"), (config.ref_model, "ref")):
         check_source(name, role)
+    for key, need, role in (("teacher_model", "teacher", "teacher"), ("teacher_cache", "teacher", "teacher"),
+                            ("ref_model", "ref", "reference model")):
+        if getattr(config, key) and need not in needs:
+            raise ValueError(f"--{key} would be ignored: objective {config.objective!r} uses no {role}; drop --{key} "
+                             f"or choose an objective that uses one")
     if config.teacher_cache:
         TeacherCache(config.teacher_cache, verify=False)  # a missing manifest or shard, before any model loads
-    check_resume(config.resume, Path(config.output_dir))
+        if config.teacher_model:
+            check_teacher_matches_cache(config.teacher_model, config.teacher_cache)
+    resume_checkpoint(config)  # --resume names a checkpoint that exists
 
 
-def check_resume(resume: str | None, output_dir: Path) -> None:
-    """--resume names a checkpoint that exists: 'last' needs a checkpoint-N folder in output_dir."""
-    if not resume:
+def check_teacher_matches_cache(teacher_model: str, teacher_cache: str) -> None:
+    """--teacher_model next to --teacher_cache must name the teacher the cache was built from (its manifest):
+    the cache is what trains, so another teacher there would be silently ignored (and recorded)."""
+    cached = str(Manifest.load(Path(teacher_cache)).teacher.get("name"))
+    if cached == teacher_model or (Path(cached).exists() and Path(teacher_model).exists()
+                                   and Path(cached).resolve() == Path(teacher_model).resolve()):
         return
-    if resume == "last":
-        if not output_dir.is_dir() or get_last_checkpoint(str(output_dir)) is None:
-            raise ValueError(f"--resume: output_dir {str(output_dir)!r} has no checkpoint-N folder to resume from "
-                             f"(drop --resume to start a new run)")
-    elif not Path(resume).is_dir():
-        raise FileNotFoundError(f"--resume: checkpoint folder {resume!r} does not exist")
+    raise ValueError(f"--teacher_model {teacher_model!r} is not the teacher of --teacher_cache {teacher_cache!r} (its "
+                     f"manifest records {cached!r}); training reads the cache, so drop --teacher_model or pass the "
+                     f"cache's teacher")
 
 
 def _is_tokenized(ds: Any) -> bool:
@@ -147,6 +155,10 @@ def train(
     if eval_ds is not None and _is_tokenized(eval_ds) is False and len(eval_ds) > 0:
         raise ValueError("eval_dataset must be tokenised examples when train_dataset is (dicts with input_ids, labels)")
 
+    checkpoint = resume_checkpoint(config)
+    fingerprint = run_fingerprint(config, train_ds)
+    check_output_dir(config, fingerprint, checkpoint)  # before any model loads
+
     needs = config.objective_needs
     if isinstance(model, str) or model is None:
         model = load_model(model_name, role="student", dtype=config.dtype)
@@ -178,15 +190,14 @@ def train(
         processing_class=tokenizer, data_collator=collator,
         callbacks=[writer] + list(callbacks or []),
     )
+    trainer.run_fingerprint = fingerprint  # copied into every checkpoint
     if config.process_index == 0:  # set-up succeeded: only now does output_dir look like a run
+        claim_output_dir(config, fingerprint, checkpoint)
         save_yaml(config, output_dir / "config.yaml")
-        if not config.resume:
+        if not checkpoint:
             for name in ("metrics.jsonl", "metrics.csv"):
                 (output_dir / name).unlink(missing_ok=True)
-    resume = config.resume
-    if resume == "last":
-        resume = True
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=checkpoint)
 
     final_dir = None
     if save_final:

@@ -72,7 +72,10 @@ class QTargetConfig(TrainingArguments):
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names LoRA adapts.")
     # --- outputs ---
     plot: bool = _f(True, "Write curves.png (loss, nll, p_y, entropy, gamma, ...) at the end.")
-    resume: str | None = _f(None, "Resume: 'last' (newest checkpoint in output_dir) or a checkpoint folder.")
+    resume: str | None = _f(None, "Resume: 'last' (newest checkpoint in output_dir) or a checkpoint folder. Refused "
+                                  "when the checkpoint was trained on other data or settings.")
+    overwrite_output_dir: bool = _f(False, "Replace the outputs (checkpoints, metrics, final model) of an earlier run "
+                                           "in output_dir; without it (or --resume) such a folder is refused.")
     # --- TrainingArguments defaults changed for this library ---
     logging_steps: float = _f(1, "Log every N optimizer steps (default 1: per-step metrics).")
     remove_unused_columns: bool = _f(False, "Kept False: batches carry token_weights and old log-probs.")

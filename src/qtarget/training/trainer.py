@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from qtarget.data import Collator
 from qtarget.training.config import QTargetConfig
 from qtarget.training.patch import EXTRA_KEYS, SFT, TEACHER_FROM_BATCH, patch, patched_state
+from qtarget.training.run_dir import write_fingerprint
 
 STAGING_DIR = ".qtarget-staging"
 METRIC_KEYS = ("nll", "p_y", "entropy", "gamma", "top1", "clip_frac", "ratio", "kl_ref", "kl_teacher")
@@ -87,6 +89,7 @@ class QTargetTrainer(Trainer):
         self._psft_iter = None
         self.psft_refreshes = 0  # how many times pi_old was recomputed (one per PSFT global batch)
         self.psft_refresh_steps: list[int] = []  # the optimizer step (1-based) at which each pi_old took effect
+        self.run_fingerprint: dict | None = None  # settings + data of this run (run_dir.py), saved in checkpoints
         self._psft_owed = 0  # optimizer steps of the current global batch still to come from the next epoch
         self._psft_snapshot: dict[str, torch.Tensor] | None = None  # pi_old's trainable weights, for those steps
 
@@ -302,6 +305,8 @@ class QTargetTrainer(Trainer):
             self._staging = False
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            if self.run_fingerprint is not None:
+                write_fingerprint(Path(staging) / name, self.run_fingerprint)
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
                 shutil.rmtree(final)
