@@ -198,19 +198,58 @@ def test_patch_refuses_trainer_settings_that_bypass_it(tmp_path):
         qtarget.patch(sft_trainer(tmp_path, tiny(), packing=False), "target_sft")
 
 
-def test_patch_before_sft_trainer_is_overridden(tmp_path):
-    """The documented order matters: TRL's SFTTrainer wraps the forward in __init__, on top of an earlier
-    patch, and then computes plain NLL. `qtarget.patch(trainer, ...)` after construction is the way."""
+def test_patch_before_building_sft_trainer_trains_the_objective(tmp_path):
+    """SFTTrainer wraps the forward of the model it is given with its own fused NLL head in __init__; a model
+    patched before that still trains the patched objective (TRL's fused_lm_head call is routed to it): the
+    loss and gradients of compute_loss, and the first logged loss of train(), are dft's, not NLL's."""
     early = qtarget.patch(tiny(seed=0).train(), "dft")
     trainer = sft_trainer(tmp_path, early, packing=False)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     n = int(batch["labels"][:, 1:].ne(-100).sum())
-    early_loss = float(trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n))
-    nll = reference_nll(batch, n)
-    assert early_loss == pytest.approx(nll, rel=1e-5)  # TRL's NLL, not dft
-    qtarget.patch(trainer, "dft")
-    assert float(trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n)) == pytest.approx(
-        reference("dft", batch, n)[0], rel=1e-5)
+    trainer.model.train()
+    got = loss_and_grads(trainer.model, lambda: trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n))
+    want = reference("dft", batch, n)
+    assert_close(got, want, "patch, then SFTTrainer")
+    assert abs(got[0] - reference_nll(batch, n)) > 1e-3 * abs(got[0])  # not TRL's NLL (the test can fail)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[0]["loss"] == pytest.approx(want[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_patch_before_a_peft_sft_trainer_trains_the_objective(tmp_path, task_type):
+    """With peft_config, SFTTrainer wraps the patched model in PEFT, then adds its fused head: the first
+    step still trains dft (LoRA's B starts at 0, so that step's loss is the base model's dft loss)."""
+    early = qtarget.patch(tiny(seed=0).train(), "dft")
+    args = sft_trainer(tmp_path, tiny(), packing=False, max_steps=1).args
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.SFTTrainer(model=early, args=args, processing_class=tokenizer(),
+                                 train_dataset=datasets.Dataset.from_list(rows()),
+                                 peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        task_type=task_type))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    n = int(batch["labels"][:, 1:].ne(-100).sum())
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[0]["loss"] == pytest.approx(reference("dft", batch, n)[0], rel=1e-4)
+
+
+def test_a_forward_replaced_after_patching_is_refused_in_training(tmp_path):
+    """Any forward installed over the patched one (e.g. Liger's) that runs the decoder itself: a training
+    forward raises; evaluation-style calls (no gradient) still run."""
+    import types
+
+    model = qtarget.patch(tiny(seed=0), "dft")
+    model.forward = types.MethodType(lambda self, **kw: type(self).forward(self, **kw), model)
+    batch = Collator(tokenizer().pad_token_id)([{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}])
+    with torch.no_grad():
+        assert model(input_ids=batch["input_ids"]).logits.shape[-1] == len(tokenizer())
+    model.train()
+    with pytest.raises(RuntimeError, match="was bypassed"):
+        model(input_ids=batch["input_ids"], labels=batch["labels"])
+    qtarget.training.patch.unpatch(model)
+    model(input_ids=batch["input_ids"], labels=batch["labels"])  # unpatched: the guard is gone
 
 
 def reference_nll(batch: dict, n: int) -> float:

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import functools
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,8 @@ class PatchState:
     vocab_size: int
     engine: dict[str, Any]
     original_forward: Any
+    bound_forward: Any = None  # the forward `patch` installed (to tell whether someone replaced it since)
+    hooks: tuple = ()  # handles of the hooks `patch` registered (removed by unpatch / a new patch)
 
 
 @dataclass(eq=False)
@@ -192,10 +195,23 @@ def _shift(value: Tensor | None) -> Tensor | None:
     return None if value is None else value[:, 1:]
 
 
-def _fused_forward(self: nn.Module, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                   num_items_in_batch=None, *, old_logprobs=None, token_weights=None, teacher_topk_ids=None,
-                   teacher_topk_logprobs=None, teacher_topk_log_tail=None, qtarget_objective=None,
-                   qtarget_label_logprobs: bool = False, fused_lm_head: bool = False, **kwargs):
+def _fused_forward(self: nn.Module, *args, qtarget_fused_lm_head: bool = False, **kwargs):
+    """The patched forward; counts how deep calls are nested, so the decoder's guard can tell a call through
+    it from one that bypasses it. `qtarget_fused_lm_head` is TRL's `fused_lm_head` routed past TRL's own
+    wrapper (see `_route_fused_lm_head`)."""
+    if qtarget_fused_lm_head:
+        kwargs["fused_lm_head"] = True
+    self.__dict__["_qtarget_depth"] = self.__dict__.get("_qtarget_depth", 0) + 1
+    try:
+        return _patched_forward(self, *args, **kwargs)
+    finally:
+        self.__dict__["_qtarget_depth"] -= 1
+
+
+def _patched_forward(self: nn.Module, input_ids=None, attention_mask=None, position_ids=None, labels=None,
+                     num_items_in_batch=None, *, old_logprobs=None, token_weights=None, teacher_topk_ids=None,
+                     teacher_topk_logprobs=None, teacher_topk_log_tail=None, qtarget_objective=None,
+                     qtarget_label_logprobs: bool = False, fused_lm_head: bool = False, **kwargs):
     state: PatchState = self.__dict__["_qtarget"]
     if labels is None:
         return state.original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -276,6 +292,43 @@ def _add_trl_fields(out: FusedLossOutput, labels: Tensor) -> None:
     out.label_mask = mask
     out.entropy = mask.float() * float(metrics.get("entropy", 0.0))
     out.is_top1 = mask.float() * float(metrics.get("top1", 0.0))
+
+
+# ------------------------------------------------- a forward replaced after patching (TRL, Liger)
+# TRL's SFTTrainer wraps the forward of the model it is given in __init__ (`add_fused_lm_head`): with
+# `fused_lm_head=True` its wrapper runs the decoder and its own NLL head, and never calls the forward it
+# wrapped. A model patched before the trainer was built would silently train plain NLL. Two hooks keep
+# that from happening: the model's forward pre-hook renames `fused_lm_head` to `qtarget_fused_lm_head`,
+# so TRL's wrapper passes the call on to the patched forward (which returns TRL's fields for this
+# objective); and the decoder's pre-hook refuses a training forward that reaches the decoder outside the
+# patched forward once that forward was replaced (PEFT calls `forward` without hooks; Liger replaces it).
+def _route_fused_lm_head(module: nn.Module, args: tuple, kwargs: dict):
+    if kwargs.get("fused_lm_head") and patched_state(module) is not None:
+        kwargs = dict(kwargs)
+        kwargs["qtarget_fused_lm_head"] = bool(kwargs.pop("fused_lm_head"))
+        return args, kwargs
+    return None
+
+
+def _guard_decoder(lm_ref: weakref.ref, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    lm = lm_ref()
+    state = lm.__dict__.get("_qtarget") if lm is not None else None
+    if state is None or lm.__dict__.get("_qtarget_depth", 0) > 0 or lm.__dict__.get("forward") is state.bound_forward:
+        return
+    if lm.training and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"qtarget.patch({type(lm).__name__}, {state.objective.name!r}) was bypassed: the model's forward was "
+            f"replaced after patching (TRL's SFTTrainer installs its own fused LM head on the model it is given; "
+            f"Liger kernels replace the forward too), so this training step would not compute {state.objective.name!r}."
+            f" Patch the built trainer instead: qtarget.patch(trainer, {state.objective.name!r}, ...)")
+
+
+def _register_hooks(model: nn.Module, lm: nn.Module) -> tuple:
+    hooks = [m.register_forward_pre_hook(_route_fused_lm_head, with_kwargs=True)
+             for m in dict.fromkeys((model, lm))]
+    hooks.append(lm.get_decoder().register_forward_pre_hook(functools.partial(_guard_decoder, weakref.ref(lm)),
+                                                            with_kwargs=True))
+    return tuple(hooks)
 
 
 # ------------------------------------------------------------------------------------ patching
@@ -375,11 +428,15 @@ def patch(model: nn.Module, objective: str | Objective, *, teacher: nn.Module | 
             ref_model = patch_aux(copy.deepcopy(unwrap_module(model)))  # the frozen initial model
     existing = lm.__dict__.get("_qtarget")
     original = existing.original_forward if existing is not None else lm.forward
+    if existing is not None:
+        _remove_hooks(existing)
+    bound = _bind(_fused_forward, lm)
     lm.__dict__["_qtarget"] = PatchState(
         objective=objective, teacher=teacher_model, teacher_tail=teacher_tail,
         ref=ref_model, ref_from_adapters=ref_from_adapters, vocab_size=rows,
-        engine={"chunk_size": chunk_size, "memory_budget": memory_budget, "mode": mode}, original_forward=original)
-    lm.forward = _bind(_fused_forward, lm)
+        engine={"chunk_size": chunk_size, "memory_budget": memory_budget, "mode": mode}, original_forward=original,
+        bound_forward=bound, hooks=_register_hooks(model, lm))
+    lm.forward = bound
     lm.accepts_loss_kwargs = True  # transformers' Trainer then passes num_items_in_batch
     return model
 
@@ -421,7 +478,14 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = lm.__dict__.pop("_qtarget", None)
     if state is not None:
         lm.forward = state.original_forward
+        _remove_hooks(state)
     return model
+
+
+def _remove_hooks(state: PatchState) -> None:
+    for handle in state.hooks:
+        handle.remove()
+    state.hooks = ()
 
 
 def patched_state(model: nn.Module) -> PatchState | None:
