@@ -84,6 +84,7 @@ def train_config(settings: LabSettings, objective: str, seed: int, output_dir: P
         psft_updates_per_batch=settings.psft_updates_per_batch, max_length=settings.max_length,
         logging_steps=1, save_strategy="no", report_to="none", plot=False, disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, dtype="float32",
+        overwrite_output_dir=True,  # a run's folder is the lab's scratch space: a rerun of the lab replaces it
     )
 
 
