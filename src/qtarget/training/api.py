@@ -46,8 +46,6 @@ def check_requirements(config: QTargetConfig, *, teacher_given: bool = False) ->
                          f"cache (--teacher_cache)")
     if teacher_given and config.teacher_cache:
         raise ValueError("pass either teacher= or config.teacher_cache (--teacher_cache), not both")
-    for name, role in ((config.model, "student"), (config.teacher_model, "teacher"), (config.ref_model, "ref")):
-        check_source(name, role)
     for key, need, role in (("teacher_model", "teacher", "teacher"), ("teacher_cache", "teacher", "teacher"),
                             ("ref_model", "ref", "reference model")):
         if getattr(config, key) and need not in needs:
@@ -57,6 +55,8 @@ def check_requirements(config: QTargetConfig, *, teacher_given: bool = False) ->
         TeacherCache(config.teacher_cache, verify=False)  # a missing manifest or shard, before any model loads
         if config.teacher_model:
             check_teacher_matches_cache(config.teacher_model, config.teacher_cache)
+    for name, role in ((config.model, "student"), (config.teacher_model, "teacher"), (config.ref_model, "ref")):
+        check_source(name, role)
     resume_checkpoint(config)  # --resume names a checkpoint that exists
 
 
