@@ -29,7 +29,8 @@ from qtarget.training.config import QTargetConfig, _plain
 RUN_FILE = "qtarget_run.json"
 # Settings that decide which weights a run produces step by step (its data is fingerprinted separately).
 RUN_KEYS = (
-    "model", "dtype", "objective", "objective_args", "teacher_model", "teacher_cache", "teacher_tail", "ref_model",
+    "model", "dtype", "teacher_dtype", "ref_dtype", "objective", "objective_args", "teacher_model", "teacher_cache",
+    "teacher_tail", "ref_model",
     "psft_updates_per_batch", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     "max_length", "response_only", "chat_template", "packing", "seed", "data_seed", "learning_rate",
     "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type",
