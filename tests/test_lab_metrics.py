@@ -10,7 +10,7 @@ import torch
 
 from qtarget.lab import tasks
 from qtarget.lab.analysis import estimate
-from qtarget.lab.metrics import (IGNORE, Scorer, changed_tokens, chat_sequence, noise_fit_items, ranking_items,
+from qtarget.lab.metrics import (IGNORE, Scorer, changed_tokens, chat_sequence, noise_fit_items, prior_profile, ranking_items,
                                  text_sequence)
 from qtarget.models import load_tokenizer, tiny_causal_lm
 
@@ -143,3 +143,34 @@ def test_ranking_candidates_are_distinct_and_wrong(tok):
         assert tasks.stated_answer(it["candidates"][0]) == it["answers"][0]
         assert [tasks.stated_answer(c) for c in it["candidates"]] == it["answers"]
     assert tasks.stated_answer("3 + 4 = 7.") is None           # no 'answer is': a format failure, no fallback
+
+
+def test_prior_profile_matches_a_direct_computation(tok, demos):
+    """The prior profile from the Scorer's base scores == p_y of every demonstration token from plain float64
+    softmaxes of full forwards, one sequence at a time."""
+    seqs = demos[1][:10]
+    base = tiny_causal_lm(tok, hidden_size=64, num_layers=3, num_heads=4, seed=4).eval()
+    profile = prior_profile(Scorer(base, seqs, pad_token_id=tok.pad_token_id, split=2, batch_size=4).base_scores)
+    direct = []
+    for seq in seqs:
+        with torch.no_grad():
+            logits = base(input_ids=torch.tensor([seq["input_ids"]])).logits[0, :-1].double()
+        labels = torch.tensor(seq["labels"][1:])
+        keep = labels != IGNORE
+        direct.append(torch.softmax(logits[keep], -1).gather(-1, labels[keep, None]).squeeze(-1).numpy())
+    p = np.concatenate(direct)
+    assert profile["tokens"] == p.size
+    assert profile["mean"] == pytest.approx(p.mean(), abs=1e-5)
+    assert profile["median"] == pytest.approx(np.median(p), abs=1e-5)
+    assert profile["share_low"] == pytest.approx((p < 0.1).mean())
+    assert profile["histogram"] == np.histogram(p, bins=10, range=(0, 1))[0].tolist()
+    # p_y spread over [0, 1] (a random tiny model puts every p_y near 0): the statistics and bins of known values
+    from qtarget.lab.metrics import TokenScores
+
+    py = [np.array([0.05, 0.55, 0.95]), np.array([0.01, 0.15, 0.32, 0.99, 0.75])]
+    spread = prior_profile([TokenScores(np.log(v), np.zeros_like(v)) for v in py])
+    flat = np.concatenate(py)
+    assert spread["share_low"] == pytest.approx(2 / 8) and spread["median"] == pytest.approx(np.median(flat))
+    assert spread["histogram"] == [2, 1, 0, 1, 0, 1, 0, 1, 0, 2] and spread["q1"] == pytest.approx(np.quantile(flat, 0.25))
+    with pytest.raises(ValueError, match="no token scores"):
+        prior_profile([])

@@ -123,3 +123,43 @@ def test_claims_follow_the_paired_interval_and_refuse_unreadable_accuracy():
     (claim,) = [c for c in evaluate_claims(_items(np.zeros(400), sft, True), n_boot=1000, seed=0)
                 if c["statement"] == "DFT beats SFT in-domain"]
     assert claim["effect"]["hi"] < 0 and claim["verdict"] == "inconclusive" and "dft" in claim["note"]
+
+
+def test_a_metric_that_separates_nothing_gives_no_verdict():
+    """Planted: every trained row equals the base model on answer ranking. "Target-SFT >= SFT" would be
+    'supported' from its interval alone ([0, 0] lies above -0.02), but no row differs from base, so the metric
+    does not separate and the verdict is inconclusive; once one row moves away from base, it counts again."""
+    from qtarget.lab.analysis import NO_SEPARATION, evaluate_claims, separates
+
+    rng = np.random.default_rng(3)
+    same = (rng.random(300) < 0.8).astype(float)
+    items = {r: {"rank.correct": [same]} for r in ("base", "sft", "dft", "target_sft")}
+    assert separates(items, "rank_acc", n_boot=500, seed=0) is False
+    (claim,) = [c for c in evaluate_claims(items, n_boot=500, seed=0) if c["statement"].startswith("Target-SFT ≥ SFT on")]
+    assert verdict(Estimate(**claim["effect"]), claim["kind"], claim["margin"]) == "supported"
+    assert claim["verdict"] == "inconclusive" and claim["note"] == NO_SEPARATION
+    items["dft"]["rank.correct"] = [np.ones(300)]     # dft now differs from base beyond its interval
+    assert separates(items, "rank_acc", n_boot=500, seed=0) is True
+    (claim,) = [c for c in evaluate_claims(items, n_boot=500, seed=0) if c["statement"].startswith("Target-SFT ≥ SFT on")]
+    assert claim["verdict"] == "supported" and claim["note"] == ""
+    # a metric relative to base (noise fit: the gain itself): separates when a row's own interval excludes 0
+    noise = {"base": {}, "sft": {"noise.corrupt": [rng.normal(0, 1, 80)], "noise.clean": [rng.normal(0, 1, 80)]}}
+    assert separates(noise, "noise_fit", n_boot=500, seed=0) is False
+    noise["sft"]["noise.corrupt"] = [rng.normal(3, 1, 80)]
+    assert separates(noise, "noise_fit", n_boot=500, seed=0) is True
+    assert separates(noise, "gen_acc", n_boot=500, seed=0) is None
+
+
+def test_prior_classes_order_several_tasks_and_class_one_on_its_own():
+    from qtarget.lab.analysis import prior_classes
+
+    def profile(median, share):
+        return {"median": median, "share_low": share}
+
+    assert prior_classes({"a": profile(0.9, 0.05), "b": profile(0.8, 0.15)}) == {"a": "strong", "b": "weak"}
+    assert prior_classes({"a": profile(0.9, 0.10), "b": profile(0.3, 0.40), "c": profile(0.6, 0.2)}) == \
+        {"a": "strong", "b": "weak", "c": None}
+    # too close to order: each on its own
+    assert prior_classes({"a": profile(0.9, 0.10), "b": profile(0.8, 0.11)}) == {"a": "strong", "b": "strong"}
+    assert prior_classes({"a": profile(0.3, 0.5)}) == {"a": "weak"}
+    assert prior_classes({"a": None}) == {"a": None}

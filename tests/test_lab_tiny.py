@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from qtarget.lab import stats
+from qtarget.lab.analysis import NO_SEPARATION, separates
 from qtarget.cli import main as qtarget_main
-from qtarget.lab.report import TABLE_METRICS
+from qtarget.lab.plots import TABLE_METRICS
 from qtarget.lab.runner import run_lab
 from qtarget.lab.settings import OBJECTIVES, settings_for
 
@@ -28,6 +29,7 @@ def lab_main(argv: list[str]) -> int:
     return qtarget_main(["lab", *argv])
 
 ROWS = ("base",) + OBJECTIVES
+TASKS = ("shop", "sum")
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,9 @@ def test_every_objective_trained(tiny_run):
     settings, _, _, results = tiny_run
     expected = _expected_changed_fraction(settings)
     assert 0 < expected < 1
-    for name in OBJECTIVES:
-        (run,) = results["rows"][name]["runs"]
+    assert results["tasks"] == list(TASKS) == list(settings.tasks)
+    for task, name in [(t, n) for t in TASKS for n in OBJECTIVES]:
+        (run,) = results["per_task"][task]["rows"][name]["runs"]
         assert run["changed_param_tensors"] == pytest.approx(expected), name  # trainable ones moved, frozen did not
         history = run["history"]
         assert [h["step"] for h in history] == list(range(1, settings.steps + 1)), name
@@ -62,14 +65,19 @@ def test_every_objective_trained(tiny_run):
             for key in ("loss", "nll", "p_y", "entropy", "gamma"):
                 assert math.isfinite(h[key]), (name, key, h)
         assert run["params"]["trainable"] < run["params"]["total"]
-    assert results["rows"]["psft"]["runs"][0]["psft_refreshes"] == settings.steps // settings.psft_updates_per_batch
-    assert all("kl_ref" in h for h in results["rows"]["asft"]["runs"][0]["history"])
-    assert all("kl_teacher" in h for h in results["rows"]["target_sft"]["runs"][0]["history"])
+    rows = results["per_task"]["shop"]["rows"]
+    assert rows["psft"]["runs"][0]["psft_refreshes"] == settings.steps // settings.psft_updates_per_batch
+    assert all("kl_ref" in h for h in rows["asft"]["runs"][0]["history"])
+    assert all("kl_teacher" in h for h in rows["target_sft"]["runs"][0]["history"])
+    # the floored row's mean gamma never drops below its floor; prift's gamma comes from the frozen base
+    assert all(h["gamma"] >= 0.2 - 1e-6 for h in rows["dft_floor"]["runs"][0]["history"])
+    assert rows["prift"]["objective"] == "target" and rows["prift"]["args"]["gamma_from"] == "reference"
 
 
 def test_json_intervals_are_recomputable_from_its_items(tiny_run):
     settings, out, _, _ = tiny_run
-    data = json.loads((out / "results.json").read_text())
+    everything = json.loads((out / "results.json").read_text())
+    data = everything["per_task"]["shop"]
     items = {r: {k: np.array(v) for k, v in d.items()} for r, d in data["items"].items()}
     assert set(items) == set(ROWS)
     n = {"gen.correct": settings.eval_in_domain, "rank.correct": settings.rank_items, "ood.nll": settings.ood_texts}
@@ -99,35 +107,44 @@ def test_json_intervals_are_recomputable_from_its_items(tiny_run):
 
 def test_verdicts_follow_their_intervals(tiny_run):
     _, out, _, _ = tiny_run
-    data = json.loads((out / "results.json").read_text())
-    claimed = {(c["row"], c["versus"], c["metric"]) for c in data["claims"]}
-    assert ("dft", "sft", "noise_fit") in claimed and ("psft", "sft", "entropy") in claimed
-    for c in data["claims"]:
-        e = stats.Estimate(**c["effect"])
-        malformed = c["metric"] == "gen_acc" and any(
-            data["estimates"][r]["format_fail"]["lo"] > 0.5 for r in (c["row"], c["versus"]))
-        assert bool(c["note"]) == malformed
-        assert c["verdict"] == ("inconclusive" if malformed else stats.verdict(e, c["kind"], c["margin"]))
+    for task in TASKS:
+        data = json.loads((out / "results.json").read_text())["per_task"][task]
+        items = {r: {k: np.array(v) for k, v in d.items()} for r, d in data["items"].items()}
+        claimed = {(c["row"], c["versus"], c["metric"]) for c in data["claims"]}
+        assert ("dft", "sft", "noise_fit") in claimed and ("psft", "sft", "entropy") in claimed
+        for c in data["claims"]:
+            e = stats.Estimate(**c["effect"])
+            malformed = c["metric"] == "gen_acc" and any(
+                data["estimates"][r]["format_fail"]["lo"] > 0.5 for r in (c["row"], c["versus"]))
+            silent = not separates(items, c["metric"], n_boot=200, seed=0)
+            assert bool(c["note"]) == (malformed or silent)
+            assert c["verdict"] == ("inconclusive" if malformed or silent else stats.verdict(e, c["kind"], c["margin"]))
+            assert (c["note"] == NO_SEPARATION) == (silent and not malformed)
 
 
 def test_report_has_every_row_claims_and_no_absolute_path(tiny_run):
     _, out, cache, _ = tiny_run
     text = (out / "report.md").read_text()
-    table = [line for line in text.split("\n\n")[2].splitlines()]
-    body = [line.strip("|").split("|")[0].strip() for line in table[2:]]
-    assert body == list(ROWS)
-    for line in table[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")][1:]
-        assert len(cells) == len(TABLE_METRICS)
-        assert all(c == "—" or "[" in c for c in cells), line   # every number with its interval
-    assert "## Claims" in text and "## Difference from sft" in text
+    for task in TASKS:
+        section = text.split(f"## Task `{task}`")[1]
+        table = [line for line in section.split("\n\n")[2].splitlines()]
+        body = [line.strip("|").split("|")[0].strip() for line in table[2:]]
+        assert body == list(ROWS)
+        for line in table[2:]:
+            cells = [c.strip() for c in line.strip("|").split("|")][1:]
+            assert len(cells) == len(TABLE_METRICS)
+            assert all(c == "—" or "[" in c for c in cells), line   # every number with its interval
+    assert "### Claims" in text and "### Difference from sft" in text and "## Prior profiles" in text
+    assert "### DFT's low-prior failure and its fixes" in text and "## The continuum" in text
     assert "Training reads it from a teacher cache" in text   # target_sft's run recorded its teacher cache
     for root in (str(out), str(cache), "/root", "/home", "/tmp"):
         assert root not in text and root not in (out / "results.json").read_text()
-    for png in ("effects.png", "curves.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ["prior.png"] + [f"{kind}_{t}.png" for t in TASKS for kind in ("effects", "curves", "learning", "budget")]:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("row,metric,value,lo,hi") and len(csv_lines) > len(ROWS) * 5
+    assert csv_lines[0] == "row,metric,value,lo,hi,n,seeds,diff_vs_ref,diff_lo,diff_hi,task"
+    assert {line.rsplit(",", 1)[1] for line in csv_lines[1:]} == set(TASKS) and len(csv_lines) > 2 * len(ROWS) * 5
+    assert any(line.startswith("base,rank_margin,") for line in csv_lines)
 
 
 def test_report_from_results_json_recomputes_the_same_numbers(tiny_run, tmp_path):
@@ -135,38 +152,42 @@ def test_report_from_results_json_recomputes_the_same_numbers(tiny_run, tmp_path
     assert lab_main(["--report_from", str(out / "results.json"), "--output_dir", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "results.json").read_text())
     first = json.loads((out / "results.json").read_text())
-    for key in ("estimates", "vs_reference", "claims"):
-        assert again[key] == first[key], key
+    for task in TASKS:
+        for key in ("estimates", "vs_reference", "claims", "budget", "curve_estimates", "prior"):
+            assert again["per_task"][task][key] == first["per_task"][task][key], key
+    assert again["continuum"] == first["continuum"]
     assert (tmp_path / "report.md").read_text() == (out / "report.md").read_text()
     assert lab_main(["--report_from", str(tmp_path / "missing.json")]) == 2
 
 
 def test_rerun_is_deterministic_and_reuses_the_cached_teacher(tiny_run, tmp_path):
     settings, _, cache, first = tiny_run
-    again = run_lab(settings_for("tiny", objectives=("psft", "target_sft")), tmp_path, progress=False,
-                    cache_dir=cache)
-    assert again["teacher"]["cached"] is True
-    assert again["teacher"]["key"] == first["teacher"]["key"]
+    again = run_lab(settings_for("tiny", objectives=("psft", "target_sft"), tasks=("sum",)), tmp_path,
+                    progress=False, cache_dir=cache)
+    new, old = again["per_task"]["sum"], first["per_task"]["sum"]
+    assert new["teacher"]["cached"] is True
+    assert new["teacher"]["key"] == old["teacher"]["key"] != first["per_task"]["shop"]["teacher"]["key"]
     assert "loaded from the cache" in (tmp_path / "report.md").read_text()
     for name in ("base", "psft", "target_sft"):
-        assert again["items"][name] == first["items"][name], name
-        assert again["responses"][name] == first["responses"][name], name
-        a, b = first["rows"][name]["runs"][0], again["rows"][name]["runs"][0]
+        assert new["items"][name] == old["items"][name], name
+        assert new["curves"].get(name) == old["curves"].get(name), name
+        assert new["responses"][name] == old["responses"][name], name
+        a, b = old["rows"][name]["runs"][0], new["rows"][name]["runs"][0]
         if name != "base":
             strip = lambda hist: [{k: v for k, v in h.items() if k not in ("tokens_per_s",)} for h in hist]  # noqa: E731
             assert strip(a["history"]) == strip(b["history"]), name
 
 
 def test_two_point_sweep_through_the_cli(tmp_path, capsys):
-    rc = lab_main(["--tiny", "--sweep", "eps=0.1,0.28", "--output_dir", str(tmp_path), "--no_progress",
+    rc = lab_main(["--tiny", "--tasks", "shop", "--sweep", "eps=0.1,0.28", "--output_dir", str(tmp_path), "--no_progress",
                    "--threads", "1"])
     assert rc == 0
-    data = json.loads((tmp_path / "results.json").read_text())
+    data = json.loads((tmp_path / "results.json").read_text())["per_task"]["shop"]
     assert list(data["rows"]) == ["base", "sft", "psft eps=0.1", "psft eps=0.28"]
     assert [data["rows"][r]["args"].get("eps") for r in ("psft eps=0.1", "psft eps=0.28")] == [0.1, 0.28]
     for row in ("psft eps=0.1", "psft eps=0.28"):
         assert set(data["vs_reference"][row]) >= {"gen_acc", "rank_acc", "noise_fit", "forgetting", "entropy"}
-    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "sweep_shop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Sweep" in (tmp_path / "report.md").read_text()
 
 
@@ -216,11 +237,13 @@ def test_a_task_of_another_kind_runs_through_the_same_lab(tmp_path):
         example={"prompt": "Capital of France?", "response": "Capital: Paris."})
     results = run_lab(settings_for("tiny", objectives=("sft",)), tmp_path, progress=False, task=task,
                       cache_dir=tmp_path / "cache")
-    items = results["items"]
+    assert results["tasks"] == ["capitals"]
+    entry = results["per_task"]["capitals"]
+    items = entry["items"]
     assert set(items) == {"base", "sft"}
     assert np.asarray(items["sft"]["gen.correct"]).shape == (1, 4)
     assert np.asarray(items["sft"]["rank.correct"]).shape == (1, 4)
     assert not any(k.startswith("noise.") for k in items["sft"])
-    assert "noise_fit" not in results["estimates"]["sft"] and "rank_acc" in results["estimates"]["sft"]
-    assert results["data"]["task"]["name"] == "capitals"
+    assert "noise_fit" not in entry["estimates"]["sft"] and "rank_acc" in entry["estimates"]["sft"]
+    assert entry["data"]["task"]["name"] == "capitals" and entry["prior"]["tokens"] > 0
     assert "capital cities" in (tmp_path / "report.md").read_text()

@@ -115,17 +115,19 @@ def test_lab_on_user_model_and_data_end_to_end(tmp_path, tiny_folder, capsys):
                        "sft,dft", "--noise", "0.3", "--steps", "2", "--ood_texts", "4", "--n_boot", "100",
                        "--output_dir", str(out), "--no_progress"])
     assert rc == 0
-    results = json.loads((out / "results.json").read_text())
+    everything = json.loads((out / "results.json").read_text())
+    assert everything["tasks"] == ["user:d.jsonl"]
+    results = everything["per_task"]["user:d.jsonl"]
     assert results["data"]["task"]["name"] == "user:d.jsonl"
-    assert results["model"]["model_id"].startswith("folder:")
+    assert everything["model"]["model_id"].startswith("folder:")
     assert set(results["rows"]) == {"base", "sft", "dft"}
     items = results["items"]["sft"]
-    assert len(items["gen.correct"][0]) == results["settings"]["eval_in_domain"] > 0
-    assert len(items["rank.nll"][0]) == results["settings"]["rank_items"]
+    assert len(items["gen.correct"][0]) == everything["settings"]["eval_in_domain"] > 0
+    assert len(items["rank.nll"][0]) == everything["settings"]["rank_items"]
     assert "noise.corrupt" in items  # --noise planted corrupted answers; noise fit measured them
     assert results["vs_reference"]["dft"]  # paired differences from sft
     report = (out / "report.md").read_text()
-    assert "your demonstrations (d.jsonl" in report and (out / "effects.png").exists()
+    assert "your demonstrations (d.jsonl" in report and (out / "effects_user_d.jsonl.png").exists()
 
 
 def test_lab_user_bad_input_one_line(tmp_path, capsys):

@@ -4,7 +4,8 @@ the claims table. Every interval comes from `qtarget.lab.stats`; nothing here fo
 Per-item values (`items[row][key]`, arrays [S, N], one row per training seed; the base row has S = 1
 and is broadcast against trained rows):
     gen.correct, gen.no_answer      generation: right answer / no "The answer is N" (format failure)
-    rank.correct                    answer ranking: the correct demonstration scores highest
+    rank.correct, rank.margin       answer ranking: the correct demonstration scores highest / its total
+                                    log-prob minus the best distractor's
     rank.entropy, rank.nll          held-out in-domain tokens (the correct demonstrations)
     ood.nll                         out-of-domain paragraphs
     noise.corrupt, noise.clean,     training demonstrations: log-prob gain (trained - base) on the
@@ -38,6 +39,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("rank_acc", "answer ranking accuracy", 3, "higher",
            "held-out problems where the correct demonstration has a higher total log-prob than every "
            "corrupted one"),
+    Metric("rank_margin", "ranking margin", 2, "higher",
+           "held-out problems: total log-prob (nats) of the correct demonstration minus the best distractor's "
+           "(the continuous version of ranking accuracy)"),
     Metric("noise_fit", "noise fit", 3, "lower",
            "training set: mean log-prob gain (trained − base) on the tokens a corruption changed (wrong result "
            "digits), minus the gain on the matching correct tokens of clean demonstrations (the digits a "
@@ -50,6 +54,7 @@ METRICS: tuple[Metric, ...] = (
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 ITEM_KEY = {"gen_acc": "gen.correct", "format_fail": "gen.no_answer", "rank_acc": "rank.correct",
+            "rank_margin": "rank.margin",
             "entropy": "rank.entropy", "heldout_nll": "rank.nll"}
 
 
@@ -153,32 +158,213 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
+# The model-capability continuum (arXiv 2510.00526): objectives that lean on the prior (DFT-like, weighting a
+# token by p_y) beat NLL where the base model is strong on the task and lose where it is weak. Which claims
+# apply depends on the task's measured prior profile (`prior_class`).
+CONTINUUM_CLAIMS: dict[str, tuple[Claim, ...]] = {
+    "strong": (
+        Claim("continuum (2510.00526)", "strong prior: DFT ≥ SFT in-domain (margin 0.02)", "gen_acc", "dft", "sft",
+              "at_least", 0.02),
+        Claim("continuum (2510.00526)", "strong prior: DFT ≥ SFT on held-out NLL (margin 0.02 nats)", "heldout_nll",
+              "sft", "dft", "at_least", 0.02),
+        Claim("Target-SFT (2606.11189)", "strong prior: Target-SFT ≥ SFT on the ranking margin", "rank_margin",
+              "target_sft", "sft", "at_least", 0.1),
+    ),
+    "weak": (
+        Claim("continuum (2510.00526)", "weak prior: SFT ≥ DFT in-domain (margin 0.02)", "gen_acc", "sft", "dft",
+              "at_least", 0.02),
+        Claim("continuum (2510.00526)", "weak prior: SFT ≥ DFT on held-out NLL (margin 0.02 nats)", "heldout_nll",
+              "dft", "sft", "at_least", 0.02),
+        Claim("Target-SFT (2606.11189)", "weak prior: Target-SFT ≥ SFT on the ranking margin", "rank_margin",
+              "target_sft", "sft", "at_least", 0.1),
+        Claim("DFT repo / floor", "weak prior: floored γ fails the format less than DFT", "format_fail", "dft_floor",
+              "dft", "less"),
+        Claim("PriFT (2606.09396)", "weak prior: γ from the base model (PriFT) fails the format less than DFT",
+              "format_fail", "prift", "dft", "less"),
+    ),
+}
+# a task's prior is "strong" when most demonstration tokens are already probable under the base model
+STRONG_MEDIAN, STRONG_SHARE_LOW = 0.5, 0.2
+
+
+RELATIVE_GAP = 0.03  # tasks whose shares of p_y < 0.1 differ by less than this are not ordered
+
+
+def prior_class(profile: dict[str, Any] | None) -> str | None:
+    """On its own, a task's prior is "strong" (median base p_y >= 0.5 and under 20 % of tokens with
+    p_y < 0.1) or "weak"; None without a profile (results written before profiles existed)."""
+    if not profile:
+        return None
+    strong = profile["median"] >= STRONG_MEDIAN and profile["share_low"] < STRONG_SHARE_LOW
+    return "strong" if strong else "weak"
+
+
+def prior_classes(profiles: dict[str, dict[str, Any] | None]) -> dict[str, str | None]:
+    """The class of each task's prior. Several tasks are placed against each other (the continuum is an
+    ordering): the one with the smallest share of tokens with p_y < 0.1 is "strong", the one with the largest
+    "weak", the others unclassed, when the two shares differ by at least RELATIVE_GAP; otherwise, and for a
+    single task, each task is classed on its own (`prior_class`)."""
+    known = {t: p for t, p in profiles.items() if p}
+    out: dict[str, str | None] = {t: prior_class(p) for t, p in profiles.items()}
+    if len(known) >= 2:
+        order = sorted(known, key=lambda t: (known[t]["share_low"], -known[t]["median"]))
+        if known[order[-1]]["share_low"] - known[order[0]]["share_low"] >= RELATIVE_GAP:
+            out.update({t: None for t in known})
+            out[order[0]], out[order[-1]] = "strong", "weak"
+    return out
+
+
 UNREADABLE = 0.5  # generation accuracy cannot be read when a row's format-failure interval lies above this
 
 
-def evaluate_claims(items, *, n_boot: int, seed: int) -> list[dict[str, Any]]:
-    """Each claim whose rows were run: the measured effect with its interval and the verdict. A claim
-    on generation accuracy is inconclusive when most of a row's answers are surely malformed (its
-    format-failure interval lies above UNREADABLE): then 0 = 0 says nothing about the objectives."""
+# a metric of the trained rows themselves relative to base (no value for base): "differs from base" = its own
+# interval excludes 0
+RELATIVE_TO_BASE = ("noise_fit", "forgetting")
+
+
+def separates(items, metric: str, *, n_boot: int, seed: int) -> bool | None:
+    """Whether any trained row differs from the base model on `metric` beyond its interval (the paired
+    difference row − base excludes 0; for metrics already relative to base, the row's own interval excludes
+    0). None when no trained row has the metric. A claim on a metric that separates nothing is vacuous."""
+    found = False
+    for row in items:
+        if row == "base":
+            continue
+        e = (estimate(items, metric, row, n_boot=n_boot, seed=seed) if metric in RELATIVE_TO_BASE or "base" not in items
+             else estimate(items, metric, row, "base", n_boot=n_boot, seed=seed))
+        if e is None:
+            continue
+        found = True
+        if e.lo > 0 or e.hi < 0:
+            return True
+    return False if found else None
+
+
+def evaluate_claims(items, *, n_boot: int, seed: int, prior: str | None = None,
+                    metrics: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Each claim whose rows were run (the general ones, plus the continuum claims for a task whose prior is
+    `prior`; only those on `metrics` when given): the measured effect with its interval and the verdict.
+    A verdict is *inconclusive* when the metric does not separate (no trained row differs from base beyond
+    its interval), and a claim on generation accuracy also when most of a row's answers are surely malformed
+    (its format-failure interval lies above UNREADABLE): then 0 = 0 says nothing about the objectives."""
     out = []
-    for c in CLAIMS:
+    claims = CLAIMS + (CONTINUUM_CLAIMS.get(prior, ()) if prior else ())
+    separation: dict[str, bool | None] = {}
+    for c in claims:
+        if metrics is not None and c.metric not in metrics:
+            continue
         e = estimate(items, c.metric, c.row, c.versus, n_boot=n_boot, seed=seed)
         if e is None:
             continue
         verdict, note = stats.verdict(e, c.kind, c.margin), ""
+        if c.metric not in separation:
+            separation[c.metric] = separates(items, c.metric, n_boot=n_boot, seed=seed)
         if c.metric == "gen_acc":
             malformed = [r for r in (c.row, c.versus)
                          if (f := estimate(items, "format_fail", r, n_boot=n_boot, seed=seed)) and f.lo > UNREADABLE]
             if malformed:
                 verdict = "inconclusive"
                 note = f"most answers of {' and '.join(malformed)} are malformed"
+        if not note and separation[c.metric] is False:
+            verdict, note = "inconclusive", NO_SEPARATION
         out.append({**asdict(c), "effect": e.to_dict(), "verdict": verdict, "note": note})
     return out
 
 
-def analyze(items: dict[str, dict[str, Any]], *, n_boot: int, seed: int, reference: str = "sft") -> dict[str, Any]:
-    """Everything the report shows, from the per-item values alone: estimates, paired differences from
-    `reference`, claims. `items[row][key]`: nested lists or arrays [seeds, items] (results.json's)."""
+NO_SEPARATION = "metric does not separate: no trained row differs from base beyond its interval"
+TEACHER_FORCED = ("rank_acc", "rank_margin", "noise_fit", "forgetting", "entropy", "heldout_nll")
+
+
+def budget_claims(curves: dict[str, dict[str, dict[str, Any]]], base_items: dict[str, Any], *, n_boot: int,
+                  seed: int, prior: str | None = None) -> list[dict[str, Any]]:
+    """Every claim on a teacher-forced metric, evaluated at each learning-curve checkpoint: per claim its
+    effect and verdict after each step, and whether the verdict changes with the budget (`flips`: it is
+    supported at one budget and contradicted at another; `changes`: any change)."""
+    steps = sorted({int(st) for row in curves.values() for st in row}, key=int)
+    by_claim: dict[tuple, dict[str, Any]] = {}
+    for step in steps:
+        at = {"base": base_items} | {row: pts[str(step)] for row, pts in curves.items() if str(step) in pts}
+        arrays = {r: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for r, d in at.items()}
+        for c in evaluate_claims(arrays, n_boot=n_boot, seed=seed, prior=prior, metrics=TEACHER_FORCED):
+            key = (c["statement"], c["row"], c["versus"], c["metric"])
+            entry = by_claim.setdefault(key, {k: c[k] for k in ("source", "statement", "metric", "row", "versus",
+                                                                 "kind", "margin")} | {"points": []})
+            entry["points"].append({"step": step, "effect": c["effect"], "verdict": c["verdict"], "note": c["note"]})
+    out = []
+    for entry in by_claim.values():
+        verdicts = [p["verdict"] for p in entry["points"]]
+        entry["flips"] = "supported" in verdicts and "contradicted" in verdicts
+        entry["changes"] = len(set(verdicts)) > 1
+        out.append(entry)
+    return out
+
+
+def analyze(items: dict[str, dict[str, Any]], *, n_boot: int, seed: int, reference: str = "sft",
+            prior: str | None = None) -> dict[str, Any]:
+    """Everything the report shows for one task, from the per-item values alone: estimates, paired
+    differences from `reference`, claims. `items[row][key]`: nested lists or arrays [seeds, items]."""
     arrays = {r: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for r, d in items.items()}
     return {**summarize(arrays, reference=reference, n_boot=n_boot, seed=seed),
-            "claims": evaluate_claims(arrays, n_boot=n_boot, seed=seed)}
+            "claims": evaluate_claims(arrays, n_boot=n_boot, seed=seed, prior=prior)}
+
+
+def analyze_lab(results: dict[str, Any]) -> dict[str, Any]:
+    """Statistics of every task of a lab run (added to each `results["per_task"][task]` in place: estimates,
+    vs_reference, claims, budget, prior_class) and the continuum summary across tasks (returned)."""
+    s = results["settings"]
+    kw = dict(n_boot=s["n_boot"], seed=s["seed"])
+    classes = prior_classes({t: e.get("prior") for t, e in results["per_task"].items()})
+    for task, entry in results["per_task"].items():
+        cls = classes[task]
+        entry["prior_class"] = cls
+        entry.update(analyze(entry["items"], prior=cls, **kw))
+        base = {k: v for k, v in entry["items"].get("base", {}).items() if not k.startswith("gen.")}
+        entry["budget"] = budget_claims(entry["curves"], base, prior=cls, **kw) if entry.get("curves") else []
+        entry["curve_estimates"] = curve_estimates(entry.get("curves") or {}, base, **kw)
+    return {"continuum": continuum_summary(results["per_task"])}
+
+
+def curve_estimates(curves: dict[str, dict[str, dict[str, Any]]], base_items: dict[str, Any], *, n_boot: int,
+                    seed: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """{row: {step: {metric: Estimate dict}}}: every teacher-forced metric of every trained row after each
+    checkpoint (the learning curves)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for row, by_step in curves.items():
+        for step, values in by_step.items():
+            arrays = {"base": {k: np.asarray(v, dtype=np.float64) for k, v in base_items.items()},
+                      row: {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}}
+            for m in TEACHER_FORCED:
+                e = estimate(arrays, m, row, n_boot=n_boot, seed=seed)
+                if e is not None:
+                    out.setdefault(row, {}).setdefault(step, {})[m] = e.to_dict()
+    return out
+
+
+CONTINUUM_METRICS = ("gen_acc", "format_fail", "rank_margin", "heldout_nll", "noise_fit")
+
+
+def continuum_summary(per_task: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per task: its prior profile and class, and every row's paired difference from SFT on the metrics that
+    place objectives on the continuum."""
+    out = []
+    for name, entry in per_task.items():
+        out.append({"task": name, "prior": entry.get("prior"), "prior_class": entry.get("prior_class"),
+                    "vs_sft": {row: {m: d[m] for m in CONTINUUM_METRICS if m in d}
+                               for row, d in entry.get("vs_reference", {}).items() if d}})
+    return out
+
+
+def upgrade_results(results: dict[str, Any]) -> dict[str, Any]:
+    """A results.json written before the lab ran several tasks (one task at the top level) in today's
+    layout (`per_task`), so `--report_from` still reads it."""
+    if "per_task" in results:
+        return results
+    data = results.get("data", {})
+    name = data.get("task", {}).get("name", "shop")
+    results["per_task"] = {name: {"teacher": results.pop("teacher", None), "data": results.pop("data", {}),
+                                  "prior": None, "rows": results.pop("rows", {}), "items": results.pop("items", {}),
+                                  "curves": {}, "curve_steps": [], "responses": results.pop("responses", {})}}
+    for key in ("estimates", "vs_reference", "reference", "claims"):
+        results.pop(key, None)
+    results["tasks"] = [name]
+    return results

@@ -5,9 +5,9 @@ from typing import Callable
 
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.task import LabTask
-from qtarget.lab.tasks import shop_task
+from qtarget.lab.tasks import shop_task, sum_task
 
-BUILTIN_TASKS: dict[str, Callable[[LabSettings], LabTask]] = {"shop": shop_task}
+BUILTIN_TASKS: dict[str, Callable[[LabSettings], LabTask]] = {"shop": shop_task, "sum": sum_task}
 
 
 def build_task(name: str, settings: LabSettings) -> LabTask:

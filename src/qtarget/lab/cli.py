@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from qtarget import cli
-from qtarget.lab.report import claims_table, metric_table
+from qtarget.lab.builtin_tasks import BUILTIN_TASKS
+from qtarget.lab.report import claims_table, metric_table, task_view
 from qtarget.lab.runner import rerender, run_lab
 from qtarget.lab.settings import OBJECTIVES
 from qtarget.lab.sweep import parse_sweep
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "too); default 1")
     p.add_argument("--noise", type=float, default=None, help="share of demonstrations with a corrupted step or a "
                                                             "non-unique alternative form, in [0, 1]; default 0.3")
+    p.add_argument("--tasks", default=None, help="comma-separated built-in tasks (default: shop,sum: a weak-prior and "
+                                                 "a strong-prior task)")
     p.add_argument("--objectives", default=None, help=f"comma-separated objectives (default: {','.join(OBJECTIVES)}); "
                                                       f"any registered one (`qtarget objectives`) trains with its "
                                                       f"registry defaults")
@@ -94,13 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     objectives = None
     if args.objectives:
         objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
+    lab_tasks = None
+    if args.tasks:
+        lab_tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        unknown = [t for t in lab_tasks if t not in BUILTIN_TASKS]
+        if unknown:
+            raise ValueError(f"--tasks: unknown task(s) {unknown}; choose from {', '.join(BUILTIN_TASKS)}")
     # bad input raises ValueError: qtarget.cli prints it as one line, exit 2
     if args.sweep and objectives:
         raise ValueError("--objectives cannot be combined with --sweep (a sweep trains sft, the reference, and "
                          "the swept objective)")
     sweep = parse_sweep(args.sweep) if args.sweep else None
     overrides = dict(
-        seed=args.seed, seeds=args.seeds, noise=args.noise, objectives=objectives, steps=args.steps,
+        seed=args.seed, seeds=args.seeds, noise=args.noise, objectives=objectives, tasks=lab_tasks, steps=args.steps,
         batch_size=args.batch_size, train_examples=args.train_examples, learning_rate=args.learning_rate,
         train_top_layers=args.train_top_layers, eval_in_domain=args.eval_in_domain, rank_items=args.rank_items,
         ood_texts=args.ood_texts, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, threads=args.threads,
@@ -113,13 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = run_lab(settings, args.output_dir, progress=not args.no_progress,
                       use_teacher_cache=not args.no_teacher_cache, task=task, teacher=teacher)
-    print()
-    print(metric_table(results))
-    if results["claims"]:
-        print()
-        print(claims_table(results))
+    for name in results["per_task"]:
+        view = task_view(results, name)
+        print(f"\ntask {name}" + (f" ({view['prior_class']} prior)" if view.get("prior_class") else ""))
+        print(metric_table(view))
+        if view["claims"]:
+            print()
+            print(claims_table(view))
     print(f"\nqtarget lab: done in {time.perf_counter() - t0:.0f} s; report: {args.output_dir}/report.md "
-          f"(plots: effects.png, curves.png{', sweep.png' if settings.sweep else ''}; per-item values: results.json)")
+          f"(plots: prior.png and per task effects_, curves_, learning_, budget_<task>.png; per-item values: "
+          f"results.json; learning curves: curves.csv)")
     return 0
 
 

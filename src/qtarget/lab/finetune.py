@@ -12,7 +12,7 @@ import copy
 import io
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from qtarget.data import ExampleDataset
 from qtarget.lab.settings import LabSettings
+from qtarget.lab.trunk import TopOnly, TrunkLookup
 from qtarget.models.head import head_rows
 from qtarget.models.load import freeze
 from qtarget.teacher_cache import build_cache, cache_folder
@@ -59,13 +60,18 @@ def set_trainable(model: nn.Module, top_layers: int) -> dict[str, int]:
 
 
 class StepCallback(TrainerCallback):
-    """Calls `on_step()` after every optimizer step (drives the lab's single progress display)."""
+    """Calls `on_step()` after every optimizer step (drives the lab's single progress display) and
+    `on_checkpoint(step)` after the optimizer steps listed in `checkpoints` (the learning curves)."""
 
-    def __init__(self, on_step: Callable[[], None]) -> None:
-        self.on_step = on_step
+    def __init__(self, on_step: Callable[[], None] | None, checkpoints: Sequence[int] = (),
+                 on_checkpoint: Callable[[int], None] | None = None) -> None:
+        self.on_step, self.checkpoints, self.on_checkpoint = on_step, set(checkpoints), on_checkpoint
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.on_step()
+        if self.on_checkpoint is not None and state.global_step in self.checkpoints:
+            self.on_checkpoint(state.global_step)
+        if self.on_step is not None:
+            self.on_step()
 
 
 def train_config(settings: LabSettings, objective: str, seed: int, output_dir: Path, *, steps: int | None = None,
@@ -91,10 +97,18 @@ def train_config(settings: LabSettings, objective: str, seed: int, output_dir: P
 def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: list[dict[str, Any]],
              objective: str, seed: int, output_dir: Path, *, teacher: nn.Module | None = None,
              steps: int | None = None, objective_args: dict[str, Any] | None = None,
-             on_step: Callable[[], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Fine-tune a copy of `base` with `objective`. The frozen `base` itself is the ASFT reference
-    (pi_base); `teacher` (the target_sft teacher) is run once over `train_examples` into a top-k cache
-    next to `output_dir`, and training reads the cache. Returns (model, {history, seconds, params})."""
+             on_step: Callable[[], None] | None = None, trunk: TrunkLookup | None = None,
+             checkpoints: Sequence[int] = (), on_checkpoint: Callable[[int, nn.Module], None] | None = None,
+             ) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune a copy of `base` with `objective`. The frozen `base` itself is the reference (pi_base)
+    of objectives that have one; `teacher` (the target_sft teacher) is run once over `train_examples` into
+    a top-k cache next to `output_dir`, and training reads the cache.
+
+    `trunk` (the base's hidden states entering the first trained layer, for every training sequence): the
+    student and the reference then run the trained top layers only (`qtarget.lab.trunk`), the same numbers
+    up to float rounding at a fraction of the cost. `on_checkpoint(step, model)` runs after each step in
+    `checkpoints` with the full model in eval-ready form (the lab's learning curves).
+    Returns (model, {history, seconds, params, ...})."""
     model = copy.deepcopy(base)
     params = set_trainable(model, settings.train_top_layers)
     model.train()
@@ -112,10 +126,22 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
         cache_info = {"top_k": TEACHER_TOP_K, "tail": TEACHER_TAIL, "seconds": time.perf_counter() - t0}
     # the Trainer prints every log dict to stdout; the lab shows one progress display instead (the
     # per-step metrics are kept in the history and in output_dir/metrics.jsonl)
-    with contextlib.redirect_stdout(io.StringIO()):
+    split = len(model.get_decoder().layers) - settings.train_top_layers
+    use_trunk = trunk is not None and settings.train_top_layers > 0
+    views = [TopOnly(m, trunk, split) for m in ([model, base] if "ref" in needs else [model])] if use_trunk else []
+
+    def checkpoint(step: int) -> None:
+        with contextlib.ExitStack() as full:
+            for view in views:
+                full.enter_context(view.suspended())
+            on_checkpoint(step, model)
+
+    callback = StepCallback(on_step, checkpoints, checkpoint if on_checkpoint else None)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.ExitStack() as stack:
+        for view in views:
+            stack.enter_context(view)
         result = train(config, model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train_examples),
-                       ref=base if "ref" in needs else None,
-                       callbacks=[StepCallback(on_step)] if on_step else None, save_final=False)
+                       ref=base if "ref" in needs else None, callbacks=[callback], save_final=False)
     seconds = time.perf_counter() - t0
     freeze(model)
     if result.global_step != config.max_steps:

@@ -27,6 +27,7 @@ from torch import nn
 from qtarget.data import TokenizeOptions, tokenize_rows
 from qtarget.evaluation import evaluate
 from qtarget.lab.task import LabTask
+from qtarget.lab.trunk import TrunkLookup
 
 IGNORE = -100
 
@@ -131,6 +132,19 @@ class Scorer:
         self.trunk.append(kept[0])
         return hidden
 
+    def trunk_lookup(self) -> TrunkLookup:
+        """The kept hidden states entering layer `split`, per sequence, as an embedding stand-in for
+        training the top layers alone (`qtarget.lab.trunk`)."""
+        if self.split is None:
+            raise ValueError("Scorer: no shared trunk (split=None) to look up")
+        sequences, states = [], []
+        for (idx, ids, _labels, mask), hidden in zip(self.batches, self.trunk):
+            for j in range(len(idx)):
+                n = int(mask[j].sum())
+                sequences.append(ids[j, :n].tolist())
+                states.append(hidden[j, :n])
+        return TrunkLookup(sequences, states, self.pad_token_id)
+
     def score(self, model: nn.Module) -> list[TokenScores]:
         """Scores under `model`, which must share the base's trunk (checked)."""
         if self.split is not None and not shares_trunk(self.base, model, self.split):
@@ -202,15 +216,34 @@ def noise_fit_items(model_scores: Sequence[TokenScores], base_scores: Sequence[T
 
 def ranking_items(scores: Sequence[TokenScores], n_candidates: int) -> dict[str, np.ndarray]:
     """Scores of `n_candidates` consecutive candidates per item (correct first) -> per item:
-    correct (1 if the correct one has the highest total log-prob), held-out entropy and NLL (mean over
-    the correct candidate's tokens)."""
+    correct (1 if the correct one has the highest total log-prob), margin (total log-prob of the correct
+    one minus the best distractor's, nats: the continuous version of `correct`), held-out entropy and NLL
+    (mean over the correct candidate's tokens)."""
     if len(scores) % n_candidates:
         raise ValueError(f"{len(scores)} scored candidates is not a multiple of {n_candidates}")
     totals = np.array([s.logp.sum() for s in scores]).reshape(-1, n_candidates)
-    correct = (totals[:, 0] > totals[:, 1:].max(axis=1)).astype(np.float64)
+    margin = totals[:, 0] - totals[:, 1:].max(axis=1)
     right = scores[::n_candidates]
-    return {"correct": correct, "entropy": np.array([s.entropy.mean() for s in right]),
-            "nll": np.array([-s.logp.mean() for s in right])}
+    return {"correct": (margin > 0).astype(np.float64), "margin": margin,
+            "entropy": np.array([s.entropy.mean() for s in right]), "nll": np.array([-s.logp.mean() for s in right])}
+
+
+PRIOR_LOW = 0.1       # a token the base model gives p_y < 0.1 counts as "unlikely under the prior"
+PRIOR_BINS = 10       # histogram of p_y over [0, 1]
+
+
+def prior_profile(scores: Sequence[TokenScores], low: float = PRIOR_LOW) -> dict[str, Any]:
+    """How probable a task's demonstration tokens already are under the base model: the distribution of
+    p_y = exp(log p(token)) over every scored token of `scores` (the base model's token scores of the
+    demonstrations). {tokens, mean, median, quartiles, share_low (p_y < low), low, histogram (counts over
+    PRIOR_BINS equal bins of [0, 1])}."""
+    if not scores:
+        raise ValueError("prior_profile: no token scores")
+    p = np.exp(np.concatenate([s.logp for s in scores]))
+    counts, _ = np.histogram(p, bins=PRIOR_BINS, range=(0.0, 1.0))
+    q1, median, q3 = np.quantile(p, [0.25, 0.5, 0.75])
+    return {"tokens": int(p.size), "mean": float(p.mean()), "median": float(median), "q1": float(q1),
+            "q3": float(q3), "share_low": float((p < low).mean()), "low": low, "histogram": counts.tolist()}
 
 
 def nll_items(scores: Sequence[TokenScores]) -> np.ndarray:

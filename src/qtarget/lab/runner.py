@@ -17,21 +17,20 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import transformers
 from tqdm.auto import tqdm
 
-from qtarget.lab.analysis import analyze
+from qtarget.lab.analysis import analyze_lab, upgrade_results
 from qtarget.lab.builtin_tasks import build_task
+from qtarget.lab.evaldata import EvalData, settings_seeds, tokenize
 from qtarget.lab.finetune import finetune
-from qtarget.lab.metrics import (Scorer, changed_tokens, chat_sequence, generation_items, nll_items, noise_fit_items,
-                                 ranking_items, text_sequence, trunk_split)
+from qtarget.lab.metrics import generation_items, trunk_split
 from qtarget.lab.report import write_outputs
 from qtarget.lab.settings import LabSettings
-from qtarget.lab.sweep import row_name
 from qtarget.lab.task import LabTask
 from qtarget.lab.teacher import obtain_teacher, teacher_dir
 from qtarget.lab.user_task import folder_identity
@@ -101,82 +100,28 @@ def load_base(settings: LabSettings):
     return model, tokenizer, info
 
 
-def tokenize(tokenizer, rows: list[dict], max_length: int, instruction: str | None) -> list[dict]:
-    """prompt/response rows -> tokenised chat examples (system = the task's instruction, user = question,
-    assistant = response; only the response is supervised)."""
-    return [chat_sequence(tokenizer, r["prompt"], r["response"], max_length, instruction=instruction) for r in rows]
-
-
-def _units(settings: LabSettings, teacher_cached: bool) -> int:
-    """Progress units: 2 evaluation parts (scoring, generation) per measured model + optimizer steps."""
+def _units(settings: LabSettings, n_tasks: int, teacher_steps: int) -> int:
+    """Progress units: per task 2 evaluation parts (scoring, generation) per measured model, one per
+    learning-curve checkpoint, the optimizer steps; plus the teachers' steps still to train."""
     runs = settings.seeds * len(settings.runs())
-    total = 2 * (1 + runs) + runs * settings.steps
-    if settings.needs_teacher and not teacher_cached:
-        total += settings.teacher_steps
-    return total
+    per_task = 2 * (1 + runs) + runs * (settings.steps + len(checkpoint_steps(settings)) - 1)
+    return n_tasks * per_task + teacher_steps
 
 
-class EvalData:
-    """Everything a model is measured on, fixed for the run: the task's generation problems, answer-ranking
-    candidates, out-of-domain paragraphs, and per training seed its demonstrations (with the tokens each
-    noisy one changed). The teacher-forced sets are scored with one `Scorer` each."""
-
-    def __init__(self, settings: LabSettings, task: LabTask, base, tokenizer, split: int | None) -> None:
-        self.settings, self.task = settings, task
-        self.n_candidates = task.n_candidates
-        self.train_rows = {s: task.demonstrations(s, settings.train_examples, settings.noise)
-                           for s in settings_seeds(settings)}
-        ml, instruction = settings.max_length, task.instruction
-        self.train_examples = {s: tokenize(tokenizer, rows, ml, instruction) for s, rows in self.train_rows.items()}
-        rank_seqs = [chat_sequence(tokenizer, it["prompt"], c, ml, instruction=instruction)
-                     for it in task.ranking for c in it["candidates"]]
-        ood_seqs = [text_sequence(tokenizer, t, settings.ood_max_tokens) for t in task.ood]
-        # per seed, the demonstrations measured for noise fit (those with noise metadata): index, kind, tokens
-        self.measured: dict[int, list[int]] = {}
-        self.kinds: dict[int, list[str]] = {}
-        self.changed: dict[int, list[np.ndarray]] = {}
-        for s, rows in self.train_rows.items():
-            # noisy rows: the tokens their noise changed; clean rows: the tokens a corruption would have changed
-            measured = [(r, ex) for r, ex in zip(rows, self.train_examples[s]) if _contrast(r) is not None]
-            self.kinds[s] = [r["noise"] for r, _ in measured]
-            self.changed[s] = [changed_tokens(ex, chat_sequence(tokenizer, r["prompt"], _contrast(r), ml,
-                                                                instruction=instruction)) for r, ex in measured]
-            self.measured[s] = [i for i, r in enumerate(rows) if _contrast(r) is not None]
-        kw = dict(pad_token_id=tokenizer.pad_token_id, split=split, batch_size=settings.score_batch_size)
-        self.scorers = {"rank": Scorer(base, rank_seqs, **kw), "ood": Scorer(base, ood_seqs, **kw)}
-        for s, examples in self.train_examples.items():
-            if self.measured[s]:
-                self.scorers[f"train{s}"] = Scorer(base, [examples[i] for i in self.measured[s]], **kw)
-        self.tokens_scored = sum(len(sc.base_scores) for sc in self.scorers.values())
-
-    def teacher_forced(self, model, seed: int | None) -> dict[str, np.ndarray]:
-        """Per-item teacher-forced values of `model` (None: the base model) trained on seed `seed`'s data."""
-        score = (lambda sc: sc.base_scores) if model is None else (lambda sc: sc.score(model))
-        rank = ranking_items(score(self.scorers["rank"]), self.n_candidates)
-        out = {"rank.correct": rank["correct"], "rank.entropy": rank["entropy"], "rank.nll": rank["nll"],
-               "ood.nll": nll_items(score(self.scorers["ood"]))}
-        if model is not None and f"train{seed}" in self.scorers:
-            sc = self.scorers[f"train{seed}"]
-            noise = noise_fit_items(sc.score(model), sc.base_scores, self.kinds[seed], self.changed[seed])
-            out.update({f"noise.{k}": v for k, v in noise.items()})
-        return out
-
-
-def _contrast(row: dict) -> str | None:
-    """The response whose token difference from `row`'s marks the tokens noise fit measures (see LabTask)."""
-    return row.get("counterfactual_response" if row["noise"] == "clean" else "clean_response")
-
-
-def settings_seeds(settings: LabSettings) -> list[int]:
-    return [settings.seed + i for i in range(settings.seeds)]
+def checkpoint_steps(settings: LabSettings) -> list[int]:
+    """The optimizer steps after which a run's teacher-forced metrics are measured (the learning curves):
+    `curve_points` evenly spaced steps, the last one the end of training."""
+    points = {max(1, round(settings.steps * i / settings.curve_points)) for i in range(1, settings.curve_points + 1)}
+    return sorted(points)
 
 
 def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: bool = True,
             cache_dir: str | os.PathLike | None = None, use_teacher_cache: bool = True,
-            task: LabTask | None = None, teacher: tuple | None = None) -> dict[str, Any]:
-    """Run the comparison on `task` (default: the built-in arithmetic task) and write report.md,
-    results.json, results.csv and the PNG plots into `output_dir`. Returns the results dict (what
-    results.json holds). `teacher`: (model, info) of a given target_sft teacher (default: the lab trains one)."""
+            task: LabTask | Sequence[LabTask] | None = None, teacher: tuple | None = None) -> dict[str, Any]:
+    """Run the comparison on each task (default: the built-in tasks `settings.tasks`; or the LabTask(s)
+    given) and write report.md, results.json, results.csv and the PNG plots into `output_dir`. Returns the
+    results dict (what results.json holds). `teacher`: (model, info) of a given target_sft teacher, for a
+    single task (default: the lab trains one per task)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -185,75 +130,120 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
     torch.set_num_threads(settings.threads)
     _quiet_libraries()
     timings: dict[str, float] = {}
-    seeds = settings_seeds(settings)
     try:
         t0 = time.perf_counter()
         base, tokenizer, model_info = load_base(settings)
         timings["load_model"] = time.perf_counter() - t0
-        split = trunk_split(base, settings.train_top_layers)
         if task is None:
-            task = build_task("shop", settings)
-
+            lab_tasks = [build_task(name, settings) for name in settings.tasks]
+        else:
+            lab_tasks = [task] if isinstance(task, LabTask) else list(task)
+        if len({t.name for t in lab_tasks}) != len(lab_tasks):
+            raise ValueError(f"lab tasks need distinct names, got {[t.name for t in lab_tasks]}")
+        if teacher is not None and len(lab_tasks) != 1:
+            raise ValueError("a given target_sft teacher belongs to one task; run one task with it")
         cache_path = Path(cache_dir) if cache_dir is not None else None
-        given_teacher, teacher = teacher, None
-        teacher_cached = given_teacher is not None or (settings.needs_teacher and use_teacher_cache
-                          and (teacher_dir(settings, model_info["model_id"], task, cache_path) / "lab-teacher.json").exists())
-        bar = Progress(_units(settings, teacher_cached), enabled=progress)
+        to_train = 0
+        if teacher is not None:
+            pass
+        elif settings.needs_teacher and use_teacher_cache:
+            to_train = settings.teacher_steps * sum(
+                not (teacher_dir(settings, model_info["model_id"], t, cache_path) / "lab-teacher.json").exists()
+                for t in lab_tasks)
+        elif settings.needs_teacher:
+            to_train = settings.teacher_steps * len(lab_tasks)
+        bar = Progress(_units(settings, len(lab_tasks), to_train), enabled=progress)
+        run = TaskRun(settings, base, tokenizer, model_info, bar, out, cache_path, use_teacher_cache, t_start,
+                      given_teacher=teacher)
+        per_task = {t.name: run(t, timings) for t in lab_tasks}
+        bar.phase("statistics and the report")
+        results = {"settings": settings.to_dict(), "model": model_info, "tasks": list(per_task), "per_task": per_task}
+        results.update(analyze_lab(results))
+        bar.close()
+    finally:
+        torch.set_num_threads(threads_before)
+    timings["total"] = time.perf_counter() - t_start
+    # CPU seconds of this process (all threads): on a machine shared with other jobs, cpu / threads is
+    # about what the wall time would be on otherwise idle cores
+    timings["cpu"] = time.process_time() - cpu_start
+    results.update(timings=timings, torch_threads=settings.threads)
+    write_outputs(results, out)
+    return results
 
-        bar.phase("teacher-forced scoring of the base model")
+
+class TaskRun:
+    """One task's part of a lab run: score its data with the base model, obtain its teacher, train and
+    measure every row and seed (with the learning-curve checkpoints). Calling it returns the task's entry
+    of results["per_task"] (before statistics)."""
+
+    def __init__(self, settings: LabSettings, base, tokenizer, model_info: dict, bar: Progress, out: Path,
+                 cache_path: Path | None, use_teacher_cache: bool, t_start: float, given_teacher: tuple | None = None
+                 ) -> None:
+        self.settings, self.base, self.tokenizer, self.model_info, self.bar = settings, base, tokenizer, model_info, bar
+        self.given_teacher = given_teacher
+        self.out, self.cache_path, self.use_teacher_cache, self.t_start = out, cache_path, use_teacher_cache, t_start
+        self.split = trunk_split(base, settings.train_top_layers)
+
+    def __call__(self, task: LabTask, timings: dict[str, float]) -> dict[str, Any]:
+        settings, bar, base, tokenizer = self.settings, self.bar, self.base, self.tokenizer
+        bar.phase(f"[{task.name}] teacher-forced scoring of the base model")
         t0 = time.perf_counter()
-        data = EvalData(settings, task, base, tokenizer, split)
-        timings["base_scoring"] = time.perf_counter() - t0
-
+        data = EvalData(settings, task, base, tokenizer, self.split)
+        timings[f"{task.name}.base_scoring"] = time.perf_counter() - t0
+        bar.note(f"[{task.name}] prior profile: base p_y mean {data.prior['mean']:.3f}, median "
+                 f"{data.prior['median']:.3f}, share of tokens with p_y < {data.prior['low']:g}: "
+                 f"{data.prior['share_low']:.3f}")
         items: dict[str, dict[str, list]] = {}
+        curves: dict[str, dict[str, dict[str, list]]] = {}
         responses: dict[str, list[list[str]]] = {}
         rows: dict[str, Any] = {}
 
+        def record(table: dict, values: dict[str, np.ndarray]) -> None:
+            for k, v in values.items():
+                table.setdefault(k, []).append(np.round(np.asarray(v, dtype=np.float64), 6).tolist())
+
         def measure(model, name: str, seed: int | None) -> float:
             t = time.perf_counter()
-            bar.phase(f"scoring {name}")
+            bar.phase(f"[{task.name}] scoring {name}")
             values = data.teacher_forced(model, seed)
             bar.step()
-            bar.phase(f"generating with {name}")
+            if model is not None:
+                record(curves.setdefault(name, {}).setdefault(str(settings.steps), {}), values)
+            bar.phase(f"[{task.name}] generating with {name}")
             gen = generation_items(base if model is None else model, tokenizer, task,
                                    max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size,
                                    seed=settings.seed)
             bar.step()
             responses.setdefault(name, []).append(gen.pop("responses"))
             values.update({f"gen.{k}": v for k, v in gen.items()})
-            for k, v in values.items():
-                items.setdefault(name, {}).setdefault(k, []).append(np.round(np.asarray(v, dtype=np.float64), 6).tolist())
-            note = (f"{name + ('' if seed is None else f' (seed {seed})'):>28}: gen acc {gen['correct'].mean():.3f} "
-                    f"(no answer {gen['no_answer'].mean():.3f}), ranking {values['rank.correct'].mean():.3f}, "
-                    f"entropy {values['rank.entropy'].mean():.3f}, OOD NLL {values['ood.nll'].mean():.3f}")
+            record(items.setdefault(name, {}), values)
+            note = (f"[{task.name}] {name + ('' if seed is None else f' (seed {seed})'):>24}: gen acc "
+                    f"{gen['correct'].mean():.3f} (no answer {gen['no_answer'].mean():.3f}), ranking "
+                    f"{values['rank.correct'].mean():.3f} (margin {values['rank.margin'].mean():+.2f}), entropy "
+                    f"{values['rank.entropy'].mean():.3f}, OOD NLL {values['ood.nll'].mean():.3f}")
             if "noise.corrupt" in values:
                 note += (f", gain corrupt {values['noise.corrupt'].mean():+.3f} / clean "
                          f"{values['noise.clean'].mean():+.3f}")
-            bar.note(note + f"  [{time.perf_counter() - t_start:.0f} s]")
+            bar.note(note + f"  [{time.perf_counter() - self.t_start:.0f} s]")
             return time.perf_counter() - t
 
         rows["base"] = {"objective": None, "args": {}, "runs": [{"seed": None, "eval_seconds": measure(None, "base", None)}]}
+        teacher, teacher_info = self._teacher(task, timings)
+        checkpoints = checkpoint_steps(settings)
+        for s in settings_seeds(settings):
+            trunk = data.trunk(s)
+            for name, objective, args in settings.runs():
+                bar.phase(f"[{task.name}] training {name} (seed {s})")
 
-        teacher, teacher_info = given_teacher or (None, None)
-        if settings.needs_teacher and given_teacher is None:
-            bar.phase("teacher for target_sft" + (" (cached)" if teacher_cached else " (training: SFT on clean data)"))
+                def checkpoint(step: int, model, name=name, seed=s) -> None:
+                    bar.phase(f"[{task.name}] {name} (seed {seed}): teacher-forced metrics after step {step}")
+                    record(curves.setdefault(name, {}).setdefault(str(step), {}), data.teacher_forced(model, seed))
+                    bar.step()
 
-            def make_teacher_examples(n: int, seed: int) -> list[dict]:
-                return tokenize(tokenizer, task.demonstrations(seed, n, 0.0), settings.max_length, task.instruction)
-
-            teacher, teacher_info = obtain_teacher(
-                settings, base, tokenizer, task, model_id=model_info["model_id"], model_name=model_info["name"],
-                make_examples=make_teacher_examples, work_dir=out / "runs" / "teacher", cache_dir=cache_path,
-                use_cache=use_teacher_cache, on_step=bar.step)
-            timings["teacher"] = teacher_info["seconds"]
-
-        for s in seeds:
-            for objective, args in settings.runs():
-                name = row_name(objective, args, settings.sweep)
-                bar.phase(f"training {name} (seed {s})")
                 model, run = finetune(settings, base, tokenizer, data.train_examples[s], objective, seed=s,
-                                      output_dir=out / "runs" / f"{name.replace(' ', '_')}-seed{s}",
-                                      objective_args=args, teacher=teacher, on_step=bar.step)
+                                      output_dir=self.out / "runs" / task.name / f"{name.replace(' ', '_')}-seed{s}",
+                                      objective_args=args, teacher=teacher, on_step=bar.step, trunk=trunk,
+                                      checkpoints=checkpoints[:-1], on_checkpoint=checkpoint)
                 changed = _changed_fraction(base, model)
                 eval_seconds = measure(model, name, s)
                 rows.setdefault(name, {"objective": objective, "args": args, "runs": []})["runs"].append(
@@ -261,60 +251,62 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
                      "params": run["params"], "changed_param_tensors": changed, "psft_refreshes": run["psft_refreshes"],
                      "teacher_cache": run.get("teacher_cache")})
                 del model
-        bar.phase("statistics and the report")
-        analysis = analyze(items, n_boot=settings.n_boot, seed=settings.seed)
-        bar.close()
-    finally:
-        torch.set_num_threads(threads_before)
+        return {"teacher": teacher_info, "data": _data_summary(settings, task, data, self.split), "prior": data.prior,
+                "rows": rows, "items": items, "curves": curves, "curve_steps": checkpoints, "responses": responses}
 
-    timings["total"] = time.perf_counter() - t_start
-    # CPU seconds of this process (all threads): on a machine shared with other jobs, cpu / threads is
-    # about what the wall time would be on otherwise idle cores
-    timings["cpu"] = time.process_time() - cpu_start
-    first = data.train_rows[seeds[0]]
+    def _teacher(self, task: LabTask, timings: dict[str, float]):
+        settings = self.settings
+        if self.given_teacher is not None:
+            return self.given_teacher
+        if not settings.needs_teacher:
+            return None, None
+        self.bar.phase(f"[{task.name}] teacher for target_sft")
+
+        def make_teacher_examples(n: int, seed: int) -> list[dict]:
+            return tokenize(self.tokenizer, task.demonstrations(seed, n, 0.0), settings.max_length, task.instruction)
+
+        teacher, info = obtain_teacher(
+            settings, self.base, self.tokenizer, task, model_id=self.model_info["model_id"],
+            model_name=self.model_info["name"], make_examples=make_teacher_examples,
+            work_dir=self.out / "runs" / task.name / "teacher", cache_dir=self.cache_path,
+            use_cache=self.use_teacher_cache, on_step=self.bar.step)
+        timings[f"{task.name}.teacher"] = info["seconds"]
+        return teacher, info
+
+
+def _data_summary(settings: LabSettings, task: LabTask, data: EvalData, split: int | None) -> dict[str, Any]:
+    """What the task's data were, for the report and results.json."""
+    seed0 = settings_seeds(settings)[0]
+    first = data.train_rows[seed0]
     noise_counts: dict[str, int] = {}
     for r in first:
         noise_counts[r["noise"]] = noise_counts.get(r["noise"], 0) + 1
-    results = {
-        "settings": settings.to_dict(),
-        "model": model_info,
-        "teacher": teacher_info,
-        "data": {
-            "task": {"name": task.name, "version": task.version, "description": task.description,
-                     "noise": task.noise_description, "instruction": task.instruction},
-            "gen": {"task": task.name, "n": len(task.generation), "ids": [p.id for p in task.generation],
-                    "answers": [p.answer for p in task.generation], "example": task.example["prompt"],
-                    "example_solution": task.example["response"]},
-            "rank": {"n": len(task.ranking), "candidates_per_item": data.n_candidates, "example": task.ranking[0]},
-            "ood": {"source": "Python standard library docstrings (prose paragraphs)",
-                    "python": sys.version.split()[0], "n": len(task.ood), "max_tokens": settings.ood_max_tokens,
-                    "example": task.ood[0]},
-            "train_examples_per_run": settings.train_examples,
-            "noise_counts_seed0": noise_counts,
-            "train_demonstrations_seed0": [{k: r[k] for k in ("prompt", "response", "noise")} for r in first[:8]],
-            "changed_tokens_per_noisy_demo": {
-                kind: float(np.mean([m.sum() for m, k in zip(data.changed[seeds[0]], data.kinds[seeds[0]]) if k == kind]))
-                for kind in ("corrupt", "alternative", "clean") if kind in data.kinds[seeds[0]]},
-            "sequences_scored_per_model": data.tokens_scored,
-            "shared_trunk_layers": split,
-        },
-        "rows": rows,
-        "items": items,
-        "responses": responses,
-        **analysis,
-        "timings": timings,
-        "torch_threads": settings.threads,
+    return {
+        "task": {"name": task.name, "version": task.version, "description": task.description,
+                 "noise": task.noise_description, "instruction": task.instruction},
+        "gen": {"task": task.name, "n": len(task.generation), "ids": [p.id for p in task.generation],
+                "answers": [p.answer for p in task.generation], "example": task.example["prompt"],
+                "example_solution": task.example["response"]},
+        "rank": {"n": len(task.ranking), "candidates_per_item": data.n_candidates, "example": task.ranking[0]},
+        "ood": {"source": "Python standard library docstrings (prose paragraphs)",
+                "python": sys.version.split()[0], "n": len(task.ood), "max_tokens": settings.ood_max_tokens,
+                "example": task.ood[0]},
+        "train_examples_per_run": settings.train_examples,
+        "noise_counts_seed0": noise_counts,
+        "train_demonstrations_seed0": [{k: r[k] for k in ("prompt", "response", "noise")} for r in first[:8]],
+        "changed_tokens_per_noisy_demo": {
+            kind: float(np.mean([m.sum() for m, k in zip(data.changed[seed0], data.kinds[seed0]) if k == kind]))
+            for kind in ("corrupt", "alternative", "clean") if kind in data.kinds[seed0]},
+        "sequences_scored_per_model": data.tokens_scored,
+        "shared_trunk_layers": split,
     }
-    write_outputs(results, out)
-    return results
 
 
 def rerender(results_json: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Recompute every estimate, difference and claim from a results.json's per-item values with this
     code, and write the report, plots and files into `output_dir` (no model is run)."""
-    results = json.loads(Path(results_json).read_text(encoding="utf-8"))
-    s = results["settings"]
-    results.update(analyze(results["items"], n_boot=s["n_boot"], seed=s["seed"]))
+    results = upgrade_results(json.loads(Path(results_json).read_text(encoding="utf-8")))
+    results.update(analyze_lab(results))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(results, out)

@@ -15,18 +15,25 @@ from typing import Any
 
 from qtarget.objectives import get_objective, list_objectives
 
-OBJECTIVES = ("sft", "dft", "psft", "asft", "target_sft")
+OBJECTIVES = ("sft", "dft", "psft", "asft", "target_sft", "dft_floor", "prift")
 
 # The papers' parameters (SPEC §3): PSFT eps 0.28 with M = 8 mini-batches per global batch (scaled to
 # M = 4 for runs of a few dozen steps); ASFT lam 0.05 with the frozen base model as reference;
-# Target-SFT eta 0.5.
-OBJECTIVE_ARGS: dict[str, dict[str, float]] = {
+# Target-SFT eta 0.5. The literature's fixes for DFT's low-prior failure are rows of the general `target`
+# objective (no special case): dft_floor = DFT's target with gamma floored, gamma = max(p_y, 0.2) (every
+# token keeps at least a fifth of SFT's weight); prift = gamma = p_y read from the frozen base model instead
+# of the online one (PriFT, arXiv 2606.09396).
+OBJECTIVE_ARGS: dict[str, dict[str, Any]] = {
     "sft": {},
     "dft": {},
     "psft": {"eps": 0.28},
     "asft": {"lam": 0.05},
     "target_sft": {"eta": 0.5},
+    "dft_floor": {"gamma": "p_y", "residual": "student", "gamma_min": 0.2},
+    "prift": {"gamma": "p_y", "residual": "student", "gamma_from": "reference"},
 }
+# rows that are not an objective of the same name: the objective they train with
+ROW_OBJECTIVE = {"dft_floor": "target", "prift": "target"}
 
 
 @dataclass
@@ -39,6 +46,8 @@ class LabSettings:
     seeds: int = 1                      # training seeds per objective: seed, seed+1, ...
     seed: int = 0
     noise: float = 0.3                  # share of demonstrations with a corrupted step / alternative form
+    # the built-in tasks (qtarget.lab.builtin_tasks): shop (weak prior), sum (strong prior)
+    tasks: tuple[str, ...] = ("shop", "sum")
     # training (identical for every objective)
     train_examples: int = 128           # demonstrations per run (each seed draws its own)
     steps: int = 16                     # optimizer steps
@@ -49,6 +58,7 @@ class LabSettings:
     weight_decay: float = 0.0
     train_top_layers: int = 6           # only the top k decoder layers (+ final norm) are trained
     psft_updates_per_batch: int = 4
+    curve_points: int = 4               # teacher-forced metrics after this many evenly spaced steps (the last: the end)
     max_length: int = 192
     # teacher for target_sft: SFT of the base model on more, clean demonstrations (cached)
     teacher_examples: int = 256
@@ -71,19 +81,24 @@ class LabSettings:
 
     def __post_init__(self) -> None:
         self.objectives = tuple(self.objectives)
+        self.tasks = tuple(self.tasks)
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"--tasks: give one or more distinct task names, got {list(self.tasks)}")
         # any registered objective; those without an entry in OBJECTIVE_ARGS train with their registry defaults
-        unknown = [o for o in self.objectives if o not in list_objectives()]
+        unknown = [o for o in self.objectives if o not in list_objectives() and o not in ROW_OBJECTIVE]
         if self.sweep:
             unknown = []  # a sweep decides its rows (sft + the swept objective)
         if unknown:
-            raise ValueError(f"--objectives: unknown objective(s) {unknown}; choose from {', '.join(list_objectives())}")
+            raise ValueError(f"--objectives: unknown objective(s) {unknown}; choose from "
+                             f"{', '.join(list(ROW_OBJECTIVE) + list_objectives())}")
         if not self.objectives:
             raise ValueError("--objectives: give at least one objective")
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"--noise must be in [0, 1] (share of noisy demonstrations), got {self.noise}")
         for name in ("seeds", "steps", "batch_size", "train_examples", "teacher_examples", "teacher_steps",
                      "eval_in_domain", "max_new_tokens", "eval_batch_size", "rank_items", "rank_distractors",
-                     "ood_texts", "ood_max_tokens", "score_batch_size", "psft_updates_per_batch", "threads"):
+                     "ood_texts", "ood_max_tokens", "score_batch_size", "psft_updates_per_batch", "threads",
+                     "curve_points"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.train_top_layers < 0:
@@ -99,22 +114,25 @@ class LabSettings:
 
     @property
     def needs_teacher(self) -> bool:
-        return any("teacher" in get_objective(o, **a).needs for o, a in self.runs())
+        return any("teacher" in get_objective(o, **a).needs for _, o, a in self.runs())
 
-    def runs(self) -> list[tuple[str, dict[str, Any]]]:
-        """(objective, its parameters) of every trained row: the objectives, or sft plus the sweep's points."""
+    def runs(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(row name, objective, its parameters) of every trained row: the objectives (and the named rows of
+        ROW_OBJECTIVE), or sft plus the sweep's points."""
         if not self.sweep:
-            return [(o, dict(self.objective_args.get(o, {}))) for o in self.objectives]
+            return [(o, ROW_OBJECTIVE.get(o, o), dict(self.objective_args.get(o, {}))) for o in self.objectives]
         objective = self.sweep[0][0]
         points: list[dict[str, Any]] = [{}]
         for _, param, values in self.sweep:
             points = [{**pt, param: v} for pt in points for v in values]
         base_args = dict(self.objective_args.get(objective, {}))
-        return [("sft", {})] + [(objective, {**base_args, **pt}) for pt in points]
+        return [("sft", "sft", {})] + [(row_name(objective, {**base_args, **pt}, self.sweep), objective,
+                                        {**base_args, **pt}) for pt in points]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["objectives"] = list(self.objectives)
+        d["tasks"] = list(self.tasks)
         d["sweep"] = [[o, p, list(v)] for o, p, v in self.sweep]
         return d
 
@@ -124,6 +142,13 @@ class LabSettings:
         if keys is not None:
             d = {k: d[k] for k in keys}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def row_name(objective: str, args: dict[str, Any], sweep: tuple) -> str:
+    """A sweep row's label: the objective, plus the swept parameters' values."""
+    if not sweep or objective != sweep[0][0]:
+        return objective
+    return objective + " " + " ".join(f"{p}={args[p]}" for _, p, _ in sweep)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from qtarget.lab.settings import OBJECTIVES
+from qtarget.lab.settings import OBJECTIVES, ROW_OBJECTIVE
 from qtarget.objectives import get_objective, list_objectives, objective_parameters
 
 
@@ -42,7 +42,7 @@ def parse_sweep(specs: Sequence[str]) -> tuple[tuple[str, str, tuple[Any, ...]],
                                  f"{', '.join(objective_parameters(objective)) or 'none'}")
         else:
             param = name
-            owners = [o for o in OBJECTIVES if param in objective_parameters(o)]
+            owners = [o for o in OBJECTIVES if o not in ROW_OBJECTIVE and param in objective_parameters(o)]
             if len(owners) != 1:
                 found = "no lab objective has it" if not owners else f"{', '.join(owners)} all have it"
                 raise ValueError(f"--sweep {spec!r}: parameter {param!r} is ambiguous or unknown ({found}); "
@@ -61,10 +61,3 @@ def parse_sweep(specs: Sequence[str]) -> tuple[tuple[str, str, tuple[Any, ...]],
             except (TypeError, ValueError) as e:
                 raise ValueError(f"--sweep {objective}.{param}={v!r}: {e}") from e
     return tuple(out)
-
-
-def row_name(objective: str, args: dict[str, Any], sweep: Sequence[tuple[str, str, tuple]]) -> str:
-    """The row label: the objective, plus the swept parameters' values in a sweep."""
-    if not sweep or objective != sweep[0][0]:
-        return objective
-    return objective + " " + " ".join(f"{p}={args[p]}" for _, p, _ in sweep)

@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 # The instruction is the chat's system turn (it replaces SmolLM2's default system prompt, which would
 # cost ~20 more tokens per example); the user turn is the question alone. Same in training and eval.
 INSTRUCTION = "Solve step by step. End with: The answer is N."
-TASK_VERSION = 2  # part of the teacher cache key: bump when a generator changes
+TASK_VERSION = 3  # part of the teacher cache key: bump when a generator changes
 EVAL_SEED = 9_000_000  # evaluation streams: generation 9_000_000 + seed, ranking 9_000_001 + seed
+SUM_EVAL_SEED = 9_500_000  # the sum task's evaluation streams
 NOISE_KINDS = ("corrupt", "alternative")
 
 _NAMES = ("Mia", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Sara", "Ben", "Nina", "Tom",
@@ -248,20 +249,52 @@ def demonstrations(problems: list[LabProblem], noise: float, seed: int) -> list[
     return rows
 
 
-def ranking_items(problems: list[LabProblem], distractors: int, seed: int) -> list[dict[str, Any]]:
-    """For answer ranking: per problem the correct demonstration first, then `distractors` corrupted ones
-    (one step off, carried to the end) whose final answers all differ from each other and the correct one.
+def misread_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step], int]:
+    """A wrong solution that is right about everything but one number it read from the question: one operand
+    (the start or an event's amount) is off by 1-3 and every step is computed correctly from it, so no
+    equation is false and the final answer is wrong but consistent with the text. Returns (steps, answer)."""
+    slots = [(-1, 0)] + [(i, j) for i, ev in enumerate(problem.events) for j in range(1, len(ev))]
+    for _ in range(100):
+        i, j = rng.choice(slots)
+        delta = rng.choice((-3, -2, -1, 1, 2, 3))
+        start, events = problem.start, [list(ev) for ev in problem.events]
+        if i < 0:
+            start += delta
+            new = start
+        else:
+            events[i][j] += delta
+            new = events[i][j]
+        if new < 1:
+            continue
+        steps, final = solve(start, [tuple(ev) for ev in events])
+        if final != problem.answer and all(s.result >= 0 for s in steps):
+            return steps, final
+    raise RuntimeError(f"could not misread {problem.id}")
+
+
+DISTRACTOR_KINDS = ("misread", "corrupt")
+
+
+def ranking_items(problems: list[LabProblem], distractors: int, seed: int, *, kind: str = "misread"
+                  ) -> list[dict[str, Any]]:
+    """For answer ranking: per problem the correct demonstration first, then `distractors` wrong ones whose
+    final answers all differ from each other and the correct one. kind "misread": one number read wrong from
+    the question, every equation right (`misread_solution`; the base model cannot reject it by checking
+    arithmetic); "corrupt": one step off, carried to the end (`corrupt_solution`).
     Returns [{id, prompt, candidates: [correct, wrong, ...], answers: [answer, wrong answers...]}]."""
     if distractors < 1:
         raise ValueError(f"distractors must be >= 1, got {distractors}")
-    rng = random.Random(f"rank:{seed}")
+    if kind not in DISTRACTOR_KINDS:
+        raise ValueError(f"distractor kind must be one of {DISTRACTOR_KINDS}, got {kind!r}")
+    make = misread_solution if kind == "misread" else corrupt_solution
+    rng = random.Random(f"rank:{seed}" if kind == "corrupt" else f"rank-{kind}:{seed}")
     items = []
     for p in problems:
         texts, answers = [solution_text(p.steps, p.answer)], [p.answer]
         for _ in range(100 * distractors):
             if len(texts) > distractors:
                 break
-            steps, wrong = corrupt_solution(p, rng)
+            steps, wrong = make(p, rng)
             if wrong not in answers:
                 texts.append(solution_text(steps, wrong))
                 answers.append(wrong)
@@ -269,6 +302,30 @@ def ranking_items(problems: list[LabProblem], distractors: int, seed: int) -> li
             raise RuntimeError(f"could not build {distractors} distinct distractors for {p.id}")
         items.append({"id": p.id, "prompt": p.prompt, "candidates": texts, "answers": answers})
     return items
+
+
+# ---------------------------------------------------------------------------------------------
+# in-domain, strong prior: one-step sums and differences
+# ---------------------------------------------------------------------------------------------
+
+def sum_problems(n: int, seed: int) -> list[LabProblem]:
+    """`n` one-step problems "What is 8 + 5?" / "What is 9 - 4?" (single-digit operands, results >= 0): a
+    task SmolLM2-135M-Instruct already does well, so its demonstrations are probable under the base model
+    (a strong prior). Same solution format, noise and distractors as the shop task (one event)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"sum:{seed}")
+    out = []
+    for i in range(n):
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        if rng.random() < 0.5:
+            question, events = f"What is {a} + {b}?", [("add", b)]
+        else:
+            a, b = max(a, b) + rng.randint(0, 9), min(a, b)
+            question, events = f"What is {a} - {b}?", [("sub", b)]
+        out.append(LabProblem(id=f"sum/{seed}/{i}", task="sum", question=question,
+                              answer=solve(a, events)[1], events=events, start=a))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,12 +401,12 @@ def is_correct(response: str, answer: int) -> bool:
 # the task as a LabTask
 # ---------------------------------------------------------------------------------------------
 
-def shop_train_rows(seed: int, n: int, noise: float, exclude: set[str]) -> list[dict[str, Any]]:
-    """`n` demonstrations from seed stream `seed`, skipping problems whose question is in `exclude`."""
+def train_rows(generate, seed: int, n: int, noise: float, exclude: set[str]) -> list[dict[str, Any]]:
+    """`n` demonstrations of `generate(n, seed)`'s problems, skipping those whose question is in `exclude`."""
     problems: list[LabProblem] = []
     extra = 0
     while len(problems) < n:
-        batch = shop_problems(n + extra, seed)
+        batch = generate(n + extra, seed)
         problems = [p for p in batch if p.question not in exclude][:n]
         extra += max(8, n // 4)
     return demonstrations(problems, noise, seed)
@@ -360,26 +417,39 @@ def _parse_int_answer(response: str) -> str | None:
     return None if value is None else str(value)
 
 
-def shop_task(settings: LabSettings) -> LabTask:
-    """The arithmetic word problems: generation problems from stream EVAL_SEED + seed, ranking problems
-    from EVAL_SEED + seed + 1 (each against `rank_distractors` corrupted solutions), training rows from
-    stream s for training seed s with every evaluated question left out."""
-    eval_seed = EVAL_SEED + settings.seed
-    gen = shop_problems(settings.eval_in_domain, eval_seed)
-    rank_problems = shop_problems(settings.rank_items, eval_seed + 1)
+NOISE_TEXT = ("half with a corrupted step (a wrong result carried to a wrong final answer), half in a non-unique "
+              "alternative form (operands swapped, words instead of symbols, another closing phrase)")
+
+
+def arithmetic_task(settings: LabSettings, name: str, generate, description: str, stream: int) -> LabTask:
+    """A LabTask from a problem generator `generate(n, seed)` in the shop format: generation problems from
+    stream `stream` + seed, ranking problems from `stream` + seed + 1 (each against `rank_distractors`
+    misread solutions), training rows from stream s for training seed s with every evaluated question
+    left out, out-of-domain text from `stream` + seed."""
+    eval_seed = stream + settings.seed
+    gen = generate(settings.eval_in_domain, eval_seed)
+    rank_problems = generate(settings.rank_items, eval_seed + 1)
     exclude = {p.question for p in gen} | {p.question for p in rank_problems}
     return LabTask(
-        name="shop", version=str(TASK_VERSION),
-        description="procedural arithmetic word problems with a compact chain of thought, one equation per step, "
-                    "ending in 'The answer is N.'",
-        noise_description="half with a corrupted step (a wrong result carried to a wrong final answer), half in a "
-                          "non-unique alternative form (operands swapped, words instead of symbols, another closing "
-                          "phrase)",
+        name=name, version=str(TASK_VERSION), description=description, noise_description=NOISE_TEXT,
         instruction=INSTRUCTION,
-        demonstrations=lambda seed, n, noise: shop_train_rows(seed, n, noise, exclude),
+        demonstrations=lambda seed, n, noise: train_rows(generate, seed, n, noise, exclude),
         generation=tuple(Problem(id=p.id, question=p.prompt, answer=str(p.answer), source=p.task) for p in gen),
         parse_answer=_parse_int_answer,
         ranking=tuple(ranking_items(rank_problems, settings.rank_distractors, eval_seed)),
-        ood=tuple(ood_texts(settings.ood_texts, eval_seed)),
+        ood=tuple(ood_texts(settings.ood_texts, EVAL_SEED + settings.seed)),
         example={"prompt": gen[0].prompt, "response": solution_text(gen[0].steps, gen[0].answer)},
     )
+
+
+def shop_task(settings: LabSettings) -> LabTask:
+    """The multi-step word problems (a weak prior: the base model rarely solves them)."""
+    return arithmetic_task(settings, "shop", shop_problems, "procedural arithmetic word problems with a compact "
+                           "chain of thought, one equation per step, ending in 'The answer is N.'", EVAL_SEED)
+
+
+def sum_task(settings: LabSettings) -> LabTask:
+    """One-step sums and differences of small numbers (a strong prior: the base model mostly knows them)."""
+    return arithmetic_task(settings, "sum", sum_problems, "one-step sums and differences of small numbers "
+                           "('What is 8 + 5?' -> '8 + 5 = 13. The answer is 13.'), a task the base model already "
+                           "does well", SUM_EVAL_SEED)
