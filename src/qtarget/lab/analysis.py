@@ -354,13 +354,21 @@ def continuum_summary(per_task: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# what results.json files written before tasks were values said (the arithmetic task was the only one)
+LEGACY_TASK = {"name": "shop", "version": "2", "description": "procedural arithmetic word problems with a compact "
+               "chain of thought, one equation per step", "noise": "half with a corrupted step (a wrong result "
+               "carried to a wrong final answer), half in a non-unique alternative form (operands swapped, words "
+               "instead of symbols, another closing phrase)", "instruction": None}
+
+
 def upgrade_results(results: dict[str, Any]) -> dict[str, Any]:
     """A results.json written before the lab ran several tasks (one task at the top level) in today's
     layout (`per_task`), so `--report_from` still reads it."""
     if "per_task" in results:
         return results
     data = results.get("data", {})
-    name = data.get("task", {}).get("name", "shop")
+    data.setdefault("task", dict(LEGACY_TASK))
+    name = data["task"]["name"]
     results["per_task"] = {name: {"teacher": results.pop("teacher", None), "data": results.pop("data", {}),
                                   "prior": None, "rows": results.pop("rows", {}), "items": results.pop("items", {}),
                                   "curves": {}, "curve_steps": [], "responses": results.pop("responses", {})}}

@@ -17,11 +17,6 @@ from qtarget.lab.plots import (TABLE_METRICS, plot_budget, plot_curves, plot_eff
                                plot_sweep)
 
 # table columns (TABLE_METRICS; the held-out NLL is in results.json / results.csv)
-# what results.json files written before tasks were values said (the arithmetic task was the only one)
-LEGACY_TASK = {"name": "shop", "description": "procedural arithmetic word problems with a compact chain of thought, "
-               "one equation per step", "noise": "half with a corrupted step (a wrong result carried to a wrong final "
-               "answer), half in a non-unique alternative form (operands swapped, words instead of symbols, another "
-               "closing phrase)"}
 FORMAT_WARN = 0.05  # a row whose format-failure rate exceeds this is named in the report
 
 
@@ -231,7 +226,7 @@ def _run_text(results: dict[str, Any], s: dict[str, Any], model: dict[str, Any])
     lines = []
     for name, entry in results["per_task"].items():
         data = entry["data"]
-        task = data.get("task", LEGACY_TASK)
+        task = data["task"]
         lines += [
             f"- **Task `{name}`**: {task['description']}. Example: `{data['gen']['example']}` — "
             f"`{data['gen']['example_solution']}`. Noise `--noise {s['noise']}`: that share of the "
