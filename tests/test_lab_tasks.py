@@ -6,6 +6,7 @@ import re
 import pytest
 
 from qtarget.lab import tasks
+from qtarget.lab.runner import checkpoint_steps
 from qtarget.lab.settings import LabSettings, settings_for
 
 NUM = r"(-?\d+)"
@@ -170,11 +171,13 @@ def test_cli_rejects_bad_settings_with_the_flag_name(capsys):
 def test_presets_give_every_objective_the_same_budget():
     for preset in ("default", "quick", "tiny"):
         s = settings_for(preset)
-        assert s.objectives == ("sft", "dft", "psft", "asft", "target_sft")
+        assert s.objectives == ("sft", "dft", "psft", "asft", "target_sft", "dft_floor", "prift")
+        assert s.tasks == ("shop", "sum")   # every preset runs the weak- and the strong-prior task
         assert s.objective_args["psft"]["eps"] == 0.28 and s.objective_args["asft"]["lam"] == 0.05
         assert s.objective_args["target_sft"]["eta"] == 0.5
         assert s.steps % s.psft_updates_per_batch == 0  # PSFT ends on a full global batch
-        assert s.steps * s.batch_size <= s.train_examples  # at most one pass over the demonstrations
+        assert s.steps * s.batch_size <= 2 * s.train_examples  # at most two passes over the demonstrations
+        assert len(checkpoint_steps(s)) >= 2 and checkpoint_steps(s)[-1] == s.steps
     assert settings_for("quick").digest() != settings_for("default").digest()
     assert settings_for("quick", seed=1).digest() == settings_for("quick", seed=1).digest()
 

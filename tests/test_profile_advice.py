@@ -24,7 +24,7 @@ from qtarget.profile.advice import (
 from qtarget.profile.compute import TokenProfile
 from qtarget.profile.summary import summarize
 
-LAB_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "lab_example" / "results.json"
+LAB_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "lab_example" / "v1_long" / "results.json"
 
 
 def planted_summary(p_y: np.ndarray, teacher_p_y: np.ndarray | None = None) -> dict:

@@ -49,10 +49,10 @@ class LabSettings:
     # the built-in tasks (qtarget.lab.builtin_tasks): shop (weak prior), sum (strong prior)
     tasks: tuple[str, ...] = ("shop", "sum")
     # training (identical for every objective)
-    train_examples: int = 128           # demonstrations per run (each seed draws its own)
-    steps: int = 16                     # optimizer steps
+    train_examples: int = 192           # demonstrations per run (each seed draws its own)
+    steps: int = 48                     # optimizer steps (2 epochs of the demonstrations)
     batch_size: int = 8                 # rows per optimizer step
-    learning_rate: float = 2e-4
+    learning_rate: float = 3e-4
     warmup_ratio: float = 0.1
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
@@ -62,16 +62,16 @@ class LabSettings:
     max_length: int = 192
     # teacher for target_sft: SFT of the base model on more, clean demonstrations (cached)
     teacher_examples: int = 256
-    teacher_steps: int = 32
+    teacher_steps: int = 48
     # evaluation: generation (greedy accuracy)
-    eval_in_domain: int = 200           # held-out problems answered by generation (95 % half-width <= 0.07)
+    eval_in_domain: int = 100           # held-out problems answered by generation (95 % half-width <= 0.1)
     max_new_tokens: int = 40            # a well-formed answer here is <= ~32 tokens
     eval_batch_size: int = 50
     # evaluation: teacher-forced (no generation)
-    rank_items: int = 250               # held-out problems for answer ranking (and held-out entropy / NLL)
+    rank_items: int = 120               # held-out problems for answer ranking (and held-out entropy / NLL)
     rank_distractors: int = 2           # corrupted demonstrations ranked against the correct one
-    ood_texts: int = 250                # out-of-domain paragraphs for forgetting
-    ood_max_tokens: int = 48
+    ood_texts: int = 100                # out-of-domain paragraphs for forgetting
+    ood_max_tokens: int = 32
     score_batch_size: int = 16
     n_boot: int = 2000                  # bootstrap replicates per interval
     threads: int = 2
@@ -153,17 +153,17 @@ def row_name(objective: str, args: dict[str, Any], sweep: tuple) -> str:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    # teacher-forced sets cut to what fits 5 minutes: 200 ranking items against one distractor, 200 OOD
-    # paragraphs of 24 tokens; the 12 generation problems are a smoke check of the output format only
-    "quick": dict(steps=8, train_examples=64, teacher_examples=128, teacher_steps=16, eval_in_domain=12,
-                  eval_batch_size=12, rank_items=200, rank_distractors=1, ood_texts=200, ood_max_tokens=24),
+    # both tasks and every row, cut to what fits 5 minutes: 24 steps, 48 ranking items, 40 OOD paragraphs of
+    # 24 tokens, one intermediate checkpoint; the 20 generation problems are a check of the output format
+    "quick": dict(steps=24, train_examples=96, teacher_examples=128, teacher_steps=24, eval_in_domain=20,
+                  eval_batch_size=20, rank_items=48, ood_texts=40, ood_max_tokens=24, curve_points=2),
     # the default run over 3 training seeds (intervals then resample seeds too)
     "long": dict(seeds=3),
     # a random 2-layer model on the real tokenizer: the whole pipeline at toy scale, for the test suite
     "tiny": dict(model="tiny", steps=4, batch_size=2, train_examples=10, teacher_examples=8, teacher_steps=2,
                  eval_in_domain=4, max_new_tokens=8, eval_batch_size=4, rank_items=6, ood_texts=6,
                  ood_max_tokens=24, score_batch_size=4, n_boot=200, train_top_layers=1, psft_updates_per_batch=2,
-                 learning_rate=1e-3, max_length=160),
+                 learning_rate=1e-3, max_length=160, curve_points=2),
 }
 
 

@@ -8,7 +8,7 @@ model-intermediate (medical) 0.50–0.59, model-weak (figfont puzzles) 0.01–0.
 inside one of these measured bands or, between two bands, says so: the paper has no setting there.
 
 Every recommendation names its source (paper + table/figure) and, where the lab measured the claim,
-the lab's computed verdict (docs/lab_example/results.json, the 3-seed long preset on SmolLM2-135M;
+the lab's computed verdict (docs/lab_example/v1_long/results.json, the 3-seed long preset on SmolLM2-135M;
 tests/test_profile_advice.py checks these entries against that file so they cannot drift).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Source:
 
 @dataclass(frozen=True)
 class LabVerdict:
-    """A claim of the lab's long example (docs/lab_example/results.json `claims`)."""
+    """A claim of the lab's long example (docs/lab_example/v1_long/results.json `claims`)."""
 
     statement: str
     row: str
