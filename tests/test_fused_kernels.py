@@ -132,7 +132,9 @@ def test_kernel_choice(monkeypatch, caplog):
         assert select_kernel(sft, "cpu")[0] == "closed_form"
     assert sum("closed_form kernel for sft" in r.getMessage() for r in caplog.records) == 1  # logged once
     assert select_kernel(sft, "cuda")[0] == "compiled"
-    assert select_kernel(qtarget.get_objective("target_sft"), "cuda")[0] == "closed_form"
+    assert select_kernel(qtarget.get_objective("target_sft"), "cuda")[0] == "compiled"
+    assert select_kernel(qtarget.get_objective("target_sft", eta=0.0), "cuda")[0] == "closed_form"
+    assert select_kernel(qtarget.get_objective("kd"), "cuda")[0] == "closed_form"
     assert select_kernel(Squared(), "cpu")[0] == "autograd"
     assert select_kernel(SFTOverridden(), "cpu")[0] == "autograd"
     monkeypatch.setenv(kernels.COMPILE_ENV, "0")
@@ -187,14 +189,15 @@ def test_engine_kernels_agree_end_to_end(monkeypatch):
 # ------------------------------------------------------------------------------- compiled kernel
 @pytest.mark.slow
 def test_compiled_kernel_is_exact_and_compiles_once_for_all_chunk_sizes(monkeypatch):
-    """QTARGET_COMPILE=1 on CPU (Inductor C++): sft and dft equal the closed form; chunk sizes 24,
-    13, 5 (ragged) and 40 reuse the graph compiled for the first size (dynamic rows)."""
+    """QTARGET_COMPILE=1 on CPU (Inductor C++): sft, dft and target_sft (teacher logits with -inf
+    entries) equal the closed form; chunk sizes 24, 13, 5 (ragged) and 40 reuse the graph compiled
+    for the first size (dynamic rows)."""
     dynamo = pytest.importorskip("torch._dynamo")
     dynamo.reset()
     kernels._compiled.clear()
     dynamo.utils.counters.clear()
-    for name in ("sft", "dft"):
-        obj = qtarget.get_objective(name)
+    for name in ("sft", "dft", "target_sft"):
+        obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
         for c in (24, 13, 5, 40):
             z, aux, weights = chunk_inputs(c, 257, torch.float32, seed=c)
             got, want = both(obj, z, aux, weights, kernel=kernels.compiled_step)
@@ -204,6 +207,6 @@ def test_compiled_kernel_is_exact_and_compiles_once_for_all_chunk_sizes(monkeypa
             assert_close(got.grad, want.grad, 2e-5, f"{name} c={c} grad")
             for key, value in want.metrics.items():
                 assert_close(got.metrics[key], value, 2e-4, f"{name} c={c} {key}")
-    # one graph per objective (the dft flag is a constant of the graph), none per chunk size
-    assert 1 <= dynamo.utils.counters["stats"]["unique_graphs"] <= 2
-    assert sum(dynamo.utils.counters["recompiles"].values()) <= 1  # the second objective's graph
+    # one graph per kernel and dft flag (sft, dft, target_sft), none per chunk size
+    assert 1 <= dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+    assert sum(dynamo.utils.counters["recompiles"].values()) <= 1  # dft's flag in the sft graph

@@ -8,13 +8,15 @@ dL/dz [c, V] (when asked for) and the per-token metrics (when asked for).
   objective, user ones included; the reference for the two below.
 - "closed_form": the gradient alpha p - beta delta_y - sum lam pi written in place into the softmax
   buffer (ops/analytic.py); the catalogue's objectives and any `target(gamma, residual)`.
-- "compiled": sft and dft as one `torch.compile`d function (Inductor: C++/OpenMP on CPU, Triton on
-  CUDA) with dynamic row counts, so ragged last chunks and changing batch sizes reuse one graph.
+- "compiled": sft, dft and target_sft each as one `torch.compile`d function (Inductor: C++/OpenMP on
+  CPU, Triton on CUDA) with dynamic row counts, so ragged last chunks and changing batch sizes reuse
+  one graph.
 
 Selection (`select_kernel`, logged once per choice on the "qtarget.ops" logger): the compiled kernel
-on CUDA for sft/dft, the closed form for the other catalogue objectives and on CPU, autograd for the
-rest. Environment: QTARGET_COMPILE=0 never compiles, =1 compiles on CPU too (on this project's CPU the
-compiled kernel measured no faster than the closed form, and compiling takes about a minute);
+on CUDA for sft/dft/target_sft, the closed form for the other catalogue objectives and on CPU,
+autograd for the rest. Environment: QTARGET_COMPILE=0 never compiles, =1 compiles on CPU too
+(opt-in there: compiling takes about a minute per kernel, and on this project's shared 2-core CPU the
+compiled sft/dft kernel measured no faster than the closed form; see docs/engine.md);
 QTARGET_CLOSED_FORM=0 forces autograd everywhere (debugging, reference timing).
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 from torch import Tensor
 
 from qtarget.objectives.base import Objective, TokenInputs
-from qtarget.objectives.catalog import DFT, SFT
+from qtarget.objectives.catalog import DFT, SFT, TargetObjective
+from qtarget.objectives.rules import GeometricMixResidual, LabelProbGamma
 from qtarget.objectives.metrics import token_metrics
 from qtarget.ops.analytic import (
     chunk_stats,
@@ -109,29 +112,78 @@ def label_chunk(z: Tensor, labels: Tensor, weights: Tensor, dft: bool):
     return g, loss, logp_y, p_y, (arg == labels).to(z.dtype), entropy
 
 
+def target_sft_chunk(z: Tensor, t: Tensor, labels: Tensor, weights: Tensor, eta: float):
+    """target_sft (gamma = sg(p_y), pi_tilde = softmax((1 - eta) z + eta t), 0 < eta <= 1) on float
+    logits z and teacher logits t [c, V], written for a compiler to fuse: returns the logit gradient
+    of sum(weights * loss), loss, log p_y, p_y, top1, entropy, KL(pi_T || p) [c]."""
+    top, arg = z.max(dim=-1)
+    zs = z - top.unsqueeze(-1)
+    e = torch.exp(zs)
+    total = e.sum(-1)
+    lse = total.log()  # of the shifted logits, as in analytic.chunk_stats(shift=True)
+    p = e / total.unsqueeze(-1)
+    logp_y = zs.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+    p_y = logp_y.exp()
+    t = t.clamp_min(torch.finfo(t.dtype).min)  # -inf (probability 0) stays 0 in the sums below
+    ts = t - t.max(dim=-1).values.unsqueeze(-1)
+    et = torch.exp(ts)
+    total_t = et.sum(-1)
+    q = et / total_t.unsqueeze(-1)
+    m = torch.lerp(zs, ts, eta)
+    em = torch.exp(m - m.max(dim=-1).values.unsqueeze(-1))
+    pi = em / em.sum(-1).unsqueeze(-1)
+    entropy = lse - (p * zs).sum(-1)
+    cross_entropy = lse - (pi * zs).sum(-1)
+    kl_teacher = ((q * ts).sum(-1) - total_t.log()) - ((q * zs).sum(-1) - lse)
+    loss = -p_y * logp_y + (1.0 - p_y) * cross_entropy
+    at_label = labels.unsqueeze(-1) == torch.arange(z.shape[-1], device=z.device)
+    w = weights.unsqueeze(-1)
+    g = w * (p - (1.0 - p_y).unsqueeze(-1) * pi) - torch.where(at_label, w * p_y.unsqueeze(-1), torch.zeros_like(p))
+    return g, loss, logp_y, p_y, (arg == labels).to(z.dtype), entropy, kl_teacher
+
+
 _compiled: dict[str, Callable] = {}
 
 
+def _compiled_fn(name: str, fn: Callable) -> Callable:
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, dynamic=True)
+    return _compiled[name]
+
+
 def compiled_label_chunk() -> Callable:
-    if "label" not in _compiled:
-        _compiled["label"] = torch.compile(label_chunk, dynamic=True)
-    return _compiled["label"]
+    return _compiled_fn("label", label_chunk)
+
+
+def is_compiled_target_sft(objective: Objective) -> bool:
+    """target(gamma = p_y, geometric-mix residual with eta > 0), i.e. target_sft: the compiled kernel's."""
+    return (type(objective).terms is TargetObjective.terms and type(objective.gamma_rule) is LabelProbGamma
+            and type(objective.residual_rule) is GeometricMixResidual and objective.residual_rule.params["eta"] > 0)
 
 
 def compiled_step(objective: Objective, z: Tensor, aux: dict, weights: Tensor, *, want_grad: bool,
                   metrics: bool, finite_aux: tuple[str, ...] = ()) -> ChunkStep:
     dft = type(objective).terms is DFT.terms
+    target = is_compiled_target_sft(objective)
     with torch.no_grad():
         try:
-            g, loss, logp_y, p_y, top1, entropy = compiled_label_chunk()(
-                z.detach(), aux["labels"], weights.to(z.dtype), dft)
+            if target:
+                g, loss, logp_y, p_y, top1, entropy, kl = _compiled_fn("target_sft", target_sft_chunk)(
+                    z.detach(), aux["teacher_logits"], aux["labels"], weights.to(z.dtype),
+                    objective.residual_rule.params["eta"])
+            else:
+                g, loss, logp_y, p_y, top1, entropy = compiled_label_chunk()(
+                    z.detach(), aux["labels"], weights.to(z.dtype), dft)
         except Exception as err:  # noqa: BLE001 - no working compiler: fall back for good
             _compile_failed(err)
-            return closed_form_step(objective, z, aux, weights, want_grad=want_grad, metrics=metrics)
+            return closed_form_step(objective, z, aux, weights, want_grad=want_grad, metrics=metrics,
+                                    finite_aux=finite_aux)
         values = None
         if metrics:
-            gamma = p_y if dft else torch.ones_like(p_y)
+            gamma = p_y if (dft or target) else torch.ones_like(p_y)
             values = {"nll": -logp_y, "p_y": p_y, "entropy": entropy, "gamma": gamma.float(), "top1": top1.float()}
+            if target:
+                values["kl_teacher"] = kl
     return ChunkStep(loss, (loss * weights.to(loss.dtype)).sum(), g if want_grad else None, values)
 
 
@@ -173,9 +225,9 @@ def _choose(objective: Objective, device_type: str) -> tuple[str, str]:
     if closed_form_of(objective) is None:
         return "autograd", "no closed form for this objective's terms"
     compile_flag = _env_flag(COMPILE_ENV)
-    label_only = type(objective).terms in (SFT.terms, DFT.terms)
-    if not label_only or compile_flag is False:
-        return "closed_form", (f"{COMPILE_ENV}=0" if label_only else "compiled kernel covers sft and dft only")
+    compilable = type(objective).terms in (SFT.terms, DFT.terms) or is_compiled_target_sft(objective)
+    if not compilable or compile_flag is False:
+        return "closed_form", (f"{COMPILE_ENV}=0" if compilable else "compiled kernels cover sft, dft, target_sft")
     if _compile_broken:
         return "closed_form", "torch.compile failed earlier in this process"
     if compile_flag is None and device_type != "cuda":
