@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qtarget {name}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (finished checkpoints / batches are kept)
+        if os.environ.get("QTARGET_TRACEBACK"):
+            raise
+        print(f"\nqtarget {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
