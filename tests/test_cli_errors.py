@@ -198,6 +198,13 @@ CASES = {
                      r"--samples must be >= 1, got 0"),
     "eval top_p": (["eval", *MODEL, "--benchmarks", "arith:3", "--top_p", "1.5", "--output_dir", "{out}"],
                    r"--top_p must be in \(0, 1\], got 1.5"),
+    "eval model flag missing": (["eval", "--benchmarks", "arith:3"],
+                                r"the following arguments are required: --model \(`qtarget eval --help`"),
+    "eval not an integer": (["eval", *MODEL, "--samples", "abc"], r"argument --samples: invalid int value: 'abc'"),
+    "train flag without value": (["train", *MODEL, *DATA, "--output_dir", "{out}", "--max_steps"],
+                                 r"argument --max_steps: expected one argument"),
+    "teacher-cache flag without value": (["teacher-cache", *MODEL, "--top_k"],
+                                         r"argument --top_k: expected one argument"),
     # other commands
     "inspect unknown objective": (["inspect", "dtf"], r"unknown objective 'dtf' \(did you mean dft\?\)"),
 }

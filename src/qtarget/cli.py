@@ -5,6 +5,7 @@ importing the CLI stays cheap and every subcommand documents its own flags (`qta
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import os
@@ -18,6 +19,14 @@ from qtarget import __version__
 # value, a missing file, a folder or hub id that cannot be read (OSError, ConnectionError included),
 # a YAML file that does not parse. QTARGET_TRACEBACK=1 shows the traceback instead.
 USER_ERRORS = (ValueError, OSError, yaml.YAMLError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are ValueErrors, so `main` prints them as one line (exit 2) like
+    every other bad input, instead of a usage block."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        raise ValueError(f"{message} (`{self.prog} --help` lists the options)")
 
 
 def one_line(error: BaseException) -> str:

@@ -18,7 +18,7 @@ from qtarget.models.load import load_model, load_tokenizer, resolve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="qtarget eval",
         description="Generate answers to reasoning problems and score them (accuracy, avg@k, pass@k, "
                     "response length, cut rate, token entropy). Rerunning into the same --output_dir resumes.",

@@ -45,7 +45,7 @@ CACHE_OPTIONS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qtarget teacher-cache", description=__doc__,
+    parser = cli.ArgumentParser(prog="qtarget teacher-cache", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS, allow_abbrev=False)
     parser.add_argument("--config", help="YAML recipe of `qtarget train`: its data keys, model, teacher_model, "

@@ -69,7 +69,7 @@ def coerce(key: str, value: Any) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="qtarget train", usage="qtarget train [--config YAML] [--KEY VALUE ...]", allow_abbrev=False, argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a Hugging Face causal LM toward a designed target distribution.\n"
