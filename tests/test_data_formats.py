@@ -264,3 +264,36 @@ def test_partial_format_columns_are_named():
         detect_format(["instruction", "input"])
     with pytest.raises(ValueError, match="'conversations' \\(ShareGPT\\).*'instruction' \\+ 'output' \\(Alpaca\\)"):
         detect_format(["question", "answer"])
+
+
+def _metaspace_tokenizer():
+    """A sentencepiece-style BPE (Metaspace, a "▁" prepended to every tokenised text, as legacy Llama /
+    Mistral tokenizers do) trained so that "assistant:ok" is one token, with a template that puts the
+    reply right after "assistant:". Tokenised apart, the reply would gain a "▁" the text does not have."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    corpus = ["user: hello there", "assistant:ok fine", "assistant:ok", "user: what now", "assistant: sure thing"] * 50
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"],
+                                                       show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ':' + m['content'] }}{% if m['role'] == 'assistant' %}"
+                         "{{ '</s>' }}{% endif %}{{ ' ' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}"
+                         "{% endif %}")
+    return tok
+
+
+def test_a_merge_that_cannot_be_split_skips_the_row_on_a_sentencepiece_style_tokenizer():
+    tok = _metaspace_tokenizer()
+    assert "▁assistant:ok" in tok.tokenize("user:hello assistant:ok</s> ")  # the merge across the boundary
+    rows = [_chat(0, "hello", " sure thing"), _chat(1, "hello", "ok")]
+    examples, report = tokenize_rows(tok, rows, TokenizeOptions())
+    assert report.examples == 1 and report.skipped_untokenizable == 1
+    assert report.first_skipped.startswith("row 1: a token merges across the prompt/response boundary")
+    supervised = [t for t, lab in zip(examples[0]["input_ids"], examples[0]["labels"]) if lab != IGNORE_INDEX]
+    assert tok.convert_ids_to_tokens(supervised) == ["▁sure", "▁thing", "</s>", "▁"]  # " sure thing" + "</s>" + " "
+    with pytest.raises(ValueError, match="row 1: a token merges.*strict_rows"):
+        tokenize_rows(tok, rows, TokenizeOptions(strict_rows=True))
