@@ -66,8 +66,8 @@ CHAT_CASES = {
          {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is 4."}],
         ["Hello there!", "It is 4."]),
     "messages content parts": (
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Add "}, {"type": "text", "text": "2 and 3."}]},
-                      {"role": "assistant", "content": [{"type": "text", "text": "5"}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Add "}, {"type": "input_text", "text": "2 and 3."}]},
+                      {"role": "assistant", "content": [{"type": "output_text", "text": "5"}]}]},
         [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}],
         ["5"]),
     "messages content null": (
@@ -297,3 +297,15 @@ def test_a_merge_that_cannot_be_split_skips_the_row_on_a_sentencepiece_style_tok
     assert tok.convert_ids_to_tokens(supervised) == ["▁sure", "▁thing", "</s>", "▁"]  # " sure thing" + "</s>" + " "
     with pytest.raises(ValueError, match="row 1: a token merges.*strict_rows"):
         tokenize_rows(tok, rows, TokenizeOptions(strict_rows=True))
+
+
+def test_untokenisable_eval_rows_are_reported_too(smollm2_tokenizer):
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = ALTERNATING
+    refused = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                            {"role": "assistant", "content": "c"}]}
+    data = prepare_data([_chat(i, f"q{i}", f"a{i}") for i in range(3)], tok,
+                        eval_source=[_chat(9, "q", "a"), refused])
+    assert len(data.eval) == 1 and data.report.skipped_untokenizable == 0
+    assert any(n.startswith("eval data: 2 rows") and "1 skipped as untokenisable (first: row 1" in n
+               for n in data.report.notes), data.report.notes

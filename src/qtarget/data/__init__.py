@@ -97,7 +97,9 @@ def prepare_data(
     examples, report = tokenize_rows(tokenizer, rows, options)
     if eval_source is not None:
         train_ex = examples
-        eval_ex, _ = tokenize_rows(tokenizer, load_rows(eval_source, split=split, name=dataset_config), options)
+        eval_ex, eval_report = tokenize_rows(tokenizer, load_rows(eval_source, split=split, name=dataset_config),
+                                             options)
+        report.notes.append(f"eval data: {eval_report.summary()}")
     else:
         train_ex, eval_ex = split_examples(examples, eval_fraction, seed)
     if packing:

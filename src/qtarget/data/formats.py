@@ -12,8 +12,8 @@ Formats, detected from the column names in this order:
 | `text` | `text` | every token supervised |
 
 A message's `content` may be a string, null (empty text) or a list of OpenAI content parts
-(`{"type": "text", "text": ...}`, concatenated in order); any other part type is an error naming the
-row, turn and part. An assistant turn with `tool_calls` is refused: chat templates differ in whether
+(`{"type": "text", "text": ...}`, or the Responses API's `input_text` / `output_text`, concatenated in
+order); any other part type is an error naming the row, turn and part. An assistant turn with `tool_calls` is refused: chat templates differ in whether
 they render tool calls, so supervising it could silently train on an empty reply.
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ FORMATS = ("messages", "conversations", "prompt_completion", "prompt_response", 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "system": "system"}
+
+TEXT_PARTS = ("text", "input_text", "output_text")  # OpenAI chat and Responses API text parts
 
 # The Stanford Alpaca prompt (tatsu-lab/stanford_alpaca, train.py), with and without an input.
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -104,7 +106,7 @@ def content_text(content: Any, where: str) -> str:
     pieces = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
+        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
             shown = kind if kind is not None else type(part).__name__
             raise ValueError(f"{where}, content part {k}: only text parts ({{'type': 'text', 'text': ...}}) can be "
                              f"trained on, got {shown!r}")
