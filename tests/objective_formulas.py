@@ -194,9 +194,9 @@ def _gamma_2026(name, params, p, py, aux, y):
         return _side(py, params)
     if name == "prift_prob":  # m_t = p_ref(y_t)
         return _ref_label_prob(aux, y)[1]
-    if name == "prift_mass":  # m_t = 1[u_t >= tau], u_t = 1 - (mass of the tokens more likely than y) under ref
-        q, qy = _ref_label_prob(aux, y)
-        u = 1 - (q * (q > qy.unsqueeze(-1))).sum(-1)
+    if name == "prift_mass":  # m_t = 1[u_t >= tau], u_t = (mass of the tokens strictly less likely than y) + q_y
+        q, qy = _ref_label_prob(aux, y)  # under ref; tokens tied with y count once, as y (PriFT's code)
+        u = (q * (q < qy.unsqueeze(-1))).sum(-1) + qy
         return (u >= params["tau"]).double()
     if name == "deft":  # d/dz (1 - p^a)/(a + eps) = a/(a + eps) p^a (p - delta_y)
         a = (p * p).sum(-1)
