@@ -95,6 +95,12 @@ CHAT_CASES = {
         [{"role": "user", "content": "Write a poem."},
          {"role": "assistant", "content": "\n\nRoses are red,\nviolets are blue."}],
         ["\n\nRoses are red,\nviolets are blue."]),
+    "assistant opens the conversation": (  # the template's default system prompt and turn header are prompt
+        {"messages": [{"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "Hello."}]},
+        [{"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "hi"},
+         {"role": "assistant", "content": "Hello."}],
+        ["Welcome!", "Hello."]),
     "reply with leading spaces": (
         {"messages": [{"role": "user", "content": "Indent it."}, {"role": "assistant", "content": "   x = 1"}]},
         [{"role": "user", "content": "Indent it."}, {"role": "assistant", "content": "   x = 1"}],

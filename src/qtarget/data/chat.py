@@ -34,20 +34,28 @@ def render(tokenizer, messages: list[dict], *, generation_prompt: bool, index: i
 def _prefix_end(tokenizer, full: str, messages: list[dict], *, generation_prompt: bool, index: int,
                 what: str) -> int:
     """Length of the rendered `messages` inside `full`; they must render to a prefix of it."""
-    if not messages:
-        text = ""
-        if generation_prompt:
-            try:
-                text = render(tokenizer, [], generation_prompt=True, index=index)
-            except UntokenizableRow:
-                text = ""
-        return len(text) if full.startswith(text) else 0
+    if not messages:  # a reply that opens the conversation: it starts where its content starts
+        return _opening_reply_start(tokenizer, full)
     text = render(tokenizer, messages, generation_prompt=generation_prompt, index=index)
     if not full.startswith(text):
         raise UntokenizableRow(f"row {index}: the chat template is not prefix-stable: the conversation rendered "
                                f"{what} is not a prefix of the whole conversation, so the reply cannot be located "
                                f"(use response_only=False, or a template that renders earlier turns unchanged)")
     return len(text)
+
+
+SENTINEL = "\u2063qtarget-reply\u2063"  # invisible separators around a marker no real reply contains
+
+
+def _opening_reply_start(tokenizer, full: str) -> int:
+    """Where the content of a first-turn assistant reply starts in `full`: the template's text before it
+    (a default system prompt, the turn header) is prompt. Found by rendering the turn with a sentinel."""
+    try:
+        probe = tokenizer.apply_chat_template([{"role": "assistant", "content": SENTINEL}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a probe: a template may refuse an assistant-first conversation
+        return 0
+    start = probe.find(SENTINEL)
+    return start if start >= 0 and full.startswith(probe[:start]) else 0
 
 
 def supervised_spans(tokenizer, conversation: Conversation, index: int, *, response_only: bool = True
