@@ -138,6 +138,13 @@ def test_profile_cli_end_to_end(tmp_path, smollm2_tokenizer, capsys):
         assert key in record
     assert set(record["p_y_quantiles"]) == {"0.1", "0.25", "0.5", "0.75", "0.9"}
     assert record["rows"] == 6
+    # off-prior rows are named by their row in the dataset: that row's NLL, computed directly
+    worst = record["rows_most_off_prior"][0]
+    assert worst["dataset_row"] == sample_indices(len(ROWS), 6, 0)[worst["row"]]
+    model = planted(smollm2_tokenizer, 3)
+    (example,) = prepare_data([ROWS[worst["dataset_row"]]], smollm2_tokenizer, max_length=1024).train
+    ref = reference(model, [example], smollm2_tokenizer.pad_token_id)
+    assert worst["mean_nll"] == pytest.approx(-np.log(ref["p_y"]).mean(), rel=1e-3)
     assert record["teacher"]["teacher_student_agreement"] == 1.0  # the same model as teacher
     assert record["lab_command"].startswith(f"qtarget lab --model {folder} --dataset {data}")
     assert record["advice"]["recommendations"] and record["advice"]["caveat"]

@@ -100,8 +100,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--teacher_cache: no such folder {args.teacher_cache!r}")
 
 
-def load_sample(args: argparse.Namespace, tokenizer) -> tuple[list[dict], list[int] | None, Any, str]:
-    """(examples, cache rows or None, teacher cache or None, data summary line)."""
+def load_sample(args: argparse.Namespace, tokenizer) -> tuple[list[dict], list[int] | None, Any, str, list[int] | None]:
+    """(examples, cache rows or None, teacher cache or None, data summary line, the dataset row of each
+    example or None when tokenisation dropped rows so that the mapping is unknown)."""
     if args.teacher_cache:
         cache = TeacherCache(args.teacher_cache)
         cache.check_tokenizer(tokenizer)
@@ -119,14 +120,18 @@ def load_sample(args: argparse.Namespace, tokenizer) -> tuple[list[dict], list[i
             if int(cached[i]) != row_fingerprint(ex):
                 raise ValueError(f"--teacher_cache {args.teacher_cache} was built for other data: row {i} of its "
                                  f"'train' split differs from row {i} of {args.dataset}")
-        return examples, rows, cache, prepared.report.summary()
+        # the train split is the dataset itself when nothing was held out or dropped
+        report = prepared.report
+        mapped = rows if not settings.get("eval_fraction") and report.examples == report.rows else None
+        return examples, rows, cache, prepared.report.summary(), mapped
     rows_all = load_rows(args.dataset, split=args.dataset_split, name=args.dataset_config)
     picked = sample_indices(len(rows_all), args.limit, args.seed)
     if not picked:
         raise ValueError(f"dataset {args.dataset!r} has no rows")
     prepared = prepare_data(rows_all.select(picked), tokenizer, max_length=args.max_length,
                             response_only=not args.all_tokens, chat_template=args.chat_template, packing=False)
-    return list(prepared.train), None, None, prepared.report.summary()
+    examples = list(prepared.train)
+    return examples, None, None, prepared.report.summary(), picked if len(examples) == len(picked) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(args.model)
-    examples, cache_rows, cache, data_line = load_sample(args, tokenizer)
+    examples, cache_rows, cache, data_line, dataset_rows = load_sample(args, tokenizer)
     model = load_model(args.model, role="base", dtype=args.dtype).to(device)
     teacher = None
     if args.teacher:
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                    batch_size=args.batch_size, memory_budget=budget, on_batch=bar.update)
     finally:
         bar.close()
-    summary = summarize(profile, tokenizer)
+    summary = summarize(profile, tokenizer, dataset_rows=dataset_rows)
     has_teacher = teacher is not None or cache is not None
     advice = advise(summary, has_teacher=has_teacher)
     cmd = lab_command(args.model, args.dataset, advice.lab_objectives, teacher=args.teacher)

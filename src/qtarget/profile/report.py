@@ -20,6 +20,10 @@ def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _row_name(r: dict[str, Any]) -> str:
+    return f"dataset row {r['dataset_row']}" if "dataset_row" in r else f"example {r['row']}"
+
+
 def terminal_report(summary: dict[str, Any], advice: Advice | None = None, lab_cmd: str | None = None) -> str:
     s = summary
     lines = [f"prior profile: {s['tokens']} supervised tokens in {s['rows']} rows", "",
@@ -49,15 +53,15 @@ def terminal_report(summary: dict[str, Any], advice: Advice | None = None, lab_c
         if t:
             row += f" {b['teacher_student_agreement']:.1%} |"
         lines.append(row)
-    lines += ["", "rows that look most off-prior (highest mean NLL):", ""]
+    lines += ["", "rows that look most off-prior (highest mean NLL; row = index in your dataset, from 0):", ""]
     for r in s["rows_most_off_prior"]:
         worst = ", ".join(f"{x['token']!r}@{x['position']} p={x['p_y']:.3g}" for x in r.get("least_likely", []))
-        lines.append(f"  row {r['row']}: {r['tokens']} tokens, mean p_y {r['mean_p_y']:.3f}, NLL {r['mean_nll']:.2f}"
+        lines.append(f"  {_row_name(r)}: {r['tokens']} tokens, mean p_y {r['mean_p_y']:.3f}, NLL {r['mean_nll']:.2f}"
                      + (f"; least likely: {_short(worst, 90)}" if worst else ""))
     if t:
         lines += ["", "rows where teacher and student disagree most:", ""]
         for r in t["rows_most_disagreeing"]:
-            lines.append(f"  row {r['row']}: top-1 agreement {r['teacher_student_agreement']:.1%}, student mean p_y "
+            lines.append(f"  {_row_name(r)}: top-1 agreement {r['teacher_student_agreement']:.1%}, student mean p_y "
                          f"{r['mean_p_y']:.3f}, teacher mean p_y {r['teacher_mean_p_y']:.3f}")
     if advice is not None:
         lines += ["", "what this profile implies (a prior to test, not a result):", "",

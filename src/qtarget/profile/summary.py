@@ -2,7 +2,7 @@
 per-position buckets, the rows that look most off-prior and, with a teacher, where it disagrees."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -54,9 +54,10 @@ def _row_groups(profile: TokenProfile) -> tuple[np.ndarray, list[np.ndarray]]:
     return rows, [order[a:b] for a, b in zip(bounds, ends)]
 
 
-def per_row(profile: TokenProfile, tokenizer=None) -> list[dict[str, Any]]:
+def per_row(profile: TokenProfile, tokenizer=None, dataset_rows: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """One entry per profiled row: tokens, mean p_y, mean NLL, share below 0.1, top-1 agreement and
-    (with a tokenizer) its least likely demonstrated tokens."""
+    (with a tokenizer) its least likely demonstrated tokens. `row` indexes the profiled examples;
+    `dataset_row` (when `dataset_rows` maps them) is the row's index in the user's dataset."""
     rows, groups = _row_groups(profile)
     out = []
     for r, idx in zip(rows, groups):
@@ -64,6 +65,8 @@ def per_row(profile: TokenProfile, tokenizer=None) -> list[dict[str, Any]]:
                                  "mean_nll": float(-profile.logp_y[idx].mean()),
                                  "share_p_y_below_0.1": float((profile.p_y[idx] < LOW).mean()),
                                  "top1_agreement": float(profile.top1[idx].mean())}
+        if dataset_rows is not None:
+            entry["dataset_row"] = int(dataset_rows[int(r)])
         if profile.teacher:
             entry["teacher_student_agreement"] = float(profile.teacher["agree"][idx].mean())
             entry["teacher_mean_p_y"] = float(profile.teacher["p_y"][idx].mean())
@@ -75,12 +78,13 @@ def per_row(profile: TokenProfile, tokenizer=None) -> list[dict[str, Any]]:
     return out
 
 
-def summarize(profile: TokenProfile, tokenizer=None, top_rows: int = TOP_ROWS) -> dict[str, Any]:
+def summarize(profile: TokenProfile, tokenizer=None, top_rows: int = TOP_ROWS,
+              dataset_rows: Sequence[int] | None = None) -> dict[str, Any]:
     """The profile's summary (JSON-ready). `mean_p_y` is arXiv 2510.00526's Eq. 5 (mean predicted
-    probability over all supervised tokens)."""
+    probability over all supervised tokens). `dataset_rows[i]`: the dataset row of profiled example i."""
     p = profile.p_y
     counts, edges = np.histogram(p, bins=HIST_BINS, range=(0.0, 1.0))
-    rows = per_row(profile, tokenizer)
+    rows = per_row(profile, tokenizer, dataset_rows)
     summary: dict[str, Any] = {
         "tokens": profile.tokens,
         "rows": len(rows),
