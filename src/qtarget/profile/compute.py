@@ -103,9 +103,12 @@ def profile_examples(
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("row", "position", "label", "logp_y", "entropy", "top1")}
     tcols: dict[str, list[np.ndarray]] = {k: [] for k in ("logp_y", "entropy", "top1", "agree", "kl")}
     try:
+        # batches of similar length (less padding); the per-token arrays are put back in example order below
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
         for start in range(0, len(examples), batch_size):
+            batch_ids = order[start:start + batch_size]
             items = []
-            for i in range(start, min(len(examples), start + batch_size)):
+            for i in batch_ids:
                 item = dict(examples[i])
                 if teacher_cache is not None:
                     item.update({CACHE_ROW: int(cache_rows[i]), CACHE_SPLIT: cache_split})
@@ -130,7 +133,7 @@ def profile_examples(
                 topk = [batch[k][:, 1:][mask].to(device) for k in TEACHER_KEYS]
             y = labels[mask].to(device)
             counts = mask.sum(1)
-            rows = torch.repeat_interleave(torch.arange(start, start + len(items)), counts)
+            rows = torch.repeat_interleave(torch.tensor(batch_ids), counts)
             positions = torch.cat([torch.arange(int(c)) for c in counts])
             cols["row"].append(rows.numpy())
             cols["position"].append(positions.numpy())
@@ -166,10 +169,12 @@ def profile_examples(
     if not cols["logp_y"]:
         raise ValueError("the examples have no supervised token to profile (every label is -100 after the shift)")
     cat = {k: np.concatenate(v) for k, v in cols.items()}
+    back = np.lexsort((cat["position"], cat["row"]))  # example order, then position
+    cat = {k: v[back] for k, v in cat.items()}
     logp_y = cat["logp_y"]
     teacher_out: dict[str, np.ndarray] = {}
     if tcols["logp_y"]:
-        teacher_out = {k: np.concatenate(v) for k, v in tcols.items()}
+        teacher_out = {k: np.concatenate(v)[back] for k, v in tcols.items()}
         teacher_out["p_y"] = np.exp(teacher_out["logp_y"])
     return TokenProfile(row=cat["row"].astype(np.int64), position=cat["position"].astype(np.int64),
                         label=cat["label"].astype(np.int64), p_y=np.exp(logp_y), logp_y=logp_y,
