@@ -156,6 +156,8 @@ def test_profile_cli_end_to_end(tmp_path, smollm2_tokenizer, capsys):
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--dtype", "int8"], "dtype must be one of"),
     (["--teacher_cache", "/nonexistent/cache"], "--teacher_cache: no such folder"),
+    (["--limit", "many"], "argument --limit: invalid int value"),
+    (["--teacher", "a", "--teacher_cache", "b"], "not allowed with argument"),
 ])
 def test_profile_cli_bad_input_one_line(tmp_path, capsys, argv, message):
     data = write_jsonl(ROWS, tmp_path / "d.jsonl")

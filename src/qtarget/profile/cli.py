@@ -34,7 +34,7 @@ CACHE_DATA_KEYS = ("dataset_config", "dataset_split", "max_rows", "eval_fraction
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="qtarget profile",
         description="One no-grad pass of a model over a sample of your demonstrations (the data path of "
                     "`qtarget train`): the distribution of p_y over supervised tokens, entropy, top-1 agreement, "
