@@ -13,7 +13,7 @@ from qtarget.cli import main as qtarget_main
 from qtarget.data import prepare_data
 from qtarget.teacher_cache import build_cache
 from qtarget.training import train
-from qtarget.training.run_dir import RUN_FILE, read_fingerprint
+from qtarget.training.run_dir import RUN_FILE, read_fingerprint, rows_digest
 from test_train_support import config, tiny, tokenizer, toy_rows
 
 
@@ -140,3 +140,18 @@ def test_teacher_model_must_be_the_teacher_cache_teacher(tmp_path, capsys):
                    train_dataset=rows, save_final=False)
     assert result.global_step == 1
     assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["teacher_model"] == same
+
+
+def test_rows_digest_sees_every_tokenised_field():
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}]
+    base = rows_digest(rows)
+    assert base["rows"] == 2 and rows_digest([dict(r) for r in rows]) == base
+    changed = [
+        rows[::-1],  # order
+        [rows[0], {"input_ids": [4, 6], "labels": [-100, 6]}],  # a token
+        [rows[0], {"input_ids": [4, 5], "labels": [-100, -100]}],  # what is supervised
+        [rows[0], {**rows[1], "token_weights": [1.0, 0.5]}],  # per-token weights
+        rows[:1],  # a row fewer
+    ]
+    assert all(rows_digest(c) != base for c in changed)
+    assert rows_digest(iter(rows)) == {}  # a stream: nothing to compare

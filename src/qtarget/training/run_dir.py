@@ -42,7 +42,10 @@ RUN_OUTPUTS = ("config.yaml", RUN_FILE, "metrics.jsonl", "metrics.csv", "curves.
 
 
 def rows_digest(examples: Sequence[Any]) -> dict[str, Any]:
-    """Row count and a hash of the tokenised rows in order (input_ids, labels, position_ids, token_weights)."""
+    """Row count and a hash of the tokenised rows in order (input_ids, labels, position_ids, token_weights);
+    empty for a stream without a length (nothing to compare then)."""
+    if not hasattr(examples, "__len__") or not hasattr(examples, "__getitem__"):
+        return {}
     weights = hashlib.sha256()
     for i in range(len(examples)):
         w = examples[i].get("token_weights")
