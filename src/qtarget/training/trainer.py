@@ -41,6 +41,11 @@ METRIC_KEYS = ("nll", "p_y", "entropy", "gamma", "top1", "clip_frac", "ratio", "
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter (the local shard of an FSDP2 DTensor; the tensor itself otherwise)."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
 
@@ -227,21 +232,21 @@ class QTargetTrainer(Trainer):
             warnings.warn("PSFT with ZeRO-3: the mini-batches of a global batch that crosses an epoch boundary are "
                           "scored by the model at the epoch boundary, not by pi_old", stacklevel=3)
             return None
-        return {name: p.detach().to("cpu", copy=True) for name, p in trainable.items()}
+        return {name: _local(p).detach().to("cpu", copy=True) for name, p in trainable.items()}
 
     @contextlib.contextmanager
     def _weights_swapped(self, snapshot: dict[str, torch.Tensor]):
         params = dict(self.model_wrapped.named_parameters())
-        current = {name: params[name].detach().clone() for name in snapshot}
+        current = {name: _local(params[name]).detach().clone() for name in snapshot}
         try:
             with torch.no_grad():
                 for name, value in snapshot.items():
-                    params[name].copy_(value)
+                    _local(params[name]).copy_(value)
             yield
         finally:
             with torch.no_grad():
                 for name, value in current.items():
-                    params[name].copy_(value)
+                    _local(params[name]).copy_(value)
 
     # ---- logging ----------------------------------------------------------------------------
     def _reduced_means(self, split: str) -> dict[str, float]:
