@@ -46,13 +46,13 @@ def rows_digest(examples: Sequence[Any]) -> dict[str, Any]:
     empty for a stream without a length (nothing to compare then)."""
     if not hasattr(examples, "__len__") or not hasattr(examples, "__getitem__"):
         return {}
-    weights = hashlib.sha256()
+    weights, rows = hashlib.sha256(), []
     for i in range(len(examples)):
-        w = examples[i].get("token_weights")
-        if w is not None:
-            weights.update(json.dumps([float(x) for x in w]).encode())
-    fingerprint = data_fingerprint(row_fingerprint(examples[i]) for i in range(len(examples)))
-    return {"rows": len(examples), "fingerprint": f"{fingerprint}-{weights.hexdigest()[:8]}"}
+        example = examples[i]
+        rows.append(row_fingerprint(example))
+        if example.get("token_weights") is not None:
+            weights.update(json.dumps([i, [float(x) for x in example["token_weights"]]]).encode())
+    return {"rows": len(rows), "fingerprint": f"{data_fingerprint(rows)}-{weights.hexdigest()[:8]}"}
 
 
 def run_fingerprint(config: QTargetConfig, train_examples: Sequence[Any]) -> dict[str, Any]:
