@@ -154,7 +154,7 @@ def _initial():
     """The initial model: a tiny Llama with a peaked head (a random one is near-uniform, p_y ~ 1/V)."""
     model = tiny(seed=0)
     with torch.no_grad():
-        model.lm_head.weight.mul_(25.0)
+        model.lm_head.weight.mul_(8.0)
     return model
 
 
@@ -215,7 +215,7 @@ def test_trainer_reference_source_equals_a_separate_frozen_copy(tmp_path, lora, 
     scale = max(float(g.abs().max()) for g in got_grads.values())
     for k, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(got_grads[k], p.grad, rtol=1e-4, atol=1e-6 * scale)
+            torch.testing.assert_close(got_grads[k], p.grad, rtol=1e-4, atol=1e-5 * scale)  # fused closed form vs autograd
     # and the reference really differs from the student: gamma read from the student differs
     student_as_ref = qtarget.token_loss(qtarget.get_objective(objective, **args), logits.detach(), labels,
                                         normalizer=float(n), ref_logits=logits.detach())

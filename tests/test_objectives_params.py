@@ -48,7 +48,7 @@ def test_lab_accepts_every_registered_objective_with_its_defaults():
 
     names = tuple(qtarget.list_objectives())
     settings = LabSettings(objectives=names)
-    runs = dict(settings.runs())
+    runs = {objective: args for _, objective, args in settings.runs()}
     assert set(runs) == set(names)
     for name, args in runs.items():
         qtarget.get_objective(name, **args)  # the lab's arguments are accepted by the objective
