@@ -134,7 +134,7 @@ def target_sft_chunk(z: Tensor, t: Tensor, labels: Tensor, weights: Tensor, eta:
     pi = em / em.sum(-1).unsqueeze(-1)
     entropy = lse - (p * zs).sum(-1)
     cross_entropy = lse - (pi * zs).sum(-1)
-    kl_teacher = ((q * ts).sum(-1) - total_t.log()) - ((q * zs).sum(-1) - lse)
+    kl_teacher = (q * (ts - zs)).sum(-1) - (total_t.log() - lse)
     loss = -p_y * logp_y + (1.0 - p_y) * cross_entropy
     at_label = labels.unsqueeze(-1) == torch.arange(z.shape[-1], device=z.device)
     w = weights.unsqueeze(-1)
