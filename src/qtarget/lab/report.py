@@ -257,8 +257,9 @@ def _run_text(results: dict[str, Any], s: dict[str, Any], model: dict[str, Any])
         f"{data['ood']['python']}), first {data['ood']['max_tokens']} tokens, plain text.",
         f"- **Teacher-forced scoring**: {data['sequences_scored_per_model']} sequences per model and task, one forward "
         "each; " + (f"the bottom {data['shared_trunk_layers']} layers are frozen and shared by every row, so their "
-                    "output is computed once with the base model — for scoring and for training, where every "
-                    "objective and seed runs the top layers only." if data['shared_trunk_layers'] else
+                    "output is computed once with the base model"
+                    + (" — for scoring and for training, where every objective and seed runs the top layers only."
+                       if first.get("curve_steps") else " (for scoring).") if data['shared_trunk_layers'] else
                     "full forwards."),
         f"- **Training (identical for every row)**: the library's trainer (`qtarget.training.train`), "
         f"{s['steps']} optimizer steps of {s['batch_size']} demonstrations, AdamW lr {s['learning_rate']:g}, "
