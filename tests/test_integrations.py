@@ -219,7 +219,9 @@ def test_patch_before_building_sft_trainer_trains_the_objective(tmp_path):
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
 def test_patch_before_a_peft_sft_trainer_trains_the_objective(tmp_path, task_type):
     """With peft_config, SFTTrainer wraps the patched model in PEFT, then adds its fused head: the first
-    step still trains dft (LoRA's B starts at 0, so that step's loss is the base model's dft loss)."""
+    step still trains dft (LoRA's B starts at 0, so that step's loss is the base model's dft loss), or, with
+    PEFT releases whose PeftModelForCausalLM calls the wrapped forward without module hooks (0.15), the
+    first step raises the bypass error; it never trains NLL."""
     early = qtarget.patch(tiny(seed=0).train(), "dft")
     args = sft_trainer(tmp_path, tiny(), packing=False, max_steps=1).args
     with warnings.catch_warnings():
@@ -230,7 +232,12 @@ def test_patch_before_a_peft_sft_trainer_trains_the_objective(tmp_path, task_typ
                                                         task_type=task_type))
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     n = int(batch["labels"][:, 1:].ne(-100).sum())
-    trainer.train()
+    try:
+        trainer.train()
+    except RuntimeError as e:  # a PEFT release whose forward skips module hooks: refused, never silent
+        assert "qtarget.patch(LlamaForCausalLM, 'dft') was bypassed" in str(e)
+        assert "qtarget.patch(trainer, 'dft', ...)" in str(e)
+        return
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs[0]["loss"] == pytest.approx(reference("dft", batch, n)[0], rel=1e-4)
 
