@@ -58,12 +58,16 @@ def gemm_floor(x: dict, chunk: int) -> None:
     N, H = h.shape
     g_h = torch.empty_like(h)
     g_w = torch.zeros_like(W)
+    # the logits buffers are allocated once, not per chunk (as the engine's workspace does): a fresh
+    # [c, V] tensor per chunk would add its page faults to the floor
+    z_buf = torch.empty(min(chunk, N), W.shape[0])
+    t_buf = torch.empty_like(z_buf) if "teacher_hidden" in x else None
     for start in range(0, N, chunk):
         h_c = h[start:start + chunk]
-        z = torch.mm(h_c, W.t())
-        if "teacher_hidden" in x:
-            torch.mm(x["teacher_hidden"][start:start + chunk], x["teacher_head"].t())
-        g_h[start:start + chunk] = torch.mm(z, W)
+        z = torch.mm(h_c, W.t(), out=z_buf[:h_c.shape[0]])
+        if t_buf is not None:
+            torch.mm(x["teacher_hidden"][start:start + chunk], x["teacher_head"].t(), out=t_buf[:h_c.shape[0]])
+        torch.mm(z, W, out=g_h[start:start + chunk])
         g_w.addmm_(z.t(), h_c)
 
 

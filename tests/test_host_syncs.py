@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import qtarget
 from objective_formulas import CATALOGUE_PARAMS
 from qtarget.models.head import LMHead
+from qtarget.objectives.base import Objective, TokenInputs, TokenTerms, cross_entropy_to
 from qtarget.ops import kernels
 from qtarget.ops.sparse_teacher import topk_from_logits
 
@@ -76,9 +77,17 @@ def syncs(objective, chunk_size, **extra):
     return mode.counts
 
 
+KERNEL_ENVS = {"closed_form": {kernels.CLOSED_FORM_ENV: "1", kernels.COMPILE_ENV: "0"},
+               "autograd": {kernels.CLOSED_FORM_ENV: "0"}}
+
+
+@pytest.mark.parametrize("path", list(KERNEL_ENVS))
 @pytest.mark.parametrize("name", list(CATALOGUE_PARAMS))
-def test_syncs_per_call_do_not_grow_with_chunks(name, monkeypatch):
-    monkeypatch.delenv(kernels.CLOSED_FORM_ENV, raising=False)
+def test_syncs_per_call_do_not_grow_with_chunks(name, path, monkeypatch):
+    """Every catalogue objective on both eager kernels (the closed form, the default; autograd over
+    the objective's own `terms`, the fallback and reference): no host sync per chunk."""
+    for key, value in KERNEL_ENVS[path].items():
+        monkeypatch.setenv(key, value)
     obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
     few, many = syncs(obj, 48), syncs(obj, 8)  # 2 chunks vs 11
     assert few == many, (few, many)
@@ -96,11 +105,37 @@ def test_sparse_teacher_syncs_do_not_grow_with_chunks():
         assert few == many and sum(many.values()) <= 40, (tail, few, many)
 
 
+class SkipsWhenSure(Objective):
+    """A user objective with a per-chunk host sync: sft, plus a residual term skipped when every
+    p_y is above 1/2 (`bool(...)` on a tensor, as `TargetObjective.terms` once did for gamma == 1)."""
+
+    name = "skips_when_sure"
+
+    def terms(self, x):
+        loss = -x.logp_y
+        if not bool((x.p_y_detached > 0.5).all()):
+            loss = loss + 0.1 * cross_entropy_to(x.logp.detach(), x.logp)
+        return TokenTerms(loss=loss, gamma=torch.ones_like(loss))
+
+
 def test_the_counter_sees_syncs():
-    """The counter is not blind: a per-chunk `bool(...)` in an objective (as the autograd kernel of
-    target objectives has: gamma == 1 skips the residual) shows as a count growing with chunks."""
-    obj = qtarget.get_objective("target_sft", eta=0.5)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(kernels.CLOSED_FORM_ENV, "0")
-        few, many = syncs(obj, 48), syncs(obj, 8)
+    """The counter is not blind: one `bool(...)` per chunk in an objective shows as a count growing
+    with the number of chunks (2 -> 11)."""
+    few, many = syncs(SkipsWhenSure(), 48), syncs(SkipsWhenSure(), 8)
     assert many["item/bool/float"] - few["item/bool/float"] == 11 - 2
+
+
+def test_constant_gamma_one_skips_the_residual_without_a_sync():
+    """target(gamma = 1, ...) is plain sft (the residual skipped, decided from the rule, not from
+    gamma's values), and gamma = 1 - tiny still mixes the residual in."""
+    h, W, y, _ = problem()
+    y = y.clamp_min(0)
+    with CountSyncs() as mode:
+        x = TokenInputs(logits=h @ W.T, labels=y)
+        terms = qtarget.target(gamma=1.0, residual="uniform").terms(x)
+    assert sum(mode.counts.values()) == 0, mode.counts
+    assert torch.equal(terms.loss, -x.logp_y)
+    x = TokenInputs(logits=h @ W.T, labels=y)
+    mixed = qtarget.target(gamma=1.0 - 1e-3, residual="uniform").terms(x)
+    uniform_ce = -x.logp.mean(-1)
+    assert torch.allclose(mixed.loss, (1 - 1e-3) * -x.logp_y + 1e-3 * uniform_ce, rtol=1e-6)

@@ -35,8 +35,9 @@ class TargetObjective(Objective):
 
     def terms(self, x: TokenInputs) -> TokenTerms:
         gamma = self.gamma_rule(x)
-        # (1 - gamma) == 0 exactly skips the residual (gamma = 1 is plain SFT at no extra cost).
-        if bool((gamma == 1).all()):
+        # A constant gamma = 1 is plain SFT: the residual is skipped. Decided from the rule, not from
+        # gamma's values, which would need them on the host (a device sync per chunk on a GPU).
+        if isinstance(self.gamma_rule, ConstantGamma) and self.gamma_rule.params["value"] == 1.0:
             return TokenTerms(loss=-x.logp_y, gamma=gamma)
         residual_ce = cross_entropy_to(self.residual_rule.log_probs(x), x.logp)
         return TokenTerms(loss=-gamma * x.logp_y + (1.0 - gamma) * residual_ce, gamma=gamma)

@@ -45,6 +45,7 @@ from qtarget.objectives.catalog import (
 )
 from qtarget.objectives.catalog_2026 import DEFT, ProbMasked, WeightedNLL
 from qtarget.objectives.rules import GeometricMixResidual, TeacherResidual, topk_entropy_ratio
+from qtarget.ops.workspace import Workspace, scratch
 
 
 @dataclass
@@ -58,8 +59,10 @@ class ChunkStats:
     entropy: Tensor | None  # [c] -sum p log p = lse - sum p z, or None when not asked for
 
 
-def chunk_stats(z: Tensor, labels: Tensor, entropy: bool = True, shift: bool = False) -> ChunkStats:
-    """Statistics of the float logits z [c, V] (float32 or float64) at labels [c].
+def chunk_stats(z: Tensor, labels: Tensor, entropy: bool = True, shift: bool = False,
+                out: Tensor | None = None) -> ChunkStats:
+    """Statistics of the float logits z [c, V] (float32 or float64) at labels [c]; `out` [c, V]
+    receives p (a fresh buffer when None).
 
     shift=True first subtracts each row's maximum from z in place (one more pass; z must be a
     buffer the caller owns), and `lse` is then that of the shifted logits: sums over the vocabulary
@@ -68,7 +71,7 @@ def chunk_stats(z: Tensor, labels: Tensor, entropy: bool = True, shift: bool = F
     top, arg = z.max(dim=-1)
     if shift:
         z.sub_(top.unsqueeze(-1))
-    p = torch.softmax(z, dim=-1)
+    p = softmax_into(z, torch.empty_like(z) if out is None else out)
     log_s = -p.gather(-1, arg.unsqueeze(-1)).squeeze(-1).log()  # p at the max is exactly 1 / S
     z_y = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     if shift:
@@ -165,24 +168,57 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
 
 
-def aux_probs(x: TokenInputs, who: str, temperature: float = 1.0, shift: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(q = softmax(a) [c, V], lse(a) [c], a [c, V]) for a = teacher or reference logits / temperature,
-    with -inf (probability-0 tokens) replaced by the dtype's lowest finite value so that dot products
-    with q stay finite (q is 0 there either way); `shift` subtracts the row maxima from a (for the
-    accuracy of KL losses, as in `chunk_stats`). Cached on `x`: the objective and the metrics share
-    it (the first call decides the shift)."""
+def _scratch(x: TokenInputs, name: str, like: Tensor) -> Tensor:
+    """A [c, V] buffer like `like` from the chunk's workspace (ops/workspace.py), if it has one."""
+    return scratch(x.__dict__.get("_workspace"), name, like)
+
+
+@dataclass
+class AuxDist:
+    """An auxiliary (teacher or reference) distribution on one chunk: `a` [c, V] its logits divided
+    by the temperature (minus the row maxima when `shifted`; -inf replaced by the dtype's lowest
+    finite value, so dot products with q stay finite), q = softmax(a) and lse(a) formed on first use."""
+
+    a: Tensor
+    shifted: bool
+    workspace: Workspace | None  # not the TokenInputs: no reference cycle keeping [c, V] tensors alive
+    name: str
+    _q: Tensor | None = None
+    _lse: Tensor | None = None
+
+    @property
+    def q(self) -> Tensor:
+        if self._q is None:
+            self._q = softmax_into(self.a, scratch(self.workspace, f"{self.name}_q", self.a))
+        return self._q
+
+    @property
+    def lse(self) -> Tensor:
+        if self._lse is None:  # q's largest entry, at the row's max, is exactly 1 / S
+            log_s = -self.q.amax(dim=-1).log()
+            self._lse = log_s if self.shifted else self.a.amax(dim=-1) + log_s
+        return self._lse
+
+
+def aux_dist(x: TokenInputs, who: str, temperature: float = 1.0, shift: bool = False) -> AuxDist:
+    """The teacher's or reference's distribution at `temperature` (see AuxDist); `shift` subtracts
+    the row maxima (for the accuracy of KL losses, as in `chunk_stats`). Cached on `x`: the objective
+    and the metrics share it (the first call decides the shift). The given logits are never written
+    to; a transformed copy goes into a workspace buffer."""
     key = f"_aux_{who}_{temperature!r}"
     if key not in x.__dict__:
         a = x.require(who)
-        a = (a / temperature) if temperature != 1.0 else a
-        top, arg = a.max(dim=-1)
-        if shift:
-            a = a - top.unsqueeze(-1)
-        if not x.__dict__.get(f"_finite_{who}", False):
-            a = a.clamp_min_(torch.finfo(a.dtype).min) if a is not x.require(who) else a.clamp_min(torch.finfo(a.dtype).min)
-        q = torch.softmax(a, dim=-1)
-        log_s = -q.gather(-1, arg.unsqueeze(-1)).squeeze(-1).log()
-        x.__dict__[key] = (q, log_s if shift else top + log_s, a)
+        name = f"{who}_{temperature!r}"
+        finite = x.__dict__.get(f"_finite_{who}", False)
+        if temperature != 1.0 or shift or not finite:
+            own = _scratch(x, f"{name}_a", a)
+            src = torch.div(a, temperature, out=own) if temperature != 1.0 else a
+            if shift:
+                src = torch.sub(src, src.amax(dim=-1, keepdim=True), out=own)
+            if not finite:
+                src = torch.clamp(src, min=torch.finfo(own.dtype).min, out=own)
+            a = own
+        x.__dict__[key] = AuxDist(a=a, shifted=shift, workspace=x.__dict__.get("_workspace"), name=name)
     return x.__dict__[key]
 
 
@@ -192,9 +228,14 @@ def kl_from_logits(x: TokenInputs, s: ChunkStats, who: str, temperature: float =
     sum q (log q - log p) = sum q (a - z) - lse(a) + lse(z) (sum q = 1 to rounding). The difference
     a - z is formed first (one pass): a teacher or reference close to the student has small a - z,
     so its small KL keeps its relative accuracy (two separate sums q a and q z would each carry an
-    error of eps * max |logit| times the accumulation length's growth)."""
-    q, lse_a, a = aux_probs(x, who, temperature, shift)
-    return _dot(q, a - x.logits) - (lse_a - s.lse), q
+    error of eps * max |logit| times the accumulation length's growth). Cached on `x` (the objective's
+    KL term and the KL metric are one computation)."""
+    d = aux_dist(x, who, temperature, shift)
+    key = f"_kl_{who}_{temperature!r}"
+    if key not in x.__dict__:
+        diff = torch.sub(d.a, x.logits, out=_scratch(x, "kl_diff", d.a))
+        x.__dict__[key] = _dot(d.q, diff) - (d.lse - s.lse)
+    return x.__dict__[key], d.q
 
 
 def _cross_entropy(pi: Tensor, s: ChunkStats, x: TokenInputs, normalized: bool = False) -> Tensor:
@@ -218,19 +259,21 @@ def residual_probs(rule, x: TokenInputs) -> tuple[Tensor, bool]:
     same distribution as the rule's log_softmax((1 - eta) log p + eta log pi_T)) without
     log-softmaxes of student and teacher."""
     if type(rule) is TeacherResidual:
-        return aux_probs(x, "teacher", rule.params["temperature"])[0], True
+        return aux_dist(x, "teacher", rule.params["temperature"]).q, True
     if type(rule) is GeometricMixResidual and rule.params["eta"] > 0.0:
-        t = aux_probs(x, "teacher")[2]
-        return softmax_(torch.lerp(x.logits, t, rule.params["eta"])), True
+        t = aux_dist(x, "teacher").a
+        mix = torch.lerp(x.logits, t, rule.params["eta"], out=_scratch(x, "mix", t))
+        return softmax_into(mix, mix), True
     return rule.log_probs(x).exp(), False
 
 
-def softmax_(t: Tensor) -> Tensor:
-    """softmax over the last dim written into `t` (a buffer the caller owns)."""
+def softmax_into(t: Tensor, out: Tensor) -> Tensor:
+    """softmax of `t` over the last dim written into `out` (may be `t` itself; a buffer the caller
+    owns), returned."""
     try:
-        return torch._softmax(t, -1, False, out=t)
+        return torch._softmax(t, -1, False, out=out)
     except (RuntimeError, TypeError):  # an out= variant this build or device lacks
-        return torch.softmax(t, dim=-1)
+        return out.copy_(torch.softmax(t, dim=-1))
 
 
 def _target(obj, x, s):
@@ -282,11 +325,14 @@ def needs_shift(objective) -> bool:
     return type(objective).terms in SHIFTED
 
 
-def seeded_inputs(z: Tensor, s: ChunkStats, finite_aux: tuple[str, ...] = (), **aux) -> TokenInputs:
+def seeded_inputs(z: Tensor, s: ChunkStats, finite_aux: tuple[str, ...] = (), workspace: Workspace | None = None,
+                  **aux) -> TokenInputs:
     """TokenInputs on the detached logits with the statistics already known filled in, so rules and
     metrics read them instead of recomputing (log p is still formed on demand). `finite_aux` names
-    the auxiliary logits known to hold no -inf (formed from hidden states)."""
+    the auxiliary logits known to hold no -inf (formed from hidden states); `workspace` provides the
+    chunk's [c, V] buffers."""
     x = TokenInputs(logits=z, **aux)
+    x.__dict__["_workspace"] = workspace
     x.__dict__["logp_y"] = s.logp_y
     x.__dict__["p_y_detached"] = s.logp_y.exp()
     x.__dict__["p_detached"] = s.p  # valid until the gradient is written into it (after the form and metrics)

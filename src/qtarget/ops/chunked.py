@@ -40,6 +40,7 @@ from qtarget.objectives.supervised import LossResult, check_finite as assert_fin
 from qtarget.ops.budget import resolve_chunk_size
 from qtarget.ops.kernels import Kernel, closed_form_step, select_kernel
 from qtarget.ops.sparse_teacher import TeacherTopK, check_teacher_topk, dense_teacher_logprobs
+from qtarget.ops.workspace import Workspace
 
 MODES = ("auto", "forward", "recompute")
 
@@ -58,19 +59,21 @@ class AuxSource:
     topk: TeacherTopK | None = None  # [n, k] already restricted to the supervised rows
     tail: str = "student"
 
-    def chunk(self, idx: Tensor, rows: slice, student_logits: Tensor) -> Tensor:
-        """[c, V] float logits (or log-probs) for positions `idx` (= supervised rows `rows`)."""
+    def chunk(self, idx: Tensor, rows: slice, student_logits: Tensor, ws: Workspace, who: str) -> Tensor:
+        """[c, V] float logits (or log-probs) for positions `idx` (= supervised rows `rows`), in
+        buffers of `ws` named after `who` where they can be."""
         if self.logits is not None:
-            out = self.logits.index_select(0, idx)
-            return out if out.dtype == torch.float64 else out.float()
+            if self.logits.dtype in (torch.float32, torch.float64):
+                return torch.index_select(self.logits, 0, idx, out=ws.take(who, idx.numel(), self.logits.shape[1],
+                                                                          self.logits.dtype))
+            return self.logits.index_select(0, idx).float()
         if self.topk is not None:
             return dense_teacher_logprobs(self.topk.ids[rows], self.topk.logprobs[rows], self.topk.log_tail[rows],
                                           student_logits.detach(), self.tail)
         head = self.head
         h = self.hidden.index_select(0, idx).to(self.compute_dtype)
-        w = head.weight  # already in compute_dtype (cast once when the source is built)
-        raw = torch.mm(h, w.t()) if head.bias is None else torch.addmm(head.bias, h, w.t())
-        z = _transform(raw if raw.dtype == torch.float64 else raw.float(), head.logit_scale, head.softcap)[0]
+        z = _logits(h, head.weight, head.bias, ws, who)  # weight already in compute_dtype (cast once per call)
+        z = _transform(z, head.logit_scale, head.softcap, ws, who)[0]
         if head.vocab > head.rows:  # rows the aux head lacks: probability 0 (lowest finite logit, see `finite`)
             z = torch.cat([z, z.new_full((z.shape[0], head.vocab - head.rows), torch.finfo(z.dtype).min)], dim=-1)
         return z
@@ -144,14 +147,25 @@ def _accumulate_weight_grad(acc: Tensor, g: Tensor, g_low: Tensor, h_c: Tensor) 
     acc.addmm_(g.t(), h_c.to(acc.dtype))
 
 
-def _transform(z: Tensor, scale: float, cap: float | None) -> tuple[Tensor, Tensor | None]:
-    """(softcap(scale * z), tanh term or None) on float logits [c, V]."""
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, ws: Workspace, name: str) -> Tensor:
+    """Float logits [c, V] = h @ W^T + b: the GEMM in the compute dtype into a buffer of `ws`, then
+    float32 (float64 stays float64) in another buffer when the compute dtype is lower."""
+    raw = ws.take(f"{name}_raw", h.shape[0], weight.shape[0], h.dtype)
+    raw = torch.mm(h, weight.t(), out=raw) if bias is None else torch.addmm(bias, h, weight.t(), out=raw)
+    if raw.dtype in (torch.float32, torch.float64):
+        return raw
+    return ws.take(f"{name}_float", raw.shape[0], raw.shape[1], torch.float32).copy_(raw)
+
+
+def _transform(z: Tensor, scale: float, cap: float | None, ws: Workspace, name: str) -> tuple[Tensor, Tensor | None]:
+    """(softcap(scale * z), tanh term or None) on float logits [c, V], in place (z is a buffer of
+    the call's workspace; the tanh term gets its own, under `name`)."""
     if scale != 1.0:
-        z = z * scale
+        z.mul_(scale)
     if cap is None:
         return z, None
-    t = torch.tanh(z / cap)
-    return t * cap, t
+    t = torch.div(z, cap, out=ws.like(f"{name}_tanh", z)).tanh_()
+    return torch.mul(t, cap, out=z), t
 
 
 def _run_chunks(p: _ChunkPlan, hidden: Tensor, weight: Tensor, bias: Tensor | None, *,
@@ -180,24 +194,22 @@ def _run_chunks(p: _ChunkPlan, hidden: Tensor, weight: Tensor, bias: Tensor | No
     scale, cap = float(p.logit_scale), p.softcap
     finite_aux = tuple(who for who, src in (("teacher", p.teacher), ("ref", p.ref)) if src is not None and src.finite)
 
+    ws = Workspace(device)  # the chunks' [c, V] buffers, allocated by the first chunk, reused by the others
     for start in range(0, n, p.chunk):
         sl = slice(start, min(n, start + p.chunk))
         idx = p.rows[sl]
         h_c = hidden.index_select(0, idx).to(cdt)
-        raw = torch.mm(h_c, w_c.t()) if b_c is None else torch.addmm(b_c, h_c, w_c.t())
         # loss math in float32 (float64 inputs stay float64, e.g. for gradcheck)
-        z = raw if raw.dtype == torch.float64 else raw.float()
-        del raw
-        z, t = _transform(z, scale, cap)
+        z, t = _transform(_logits(h_c, w_c, b_c, ws, "z"), scale, cap, ws, "z")
         aux = dict(
             labels=p.labels[sl],
-            teacher_logits=None if p.teacher is None else p.teacher.chunk(idx, sl, z),
-            ref_logits=None if p.ref is None else p.ref.chunk(idx, sl, z),
+            teacher_logits=None if p.teacher is None else p.teacher.chunk(idx, sl, z, ws, "teacher"),
+            ref_logits=None if p.ref is None else p.ref.chunk(idx, sl, z, ws, "ref"),
             old_logprobs=None if p.old_logprobs is None else p.old_logprobs[sl],
             token_weights=None if p.token_weights is None else p.token_weights[sl],
         )
         step = p.kernel(p.objective, z, aux, p.weights[sl], want_grad=want_grad, metrics=collect and p.metrics,
-                        finite_aux=finite_aux)
+                        finite_aux=finite_aux, workspace=ws)
         if want_grad:
             g = step.grad
             # chain through softcap and scale: dz/draw = scale * (1 - tanh^2)
@@ -205,7 +217,7 @@ def _run_chunks(p: _ChunkPlan, hidden: Tensor, weight: Tensor, bias: Tensor | No
                 g.mul_(t.square_().neg_().add_(1.0))
             if scale != 1.0:
                 g.mul_(scale)
-            g_low = g.to(cdt)
+            g_low = g if g.dtype == cdt else ws.take("g_low", g.shape[0], V, cdt).copy_(g)
             if g_h is not None:
                 g_h.index_copy_(0, idx, torch.mm(g_low, w_c).to(g_h.dtype))
             if g_w is not None:

@@ -1,7 +1,8 @@
 """The per-chunk work after the logits GEMM, three ways, and the choice between them.
 
-A kernel takes one chunk's float logits z [c, V] (detached), its auxiliary inputs and reduction
-weights [c], and returns a `ChunkStep`: the per-token loss, the weighted loss sum, the logit gradient
+A kernel takes one chunk's float logits z [c, V] (detached; a buffer it may overwrite), its
+auxiliary inputs (never written to), reduction weights [c] and optionally the call's `Workspace`
+(ops/workspace.py: the chunk's [c, V] temporaries reuse its buffers), and returns a `ChunkStep`: the per-token loss, the weighted loss sum, the logit gradient
 dL/dz [c, V] (when asked for) and the per-token metrics (when asked for).
 
 - "autograd": the objective's own `terms` and `torch.autograd.grad` over the chunk. Works for every
@@ -41,6 +42,7 @@ from qtarget.ops.analytic import (
     seeded_inputs,
     write_gradient,
 )
+from qtarget.ops.workspace import Workspace, scratch
 
 COMPILE_ENV = "QTARGET_COMPILE"
 CLOSED_FORM_ENV = "QTARGET_CLOSED_FORM"
@@ -60,8 +62,8 @@ Kernel = Callable[..., ChunkStep]
 
 
 def autograd_step(objective: Objective, z: Tensor, aux: dict, weights: Tensor, *, want_grad: bool,
-                  metrics: bool, finite_aux: tuple[str, ...] = ()) -> ChunkStep:
-    z.requires_grad_(want_grad)
+                  metrics: bool, finite_aux: tuple[str, ...] = (), workspace: Workspace | None = None) -> ChunkStep:
+    z = z.detach().requires_grad_(want_grad)
     x = TokenInputs(logits=z, **aux)
     with torch.enable_grad() if want_grad else torch.no_grad():
         terms = objective.terms(x)
@@ -80,11 +82,12 @@ def autograd_step(objective: Objective, z: Tensor, aux: dict, weights: Tensor, *
 
 
 def closed_form_step(objective: Objective, z: Tensor, aux: dict, weights: Tensor, *, want_grad: bool,
-                     metrics: bool, finite_aux: tuple[str, ...] = ()) -> ChunkStep:
+                     metrics: bool, finite_aux: tuple[str, ...] = (), workspace: Workspace | None = None) -> ChunkStep:
     with torch.no_grad():
         z = z.detach()
-        s = chunk_stats(z, aux["labels"], entropy=metrics, shift=needs_shift(objective))
-        x = seeded_inputs(z, s, finite_aux, **aux)
+        s = chunk_stats(z, aux["labels"], entropy=metrics, shift=needs_shift(objective),
+                        out=scratch(workspace, "p", z))
+        x = seeded_inputs(z, s, finite_aux, workspace, **aux)
         form = closed_form_of(objective)(objective, x, s)
         w = weights.to(form.loss.dtype)
         weighted = (form.loss * w).sum()
@@ -162,7 +165,7 @@ def is_compiled_target_sft(objective: Objective) -> bool:
 
 
 def compiled_step(objective: Objective, z: Tensor, aux: dict, weights: Tensor, *, want_grad: bool,
-                  metrics: bool, finite_aux: tuple[str, ...] = ()) -> ChunkStep:
+                  metrics: bool, finite_aux: tuple[str, ...] = (), workspace: Workspace | None = None) -> ChunkStep:
     dft = type(objective).terms is DFT.terms
     target = is_compiled_target_sft(objective)
     with torch.no_grad():
@@ -177,7 +180,7 @@ def compiled_step(objective: Objective, z: Tensor, aux: dict, weights: Tensor, *
         except Exception as err:  # noqa: BLE001 - no working compiler: fall back for good
             _compile_failed(err)
             return closed_form_step(objective, z, aux, weights, want_grad=want_grad, metrics=metrics,
-                                    finite_aux=finite_aux)
+                                    finite_aux=finite_aux, workspace=workspace)
         values = None
         if metrics:
             gamma = p_y if (dft or target) else torch.ones_like(p_y)
