@@ -138,7 +138,7 @@ def merge(rows: list[dict], res: dict) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    names = ["fused", "autograd", "compiled"]
+    names = [n for n in ("fused", "autograd", "compiled") if any(n in r["ratio_wall"] for r in rows)]
     head = ["N", "objective", "chunk", "GEMMs s (wall / cpu)"] + \
         [f"{n} / GEMMs (wall, cpu)" for n in names] + ["compile (first call) s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -38,7 +38,9 @@ def grads_two_ways(model, objective, **kw):
 
 
 def assert_grads_equal(fused, reference, tol=1e-5):
-    assert fused[0] == pytest.approx(reference[0], rel=tol)
+    # gem's loss (-log p_y - CE(q, p), ~-0.016 here) is a small difference of terms of size ~log V:
+    # float32 rounding of those terms (~6e-8 * 6 per token) bounds its absolute error, not its relative one
+    assert fused[0] == pytest.approx(reference[0], rel=tol, abs=1e-6)
     assert fused[1].keys() == reference[1].keys() and fused[1]
     for name, want in reference[1].items():
         err = float((fused[1][name] - want).abs().max() / want.abs().max().clamp_min(1e-30))

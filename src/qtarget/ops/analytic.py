@@ -60,9 +60,9 @@ class ChunkStats:
 
 
 def chunk_stats(z: Tensor, labels: Tensor, entropy: bool = True, shift: bool = False,
-                out: Tensor | None = None) -> ChunkStats:
-    """Statistics of the float logits z [c, V] (float32 or float64) at labels [c]; `out` [c, V]
-    receives p (a fresh buffer when None).
+                workspace: Workspace | None = None) -> ChunkStats:
+    """Statistics of the float logits z [c, V] (float32 or float64) at labels [c]; p goes into the
+    workspace's buffer "p" (a fresh tensor without a workspace).
 
     shift=True first subtracts each row's maximum from z in place (one more pass; z must be a
     buffer the caller owns), and `lse` is then that of the shifted logits: sums over the vocabulary
@@ -71,7 +71,7 @@ def chunk_stats(z: Tensor, labels: Tensor, entropy: bool = True, shift: bool = F
     top, arg = z.max(dim=-1)
     if shift:
         z.sub_(top.unsqueeze(-1))
-    p = softmax_into(z, torch.empty_like(z) if out is None else out)
+    p = softmax_into(z, scratch(workspace, "p", z))
     log_s = -p.gather(-1, arg.unsqueeze(-1)).squeeze(-1).log()  # p at the max is exactly 1 / S
     z_y = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     if shift:
@@ -79,8 +79,8 @@ def chunk_stats(z: Tensor, labels: Tensor, entropy: bool = True, shift: bool = F
     else:  # (z_y - max) is exact or rounded relative to its own size; log p_y never goes through p
         lse, logp_y = top + log_s, (z_y - top) - log_s
     ent = None
-    if entropy:  # sum_v p_v z_v as a batched dot product: no [c, V] temporary
-        ent = lse - _dot(p, z)
+    if entropy:
+        ent = lse - _dot(p, z, workspace)
     return ChunkStats(p=p, lse=lse, logp_y=logp_y, top1=(arg == labels).to(z.dtype), entropy=ent)
 
 
@@ -163,9 +163,11 @@ def _distill_hybrid(obj, x, s):
                       alpha=1.0, beta=1.0 - lam, aux=[(lam, q)])
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """[c] row-wise sum of a * b for [c, V] tensors, as a batched dot product (no [c, V] temporary)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+def _dot(a: Tensor, b: Tensor, workspace: Workspace | None = None) -> Tensor:
+    """[c] row-wise sum of a * b for [c, V] tensors: the product in a scratch buffer, then a row sum
+    (on CPU 1.5x faster than a batched dot product, whose [1, V] x [V, 1] GEMMs run far below the
+    memory bandwidth: 20 vs 31 ms at c = 544, V = 49,152, one thread)."""
+    return torch.mul(a, b, out=scratch(workspace, "dot", a)).sum(-1)
 
 
 def _scratch(x: TokenInputs, name: str, like: Tensor) -> Tensor:
@@ -233,8 +235,8 @@ def kl_from_logits(x: TokenInputs, s: ChunkStats, who: str, temperature: float =
     d = aux_dist(x, who, temperature, shift)
     key = f"_kl_{who}_{temperature!r}"
     if key not in x.__dict__:
-        diff = torch.sub(d.a, x.logits, out=_scratch(x, "kl_diff", d.a))
-        x.__dict__[key] = _dot(d.q, diff) - (d.lse - s.lse)
+        diff = torch.sub(d.a, x.logits, out=_scratch(x, "dot", d.a))
+        x.__dict__[key] = diff.mul_(d.q).sum(-1) - (d.lse - s.lse)
     return x.__dict__[key], d.q
 
 
@@ -243,8 +245,8 @@ def _cross_entropy(pi: Tensor, s: ChunkStats, x: TokenInputs, normalized: bool =
     between lse and sum pi z), else as lse * sum pi - sum pi z without forming log p; `normalized`
     (pi from a softmax: sum pi = 1 to rounding) skips the sum."""
     if "logp" in x.__dict__:
-        return -_dot(pi, x.logp)
-    return (s.lse if normalized else s.lse * pi.sum(-1)) - _dot(pi, x.logits)
+        return -_dot(pi, x.logp, x.__dict__.get("_workspace"))
+    return (s.lse if normalized else s.lse * pi.sum(-1)) - _dot(pi, x.logits, x.__dict__.get("_workspace"))
 
 
 def _gem(obj, x, s):
@@ -296,7 +298,7 @@ def _prob_masked(obj, x, s):
 
 def _deft(obj, x, s):
     # a = sg(sum p^2); d (1 - p_y^a) / (a + eps) / dz = a / (a + eps) p_y^a (p - delta_y)
-    a = _dot(s.p, s.p) if type(obj).concentration is DEFT.concentration else obj.concentration(x).detach()
+    a = _dot(s.p, s.p, x.__dict__.get("_workspace")) if type(obj).concentration is DEFT.concentration else obj.concentration(x).detach()
     p_pow = torch.exp(a * s.logp_y)
     coef = a / (a + obj.eps) * p_pow
     return ClosedForm(loss=(1.0 - p_pow) / (a + obj.eps), gamma=coef, alpha=coef, beta=coef,
@@ -341,12 +343,12 @@ def seeded_inputs(z: Tensor, s: ChunkStats, finite_aux: tuple[str, ...] = (), wo
     return x
 
 
-def write_gradient(s: ChunkStats, form: ClosedForm, labels: Tensor, weights: Tensor) -> Tensor:
-    """dL/dz for L = sum_rows weights * loss, written into s.p (returned): weights * (alpha p -
+def write_gradient(s: ChunkStats, form: ClosedForm, labels: Tensor, weights: Tensor, out: Tensor) -> Tensor:
+    """dL/dz for L = sum_rows weights * loss, written into `out` [c, V] (the logits' own buffer:
+    nothing reads them once the loss and metrics are formed; may also be s.p): weights * (alpha p -
     sum_j lam_j pi_j) and -weights * beta at the labels."""
-    g = s.p
-    g.mul_((weights * form.alpha).unsqueeze(-1) if isinstance(form.alpha, Tensor) else
-           (weights * float(form.alpha)).unsqueeze(-1))
+    coef = weights * form.alpha if isinstance(form.alpha, Tensor) else weights * float(form.alpha)
+    g = torch.mul(s.p, coef.unsqueeze(-1), out=out)
     for lam, pi in form.aux:
         g.addcmul_(pi, (weights * lam).unsqueeze(-1), value=-1.0)
     beta = weights * form.beta

