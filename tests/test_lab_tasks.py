@@ -10,7 +10,7 @@ from qtarget.lab.runner import checkpoint_steps
 from qtarget.lab.settings import LabSettings, settings_for
 
 NUM = r"(-?\d+)"
-STEP_SYMBOLS = re.compile(rf"{NUM} ([+\-*]) {NUM} = {NUM}\.")
+STEP_SYMBOLS = re.compile(rf"{NUM} ?([+\-*]) ?{NUM} ?= ?{NUM}[.;]")   # spaced (shop, sum) or compact (glyph)
 STEP_WORDS = re.compile(rf"{NUM} (plus|minus|times) {NUM} is {NUM}\.")
 
 
@@ -33,6 +33,29 @@ def answer_from_question(question: str) -> int:
     return total
 
 
+def glyph_answer(question: str) -> int:
+    """Independent reading of a glyph question: x ◇ b = 2x + b, left to right."""
+    m = re.fullmatch(r"What is (\d+(?: ◇ \d+)+)\?", question)
+    assert m, question
+    numbers = [int(x) for x in m.group(1).split(" ◇ ")]
+    total = numbers[0]
+    for b in numbers[1:]:
+        total = 2 * total + b
+    return total
+
+
+def sum_answer(question: str) -> int:
+    m = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", question)
+    assert m, question
+    a, b = int(m.group(1)), int(m.group(3))
+    return a + b if m.group(2) == "+" else a - b
+
+
+# every built-in generator and an independent reading of its questions
+GENERATORS = {"shop": (tasks.shop_problems, answer_from_question), "sum": (tasks.sum_problems, sum_answer),
+              "glyph": (tasks.glyph_problems, glyph_answer)}
+
+
 def written_steps(response: str) -> list[tuple[int, str, int, int]]:
     ops = {"plus": "+", "minus": "-", "times": "*"}
     out = [(int(a), op, int(b), int(c)) for a, op, b, c in STEP_SYMBOLS.findall(response)]
@@ -44,16 +67,21 @@ def evaluate_step(a: int, op: str, b: int) -> int:
     return {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
-def test_shop_answers_match_an_independent_parse():
-    problems = tasks.shop_problems(300, seed=3)
+@pytest.mark.parametrize("name", GENERATORS)
+def test_answers_match_an_independent_parse(name):
+    generate, read = GENERATORS[name]
+    problems = generate(300, 3)
     for p in problems:
-        assert answer_from_question(p.question) == p.answer, p.question
+        assert read(p.question) == p.answer, p.question
         assert p.answer >= 0
         assert p.prompt == p.question
+        assert p.id.startswith(f"{name}/")
+    assert len({p.question for p in problems}) > 100   # room for held-out sets and training rows apart
 
 
-def test_clean_demonstrations_are_correct_step_by_step():
-    rows = tasks.demonstrations(tasks.shop_problems(200, seed=5), noise=0.0, seed=5)
+@pytest.mark.parametrize("name", GENERATORS)
+def test_clean_demonstrations_are_correct_step_by_step(name):
+    rows = tasks.demonstrations(GENERATORS[name][0](200, 5), noise=0.0, seed=5)
     for r in rows:
         steps = written_steps(r["response"])
         assert steps, r["response"]
@@ -63,39 +91,59 @@ def test_clean_demonstrations_are_correct_step_by_step():
         assert tasks.is_correct(r["response"], r["answer"])
 
 
-def test_noise_share_and_kinds():
+def test_glyph_demonstrations_write_the_rule_in_compact_notation():
+    """x ◇ b is written as two compact steps 2*x=.. ; ..+b=.. (no spaces, ';' between steps)."""
+    for p in tasks.glyph_problems(100, 6):
+        numbers = [int(x) for x in p.question[len("What is "):-1].split(" ◇ ")]
+        text = tasks.solution_text(p.steps, p.answer, style=p.style)
+        expected, total = [], numbers[0]
+        for b in numbers[1:]:
+            expected += [f"2*{total}={2 * total}", f"{2 * total}+{b}={2 * total + b}"]
+            total = 2 * total + b
+        assert text == ";".join(expected) + f". The answer is {total}."
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_noise_share_and_kinds(name):
     n = 400
     for noise in (0.0, 0.2, 0.5, 1.0):
-        rows = tasks.demonstrations(tasks.shop_problems(n, seed=1), noise=noise, seed=1)
+        rows = tasks.demonstrations(GENERATORS[name][0](n, 1), noise=noise, seed=1)
         kinds = [r["noise"] for r in rows]
         noisy = sum(k != "clean" for k in kinds)
         assert noisy == round(noise * n)
         assert abs(kinds.count("corrupt") - kinds.count("alternative")) <= 1
 
 
-def test_corrupted_demonstrations_have_exactly_one_wrong_step_and_a_wrong_answer():
-    rows = tasks.demonstrations(tasks.shop_problems(300, seed=2), noise=1.0, seed=2)
+@pytest.mark.parametrize("name", GENERATORS)
+def test_corrupted_demonstrations_have_exactly_one_wrong_step_and_a_wrong_answer(name):
+    rows = tasks.demonstrations(GENERATORS[name][0](300, 2), noise=1.0, seed=2)
     corrupt = [r for r in rows if r["noise"] == "corrupt"]
     assert len(corrupt) == 150
     for r in corrupt:
         steps = written_steps(r["response"])
-        wrong = [s for s in steps if evaluate_step(*s[:3]) != s[3]]
+        wrong = [i for i, s in enumerate(steps) if evaluate_step(*s[:3]) != s[3]]
         assert len(wrong) == 1, r["response"]
-        # later steps compute from the wrong value, so the stated answer is wrong too
-        assert r["stated_answer"] != r["answer"]
+        # the same steps as the clean solution up to the wrong one; later steps compute from the wrong value
+        clean = written_steps(r["clean_response"])
+        assert steps[:wrong[0]] == clean[:wrong[0]] and len(steps) == len(clean)
+        assert r["stated_answer"] != r["answer"] and steps[-1][3] == r["stated_answer"]
         assert tasks.extract_final(r["response"]) == r["stated_answer"]
         assert not tasks.is_correct(r["response"], r["answer"])
 
 
-def test_alternative_forms_are_correct_but_differ_from_the_clean_text():
-    problems = tasks.shop_problems(200, seed=4)
+@pytest.mark.parametrize("name", GENERATORS)
+def test_alternative_forms_are_correct_but_differ_from_the_clean_text(name):
+    problems = GENERATORS[name][0](200, 4)
     clean = {r["id"]: r["response"] for r in tasks.demonstrations(problems, noise=0.0, seed=4)}
     rows = tasks.demonstrations(problems, noise=1.0, seed=4)
     alternative = [r for r in rows if r["noise"] == "alternative"]
     assert alternative
     for r in alternative:
-        assert r["response"] != clean[r["id"]]
+        assert r["response"] != clean[r["id"]] and r["clean_response"] == clean[r["id"]]
         steps = written_steps(r["response"])
+        # the same equations (operands maybe swapped), every one right, the same answer
+        assert sorted(map(sorted, ((a, b) for a, _, b, _ in steps))) == sorted(
+            map(sorted, ((a, b) for a, _, b, _ in written_steps(clean[r["id"]]))))
         assert all(evaluate_step(a, op, b) == c for a, op, b, c in steps), r["response"]
         assert tasks.is_correct(r["response"], r["answer"])
 
@@ -173,7 +221,7 @@ def test_presets_give_every_objective_the_same_budget():
     for preset in ("default", "quick", "tiny"):
         s = settings_for(preset)
         assert s.objectives == ("sft", "dft", "psft", "asft", "target_sft", "dft_floor", "prift")
-        assert s.tasks == ("shop", "sum")   # every preset runs the weak- and the strong-prior task
+        assert s.tasks == ("glyph", "sum")   # every preset runs the weak- and the strong-prior task
         assert s.objective_args["psft"]["eps"] == 0.28 and s.objective_args["asft"]["lam"] == 0.05
         assert s.objective_args["target_sft"]["eta"] == 0.5
         assert s.steps % s.psft_updates_per_batch == 0  # PSFT ends on a full global batch
@@ -224,3 +272,75 @@ def test_lab_task_rejects_an_inconsistent_value():
     with pytest.raises(ValueError, match="same number of candidates"):
         LabTask(**{**good, "ranking": ({"id": "r", "prompt": "q", "candidates": ["a", "b"]},
                                        {"id": "s", "prompt": "q", "candidates": ["a", "b", "c"]})})
+
+
+def _problem_of(items, problems):
+    by_id = {p.id: p for p in problems}
+    return [(it, by_id[it["id"]]) for it in items]
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_final_slip_distractors_are_wrong_only_in_the_last_step(name):
+    """'final': every step but the last as in the correct solution, the last one's result off by a slip
+    (±1, ±2, ±10), and the stated answer agrees with it: consistent text, wrong answer."""
+    problems = GENERATORS[name][0](120, 8)
+    items = tasks.ranking_items(problems, 2, 8, kind="final")
+    for it, p in _problem_of(items, problems):
+        correct = written_steps(it["candidates"][0])
+        assert it["candidates"][0] == tasks.solution_text(p.steps, p.answer, style=p.style)
+        for text, answer in zip(it["candidates"][1:], it["answers"][1:]):
+            steps = written_steps(text)
+            assert steps[:-1] == correct[:-1] and steps[-1][:3] == correct[-1][:3], text
+            assert steps[-1][3] - correct[-1][3] in tasks.SLIPS and steps[-1][3] == answer != p.answer
+            assert tasks.stated_answer(text) == answer >= 0
+        assert len(set(it["answers"])) == 3 and it["kinds"] == ["final", "final"]
+
+
+def test_wrong_rule_distractors_are_consistent_arithmetic_under_another_rule():
+    """'rule' (glyph): every equation right, the operator applied as 2*b + x or 3*x + b, so the answer is wrong
+    although no arithmetic is; against a glyph problem only."""
+    problems = tasks.glyph_problems(150, 9)
+    items = tasks.ranking_items(problems, 2, 9, kind=("rule", "final"))
+    rules_seen = set()
+    for it, p in _problem_of(items, problems):
+        assert it["kinds"][0] == "rule"
+        numbers = [int(x) for x in p.question[len("What is "):-1].split(" ◇ ")]
+        steps = written_steps(it["candidates"][1])
+        assert all(evaluate_step(a, op, b) == c for a, op, b, c in steps), it["candidates"][1]
+        # recompute under each wrong rule: one of them gives exactly these steps
+        for rule, apply in (("swap", lambda x, b: (2, b, x)), ("triple", lambda x, b: (3, x, b))):
+            total, expected = numbers[0], []
+            for b in numbers[1:]:
+                k, m, add = apply(total, b)
+                expected += [(k, "*", m, k * m), (k * m, "+", add, k * m + add)]
+                total = k * m + add
+            if steps == expected:
+                rules_seen.add(rule)
+                assert total == it["answers"][1] != p.answer
+                break
+        else:
+            raise AssertionError(f"no wrong rule gives {it['candidates'][1]} for {p.question}")
+    assert rules_seen == {"swap", "triple"}
+    with pytest.raises(ValueError, match="glyph problem"):
+        tasks.ranking_items(tasks.sum_problems(3, 0), 1, 0, kind="rule")
+
+
+def test_misread_distractors_keep_every_equation_right():
+    problems = tasks.shop_problems(80, 4)
+    for it, p in _problem_of(tasks.ranking_items(problems, 2, 4, kind=("final", "misread")), problems):
+        assert it["kinds"] == ["final", "misread"]
+        steps = written_steps(it["candidates"][2])
+        assert all(evaluate_step(a, op, b) == c for a, op, b, c in steps) and it["answers"][2] != p.answer
+    with pytest.raises(ValueError, match="distractor kind"):
+        tasks.ranking_items(problems, 2, 4, kind="nope")
+
+
+@pytest.mark.parametrize("name, kinds", [("glyph", ("rule", "final")), ("sum", ("final",)), ("shop", ("final", "misread"))])
+def test_builtin_tasks_rank_against_their_distractors(name, kinds):
+    from qtarget.lab.builtin_tasks import build_task
+
+    task = build_task(name, settings_for("quick", rank_items=30, eval_in_domain=10, ood_texts=2))
+    assert task.name == name and task.n_candidates == 3
+    for it in task.ranking:
+        assert it["kinds"] == [kinds[i % len(kinds)] for i in range(2)] or it["kinds"][0] == kinds[0]
+        assert [task.parse_answer(c) for c in it["candidates"]] == [str(a) for a in it["answers"]]

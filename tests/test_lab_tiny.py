@@ -29,7 +29,7 @@ def lab_main(argv: list[str]) -> int:
     return qtarget_main(["lab", *argv])
 
 ROWS = ("base",) + OBJECTIVES
-TASKS = ("shop", "sum")
+TASKS = ("glyph", "sum")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_every_objective_trained(tiny_run):
             for key in ("loss", "nll", "p_y", "entropy", "gamma"):
                 assert math.isfinite(h[key]), (name, key, h)
         assert run["params"]["trainable"] < run["params"]["total"]
-    rows = results["per_task"]["shop"]["rows"]
+    rows = results["per_task"]["glyph"]["rows"]
     assert rows["psft"]["runs"][0]["psft_refreshes"] == settings.steps // settings.psft_updates_per_batch
     assert all("kl_ref" in h for h in rows["asft"]["runs"][0]["history"])
     assert all("kl_teacher" in h for h in rows["target_sft"]["runs"][0]["history"])
@@ -77,7 +77,7 @@ def test_every_objective_trained(tiny_run):
 def test_json_intervals_are_recomputable_from_its_items(tiny_run):
     settings, out, _, _ = tiny_run
     everything = json.loads((out / "results.json").read_text())
-    data = everything["per_task"]["shop"]
+    data = everything["per_task"]["glyph"]
     items = {r: {k: np.array(v) for k, v in d.items()} for r, d in data["items"].items()}
     assert set(items) == set(ROWS)
     n = {"gen.correct": settings.eval_in_domain, "rank.correct": settings.rank_items, "ood.nll": settings.ood_texts}
@@ -166,7 +166,7 @@ def test_rerun_is_deterministic_and_reuses_the_cached_teacher(tiny_run, tmp_path
                     progress=False, cache_dir=cache)
     new, old = again["per_task"]["sum"], first["per_task"]["sum"]
     assert new["teacher"]["cached"] is True
-    assert new["teacher"]["key"] == old["teacher"]["key"] != first["per_task"]["shop"]["teacher"]["key"]
+    assert new["teacher"]["key"] == old["teacher"]["key"] != first["per_task"]["glyph"]["teacher"]["key"]
     assert "loaded from the cache" in (tmp_path / "report.md").read_text()
     for name in ("base", "psft", "target_sft"):
         assert new["items"][name] == old["items"][name], name

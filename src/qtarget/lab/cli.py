@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "too); default 1")
     p.add_argument("--noise", type=float, default=None, help="share of demonstrations with a corrupted step or a "
                                                             "non-unique alternative form, in [0, 1]; default 0.3")
-    p.add_argument("--tasks", default=None, help="comma-separated built-in tasks (default: shop,sum: a weak-prior and "
-                                                 "a strong-prior task)")
+    p.add_argument("--tasks", default=None, help="comma-separated built-in tasks (default: glyph,sum: a weak-prior and "
+                                                 "a strong-prior task; shop: multi-step word problems)")
     p.add_argument("--objectives", default=None, help=f"comma-separated objectives (default: {','.join(OBJECTIVES)}); "
                                                       f"any registered one (`qtarget objectives`) trains with its "
                                                       f"registry defaults")

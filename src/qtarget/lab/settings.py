@@ -46,8 +46,8 @@ class LabSettings:
     seeds: int = 1                      # training seeds per objective: seed, seed+1, ...
     seed: int = 0
     noise: float = 0.3                  # share of demonstrations with a corrupted step / alternative form
-    # the built-in tasks (qtarget.lab.builtin_tasks): shop (weak prior), sum (strong prior)
-    tasks: tuple[str, ...] = ("shop", "sum")
+    # the built-in tasks (qtarget.lab.builtin_tasks): glyph (weak prior), sum (strong prior); also shop
+    tasks: tuple[str, ...] = ("glyph", "sum")
     # training (identical for every objective)
     train_examples: int = 192           # demonstrations per run (each seed draws its own)
     steps: int = 48                     # optimizer steps (2 epochs of the demonstrations)

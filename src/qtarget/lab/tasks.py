@@ -11,29 +11,26 @@ per step, ending in "The answer is N." The training demonstrations come from her
 Out-of-domain ("convert"): unit conversions ("How many minutes are in 7 hours?"), a task type the
 demonstrations never show. Its accuracy before and after fine-tuning measures forgetting.
 
+Strong prior ("sum"): one-step sums and differences in the same notation. Weak prior ("glyph"): an
+invented operator (x ◇ b = 2 * x + b) solved in a compact notation, learned from the demonstrations alone.
+
 Every generator is a pure function of its seed (`random.Random(seed)`), so a run is reproducible.
-`shop_task(settings)` packs the in-domain task into a `qtarget.lab.task.LabTask`.
+`qtarget.lab.builtin_tasks` packs each into a `qtarget.lab.task.LabTask`.
 """
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-from qtarget.evaluation import Problem
-from qtarget.lab.ood_text import ood_texts
-from qtarget.lab.task import LabTask
-
-if TYPE_CHECKING:
-    from qtarget.lab.settings import LabSettings
+from typing import Any
 
 # The instruction is the chat's system turn (it replaces SmolLM2's default system prompt, which would
 # cost ~20 more tokens per example); the user turn is the question alone. Same in training and eval.
 INSTRUCTION = "Solve step by step. End with: The answer is N."
-TASK_VERSION = 3  # part of the teacher cache key: bump when a generator changes
+TASK_VERSION = 4  # part of the teacher cache key: bump when a generator changes
 EVAL_SEED = 9_000_000  # evaluation streams: generation 9_000_000 + seed, ranking 9_000_001 + seed
 SUM_EVAL_SEED = 9_500_000  # the sum task's evaluation streams
+GLYPH_EVAL_SEED = 9_700_000  # the glyph task's evaluation streams
 NOISE_KINDS = ("corrupt", "alternative")
 
 _NAMES = ("Mia", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Sara", "Ben", "Nina", "Tom",
@@ -69,6 +66,7 @@ class LabProblem:
     events: list[tuple] = field(default_factory=list)
     start: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    style: str = "symbols"   # the notation of its written solution (`solution_text`)
 
     @property
     def steps(self) -> list[Step]:
@@ -99,7 +97,8 @@ def solve(start: int, events: list[tuple], *, corrupt_at: int | None = None, del
           ) -> tuple[list[Step], int]:
     """The written steps for `events` applied to `start`, and the final value they reach.
 
-    Events: ("add", k), ("sub", k), ("packs", a, b) (two steps: a * b, then total + product). With
+    Events: ("add", k), ("sub", k), ("packs", a, b) (two steps: a * b, then total + product), ("glyph", b) (two
+    steps: 2 * total, then that + b). With
     `corrupt_at`, the step of that index states its result off by `delta` and every later step
     computes from the wrong value (the error is carried to the final answer)."""
     steps: list[Step] = []
@@ -120,6 +119,9 @@ def solve(start: int, events: list[tuple], *, corrupt_at: int | None = None, del
         elif ev[0] == "packs":
             product = write("*", ev[1], ev[2])
             total = write("+", total, product)
+        elif ev[0] == "glyph":   # total ◇ b = 2 * total + b (the glyph task's invented operator)
+            double = write("*", 2, total)
+            total = write("+", double, ev[1])
         else:
             raise ValueError(f"unknown event {ev!r}")
     return steps, total
@@ -166,13 +168,19 @@ def shop_problems(n: int, seed: int, *, n_events: tuple[int, int] = (1, 2)) -> l
     return [_shop_problem(rng, i, seed, n_events) for i in range(n)]
 
 
+STYLES = ("symbols", "words", "compact")
+
+
 def solution_text(steps: list[Step], answer: int, *, style: str = "symbols", swap: bool = False,
                   closing: str = "The answer is {}.") -> str:
-    """The chain of thought for `steps`: 'a + b = c.' per step, then the closing sentence.
+    """The chain of thought for `steps`, then the closing sentence.
 
-    style "symbols" writes `3 * 5 = 15.`; "words" writes `3 times 5 is 15.`; `swap` writes commutative
-    operands (+, *) in the other order. The results shown are the steps' own `result` values."""
+    style "symbols" writes `3 * 5 = 15.` per step; "words" writes `3 times 5 is 15.`; "compact" writes the
+    steps without spaces, joined by ';' (`2*7=14;14+3=17.`, the glyph task's notation); `swap` writes
+    commutative operands (+, *) in the other order. The results shown are the steps' own `result` values."""
     words = {"+": "plus", "-": "minus", "*": "times"}
+    if style not in STYLES:
+        raise ValueError(f"unknown solution style {style!r}; expected one of {STYLES}")
     parts = []
     for s in steps:
         a, b = (s.right, s.left) if swap and s.op in "+*" else (s.left, s.right)
@@ -181,9 +189,9 @@ def solution_text(steps: list[Step], answer: int, *, style: str = "symbols", swa
         elif style == "words":
             parts.append(f"{a} {words[s.op]} {b} is {s.result}.")
         else:
-            raise ValueError(f"unknown solution style {style!r}; expected 'symbols' or 'words'")
-    parts.append(closing.format(answer))
-    return " ".join(parts)
+            parts.append(f"{a}{s.op}{b}={s.result}")
+    chain = ";".join(parts) + "." if style == "compact" else " ".join(parts)
+    return f"{chain} {closing.format(answer)}"
 
 
 def corrupt_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step], int]:
@@ -199,23 +207,24 @@ def corrupt_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step
 def demonstration(problem: LabProblem, kind: str | None, rng: random.Random) -> tuple[str, int]:
     """The demonstrated response for `problem`: clean (kind None), 'corrupt' or 'alternative'.
     Returns (response text, the final answer it states)."""
+    style = problem.style
     if kind is None:
-        return solution_text(problem.steps, problem.answer), problem.answer
+        return solution_text(problem.steps, problem.answer, style=style), problem.answer
     if kind == "corrupt":
         steps, wrong = corrupt_solution(problem, rng)
-        return solution_text(steps, wrong), wrong
+        return solution_text(steps, wrong, style=style), wrong
     if kind == "alternative":
         variant = rng.choice(("swap", "words", "closing"))
         if variant == "swap" and not any(s.op in "+*" for s in problem.steps):
             variant = "words"
         if variant == "swap":
-            text = solution_text(problem.steps, problem.answer, swap=True)
-            if text != solution_text(problem.steps, problem.answer):  # "5 + 5" swaps to itself
+            text = solution_text(problem.steps, problem.answer, style=style, swap=True)
+            if text != solution_text(problem.steps, problem.answer, style=style):  # "5 + 5" swaps to itself
                 return text, problem.answer
             variant = "words"
         if variant == "words":
             return solution_text(problem.steps, problem.answer, style="words"), problem.answer
-        return solution_text(problem.steps, problem.answer, closing="So the answer is {}."), problem.answer
+        return solution_text(problem.steps, problem.answer, style=style, closing="So the answer is {}."), problem.answer
     raise ValueError(f"unknown noise kind {kind!r}; expected None or one of {NOISE_KINDS}")
 
 
@@ -242,9 +251,9 @@ def demonstrations(problems: list[LabProblem], noise: float, seed: int) -> list[
         kind = kind_of.get(i)
         response, stated = demonstration(p, kind, rng)
         row = {"prompt": p.prompt, "response": response, "noise": kind or "clean", "stated_answer": stated,
-               "answer": p.answer, "id": p.id, "clean_response": solution_text(p.steps, p.answer)}
+               "answer": p.answer, "id": p.id, "clean_response": solution_text(p.steps, p.answer, style=p.style)}
         if kind is None:
-            row["counterfactual_response"] = solution_text(*corrupt_solution(p, counterfactual_rng))
+            row["counterfactual_response"] = solution_text(*corrupt_solution(p, counterfactual_rng), style=p.style)
         rows.append(row)
     return rows
 
@@ -272,35 +281,78 @@ def misread_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step
     raise RuntimeError(f"could not misread {problem.id}")
 
 
-DISTRACTOR_KINDS = ("misread", "corrupt")
+SLIPS = (-10, -2, -1, 1, 2, 10)   # a final slip: a units digit off by one or two, or a carry / borrow lost or added
 
 
-def ranking_items(problems: list[LabProblem], distractors: int, seed: int, *, kind: str = "misread"
+def final_slip_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step], int]:
+    """A wrong solution whose only error is the last step's result, off by a plausible slip (SLIPS: ±1, ±2 in
+    the units digit, ±10 for a lost or extra carry), stated again as the final answer: every other step is
+    right and the closing agrees with the text, so only checking the last equation rejects it."""
+    last = len(problem.steps) - 1
+    for _ in range(100):
+        steps, final = solve(problem.start, problem.events, corrupt_at=last, delta=rng.choice(SLIPS))
+        if final >= 0 and final != problem.answer:
+            return steps, final
+    raise RuntimeError(f"could not slip the last step of {problem.id}")
+
+
+def wrong_rule_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step], int]:
+    """For the glyph task (x ◇ b = 2 * x + b): the operator applied with a plausible wrong rule, every equation
+    right — the operands' roles swapped (2 * b + x) or a 3 for the 2 (3 * x + b) — so a model that does not
+    know the rule cannot reject it by checking arithmetic. Returns (steps, answer)."""
+    rules = ["swap", "triple"]
+    rng.shuffle(rules)
+    for rule in rules:
+        steps: list[Step] = []
+        total = problem.start
+        for ev in problem.events:
+            if ev[0] != "glyph":
+                raise ValueError(f"wrong_rule_solution needs a glyph problem, got event {ev!r} in {problem.id}")
+            left, right = (2, ev[1]) if rule == "swap" else (3, total)
+            double = Step("*", left, right, left * right)
+            add = ev[1] if rule == "triple" else total
+            steps += [double, Step("+", double.result, add, double.result + add)]
+            total = double.result + add
+        if total != problem.answer:
+            return steps, total
+    raise RuntimeError(f"no wrong rule changes the answer of {problem.id}")
+
+
+DISTRACTORS = {"misread": misread_solution, "corrupt": corrupt_solution, "final": final_slip_solution,
+               "rule": wrong_rule_solution}
+DISTRACTOR_KINDS = tuple(DISTRACTORS)
+
+
+def ranking_items(problems: list[LabProblem], distractors: int, seed: int, *, kind: str | tuple[str, ...] = "misread"
                   ) -> list[dict[str, Any]]:
     """For answer ranking: per problem the correct demonstration first, then `distractors` wrong ones whose
-    final answers all differ from each other and the correct one. kind "misread": one number read wrong from
-    the question, every equation right (`misread_solution`; the base model cannot reject it by checking
-    arithmetic); "corrupt": one step off, carried to the end (`corrupt_solution`).
-    Returns [{id, prompt, candidates: [correct, wrong, ...], answers: [answer, wrong answers...]}]."""
+    final answers all differ from each other and the correct one. `kind` (one, or a tuple cycled over the
+    distractor slots): "misread": one number read wrong from the question, every equation right
+    (`misread_solution`); "final": the last step's result slipped, stated as the answer (`final_slip_solution`);
+    "rule": the glyph operator under a wrong rule, every equation right (`wrong_rule_solution`); "corrupt":
+    one step off, carried to the end (`corrupt_solution`). A slot whose kind cannot give a new answer falls
+    back to the next kind. Returns [{id, prompt, candidates: [correct, wrong, ...], answers, kinds}]."""
     if distractors < 1:
         raise ValueError(f"distractors must be >= 1, got {distractors}")
-    if kind not in DISTRACTOR_KINDS:
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    if not kinds or any(k not in DISTRACTORS for k in kinds):
         raise ValueError(f"distractor kind must be one of {DISTRACTOR_KINDS}, got {kind!r}")
-    make = misread_solution if kind == "misread" else corrupt_solution
-    rng = random.Random(f"rank:{seed}" if kind == "corrupt" else f"rank-{kind}:{seed}")
+    rng = random.Random(f"rank:{seed}" if kinds == ("corrupt",) else f"rank-{'-'.join(kinds)}:{seed}")
     items = []
     for p in problems:
-        texts, answers = [solution_text(p.steps, p.answer)], [p.answer]
-        for _ in range(100 * distractors):
-            if len(texts) > distractors:
-                break
-            steps, wrong = make(p, rng)
-            if wrong not in answers:
-                texts.append(solution_text(steps, wrong))
-                answers.append(wrong)
-        if len(texts) <= distractors:
-            raise RuntimeError(f"could not build {distractors} distinct distractors for {p.id}")
-        items.append({"id": p.id, "prompt": p.prompt, "candidates": texts, "answers": answers})
+        texts, answers, made = [solution_text(p.steps, p.answer, style=p.style)], [p.answer], []
+        for slot in range(distractors):
+            for attempt in range(100 * len(kinds)):
+                k = kinds[(slot + attempt // 100) % len(kinds)]
+                steps, wrong = DISTRACTORS[k](p, rng)
+                if wrong not in answers:
+                    texts.append(solution_text(steps, wrong, style=p.style))
+                    answers.append(wrong)
+                    made.append(k)
+                    break
+            else:
+                raise RuntimeError(f"could not build {distractors} distinct distractors for {p.id}")
+        items.append({"id": p.id, "prompt": p.prompt, "candidates": texts, "answers": answers, "kinds": made})
     return items
 
 
@@ -325,6 +377,27 @@ def sum_problems(n: int, seed: int) -> list[LabProblem]:
             question, events = f"What is {a} - {b}?", [("sub", b)]
         out.append(LabProblem(id=f"sum/{seed}/{i}", task="sum", question=question,
                               answer=solve(a, events)[1], events=events, start=a))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# in-domain, weak prior: an invented operator
+# ---------------------------------------------------------------------------------------------
+
+def glyph_problems(n: int, seed: int, *, operators: tuple[int, int] = (1, 2)) -> list[LabProblem]:
+    """`n` problems "What is 7 ◇ 3 ◇ 4?" with an invented operator x ◇ b = 2 * x + b, applied left to right
+    (1-2 operators, single-digit numbers). Nothing tells the model the rule: it is learned from the
+    demonstrations alone, written in a compact notation no model has seen either (`2*7=14;14+3=17;2*17=34;
+    34+4=38. The answer is 38.`), so the base model's prior on these tokens is weak."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"glyph:{seed}")
+    out = []
+    for i in range(n):
+        numbers = [rng.randint(2, 9) for _ in range(rng.randint(*operators) + 1)]
+        events = [("glyph", b) for b in numbers[1:]]
+        out.append(LabProblem(id=f"glyph/{seed}/{i}", task="glyph", question=f"What is {' ◇ '.join(map(str, numbers))}?",
+                              answer=solve(numbers[0], events)[1], events=events, start=numbers[0], style="compact"))
     return out
 
 
@@ -395,61 +468,3 @@ def stated_answer(response: str) -> int | None:
 def is_correct(response: str, answer: int) -> bool:
     """Whether the response's final answer equals `answer` exactly."""
     return extract_final(response) == int(answer)
-
-
-# ---------------------------------------------------------------------------------------------
-# the task as a LabTask
-# ---------------------------------------------------------------------------------------------
-
-def train_rows(generate, seed: int, n: int, noise: float, exclude: set[str]) -> list[dict[str, Any]]:
-    """`n` demonstrations of `generate(n, seed)`'s problems, skipping those whose question is in `exclude`."""
-    problems: list[LabProblem] = []
-    extra = 0
-    while len(problems) < n:
-        batch = generate(n + extra, seed)
-        problems = [p for p in batch if p.question not in exclude][:n]
-        extra += max(8, n // 4)
-    return demonstrations(problems, noise, seed)
-
-
-def _parse_int_answer(response: str) -> str | None:
-    value = stated_answer(response)
-    return None if value is None else str(value)
-
-
-NOISE_TEXT = ("half with a corrupted step (a wrong result carried to a wrong final answer), half in a non-unique "
-              "alternative form (operands swapped, words instead of symbols, another closing phrase)")
-
-
-def arithmetic_task(settings: LabSettings, name: str, generate, description: str, stream: int) -> LabTask:
-    """A LabTask from a problem generator `generate(n, seed)` in the shop format: generation problems from
-    stream `stream` + seed, ranking problems from `stream` + seed + 1 (each against `rank_distractors`
-    misread solutions), training rows from stream s for training seed s with every evaluated question
-    left out, out-of-domain text from `stream` + seed."""
-    eval_seed = stream + settings.seed
-    gen = generate(settings.eval_in_domain, eval_seed)
-    rank_problems = generate(settings.rank_items, eval_seed + 1)
-    exclude = {p.question for p in gen} | {p.question for p in rank_problems}
-    return LabTask(
-        name=name, version=str(TASK_VERSION), description=description, noise_description=NOISE_TEXT,
-        instruction=INSTRUCTION,
-        demonstrations=lambda seed, n, noise: train_rows(generate, seed, n, noise, exclude),
-        generation=tuple(Problem(id=p.id, question=p.prompt, answer=str(p.answer), source=p.task) for p in gen),
-        parse_answer=_parse_int_answer,
-        ranking=tuple(ranking_items(rank_problems, settings.rank_distractors, eval_seed)),
-        ood=tuple(ood_texts(settings.ood_texts, EVAL_SEED + settings.seed)),
-        example={"prompt": gen[0].prompt, "response": solution_text(gen[0].steps, gen[0].answer)},
-    )
-
-
-def shop_task(settings: LabSettings) -> LabTask:
-    """The multi-step word problems (a weak prior: the base model rarely solves them)."""
-    return arithmetic_task(settings, "shop", shop_problems, "procedural arithmetic word problems with a compact "
-                           "chain of thought, one equation per step, ending in 'The answer is N.'", EVAL_SEED)
-
-
-def sum_task(settings: LabSettings) -> LabTask:
-    """One-step sums and differences of small numbers (a strong prior: the base model mostly knows them)."""
-    return arithmetic_task(settings, "sum", sum_problems, "one-step sums and differences of small numbers "
-                           "('What is 8 + 5?' -> '8 + 5 = 13. The answer is 13.'), a task the base model already "
-                           "does well", SUM_EVAL_SEED)
