@@ -4,8 +4,8 @@
     results = run_lab(settings_for("quick"), "lab_output")   # writes report.md, *.png, results.json
 
 Modules: `task` (`LabTask`: everything task-specific, as one value), `tasks` (the procedural arithmetic
-tasks shop and sum: problems, noisy demonstrations, misread distractors, answer checker), `builtin_tasks`
-(tasks by name), `user_task` (the user's model and data as a LabTask), `ood_text` (out-of-domain
+generators glyph, sum and shop: problems, noisy demonstrations, distractors, answer checker), `builtin_tasks`
+(each as a LabTask, by name), `user_task` (the user's model and data as a LabTask), `ood_text` (out-of-domain
 paragraphs), `settings` (presets, rows), `sweep` (`--sweep` specs), `trunk` (the frozen trunk computed once,
 for training and scoring the top layers alone), `finetune` (one run through `qtarget.training.train`, with
 learning-curve checkpoints), `teacher` (the cached target_sft teacher), `metrics` (per-item values:

@@ -2,7 +2,7 @@
 runner, the metrics and the report never ask which task they got.
 
     from qtarget.lab.builtin_tasks import build_task
-    task = build_task("shop", settings)         # the built-in arithmetic task (qtarget.lab.tasks.shop_task)
+    task = build_task("glyph", settings)        # a built-in task (qtarget.lab.builtin_tasks.glyph_task)
     rows = task.demonstrations(seed, n, noise)   # training rows of one seed
 
 A new task is a function `(settings: LabSettings) -> LabTask` (sizes from `settings.eval_in_domain`,
@@ -11,7 +11,7 @@ A new task is a function `(settings: LabSettings) -> LabTask` (sizes from `setti
 
 Fields (all plain data, except the two functions):
 
-- `name`, `version`: the task's short name ("shop") and the version of its generator; both are part of the
+- `name`, `version`: the task's short name ("glyph") and the version of its generator; both are part of the
   target_sft teacher's cache key, so bump `version` whenever the data a seed gives change.
 - `description`, `noise_description`: one sentence each for the report (what a demonstration looks like; what
   a noisy one is).
@@ -28,7 +28,8 @@ Fields (all plain data, except the two functions):
 - `parse_answer(response) -> str | None`: the final answer a response states, None when it states none (a
   format failure, counted apart from a wrong answer). Correct = `parse_answer(response) == problem.answer`.
 - `ranking`: held-out teacher-forced items `{"id", "prompt", "candidates": [correct, distractor, ...]}`; the
-  correct candidate also gives the held-out NLL and entropy.
+  correct candidate also gives the held-out NLL and entropy. Distractors should be wrong in a way the base
+  model does not already reject (else answer ranking sits at its ceiling and separates nothing).
 - `ood`: out-of-domain paragraphs (plain text) for forgetting.
 - `example`: `{"prompt", "response"}`, one clean demonstration shown in the report.
 
