@@ -11,7 +11,7 @@ from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import Scorer, trunk_split
 from qtarget.lab.runner import load_base, tokenize
 from qtarget.lab.settings import settings_for
-from qtarget.lab.trunk import TopOnly, TrunkLookup
+from qtarget.lab.trunk import TopOnly, TrunkLookup, bottom_states
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,26 @@ def test_trunk_lookup_matches_the_embedding_path_and_names_an_unknown_row(setup)
         lookup(torch.tensor([[1, 2, 3]]))
     with pytest.raises(ValueError, match="hidden states for"):
         TrunkLookup([[1, 2]], [torch.zeros(3, 4)], 0)
+
+
+def test_bottom_states_match_the_hidden_states_a_full_forward_feeds_the_split_layer(setup):
+    settings, base, tok, examples, scorer = setup
+    seqs = [e["input_ids"] for e in examples]
+    got = bottom_states(base, seqs, 1, pad_token_id=tok.pad_token_id, batch_size=3)
+    want = scorer.trunk_lookup()
+    for ids in seqs:
+        # reference: an unpadded full forward of the one sequence, the input of decoder layer 1 kept by a hook
+        kept = []
+        hook = base.get_decoder().layers[1].register_forward_pre_hook(
+            lambda _m, args, kwargs: kept.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                base(input_ids=torch.tensor([ids]))
+        finally:
+            hook.remove()
+        torch.testing.assert_close(got.lookup(ids), kept[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.lookup(ids), want.lookup(ids), rtol=1e-5, atol=1e-5)
+    # the model is whole again, and a split outside the layers is named
+    assert len(base.get_decoder().layers) == 2 and not isinstance(base.get_decoder().norm, torch.nn.Identity)
+    with pytest.raises(ValueError, match="split 2 must be inside"):
+        bottom_states(base, seqs, 2, pad_token_id=tok.pad_token_id)

@@ -20,6 +20,7 @@ from torch import nn
 from qtarget.lab.finetune import finetune
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.task import LabTask
+from qtarget.lab.trunk import bottom_states
 from qtarget.models.cache import atomic_dir, cache_root, file_lock
 from qtarget.models.load import load_model
 
@@ -66,8 +67,16 @@ def obtain_teacher(settings: LabSettings, base: nn.Module, tokenizer, task: LabT
         return teacher, info
 
     examples = make_examples(settings.teacher_examples, TEACHER_DATA_SEED)
+    # like every student, the teacher trains its top layers on the frozen trunk, computed once (the same run
+    # as full forwards up to float rounding, `tests/test_lab_trunk.py`)
+    layers = len(base.get_decoder().layers)
+    trunk = None
+    if 0 < settings.train_top_layers < layers:
+        trunk = bottom_states(base, [e["input_ids"] for e in examples], layers - settings.train_top_layers,
+                              pad_token_id=tokenizer.pad_token_id, batch_size=settings.score_batch_size)
     teacher, run = finetune(settings, base, tokenizer, examples, "sft", seed=TEACHER_DATA_SEED % 1000,
-                            output_dir=work_dir, steps=settings.teacher_steps, on_step=on_step)
+                            output_dir=work_dir, steps=settings.teacher_steps, on_step=on_step, trunk=trunk)
+    run["seconds"] = time.perf_counter() - t0
     info.update(cached=False, seconds=run["seconds"], history=run["history"], trained_seconds=run["seconds"])
     if use_cache:
         with file_lock(folder.parent / f".{folder.name}.lock"):

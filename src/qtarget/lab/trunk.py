@@ -7,7 +7,8 @@ the top layers alone.
 the library's collator pads) it returns that sequence's stored hidden states. `TopOnly(model, lookup, split)`
 swaps it in and keeps only decoder layers split.. for the duration of a `with` block, so the library's own
 trainer (and any reference model given the same view) runs the top layers only; leaving the block puts the
-embeddings and every layer back.
+embeddings and every layer back. `bottom_states(model, sequences, split)` computes a trunk without scoring
+anything (the target_sft teacher's demonstrations: the lab trains the teacher on its own trunk too).
 """
 from __future__ import annotations
 
@@ -51,6 +52,38 @@ class TrunkLookup(nn.Module):
             h = self.lookup(row)
             out[i, :h.shape[0]] = h
         return out
+
+
+@torch.no_grad()
+def bottom_states(model: nn.Module, sequences: Sequence[Sequence[int]], split: int, *, pad_token_id: int,
+                  batch_size: int = 16) -> TrunkLookup:
+    """The hidden states entering decoder layer `split` of `model` for each token sequence (only the
+    embeddings and layers ..split-1 run), as a `TrunkLookup`. Batches of similar length, right-padded."""
+    decoder = model.get_decoder()
+    layers, norm = decoder.layers, decoder.norm
+    if not 0 < split < len(layers):
+        raise ValueError(f"bottom_states: split {split} must be inside the model's {len(layers)} layers")
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    states: list[torch.Tensor | None] = [None] * len(sequences)
+    was_training = model.training
+    model.eval()
+    decoder.layers, decoder.norm = nn.ModuleList(list(layers)[:split]), nn.Identity()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(sequences[i]) for i in idx)
+            ids = torch.full((len(idx), width), int(pad_token_id), dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, i in enumerate(idx):
+                ids[j, :len(sequences[i])] = torch.tensor(list(sequences[i]), dtype=torch.long)
+                mask[j, :len(sequences[i])] = 1
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            for j, i in enumerate(idx):
+                states[i] = hidden[j, :len(sequences[i])]
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+        model.train(was_training)
+    return TrunkLookup(sequences, states, pad_token_id)  # type: ignore[arg-type]
 
 
 class TopOnly:
