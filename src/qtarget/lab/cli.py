@@ -10,6 +10,7 @@ from pathlib import Path
 from qtarget import cli
 from qtarget.lab.builtin_tasks import BUILTIN_TASKS
 from qtarget.lab.report import claims_table, metric_table, task_view
+from qtarget.lab.precision import PRECISIONS
 from qtarget.lab.runner import rerender, run_lab
 from qtarget.lab.settings import OBJECTIVES
 from qtarget.lab.sweep import parse_sweep
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=None, help="generation limit per answer")
     p.add_argument("--n_boot", type=int, default=None, help="bootstrap replicates per interval (default 2000)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="matrix products in bf16 (torch.autocast; float32 weights, optimizer and loss math) or "
+                        "fp32, the same for the base model and every row; default bf16")
     p.add_argument("--no_teacher_cache", action="store_true", help="train the target_sft teacher again and do "
                                                                   "not read or write its cache")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, train_examples=args.train_examples, learning_rate=args.learning_rate,
         train_top_layers=args.train_top_layers, eval_in_domain=args.eval_in_domain, rank_items=args.rank_items,
         ood_texts=args.ood_texts, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, threads=args.threads,
-        sweep=sweep, max_length=args.max_length)
+        sweep=sweep, max_length=args.max_length, precision=args.precision)
     settings, task, teacher, notes = setup_user_lab(
         model=args.model, dataset=args.dataset, preset=preset, overrides=overrides, teacher=args.teacher,
         answer_column=args.answer_column, split=args.dataset_split, config=args.dataset_config)

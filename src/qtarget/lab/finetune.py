@@ -19,6 +19,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from qtarget.data import ExampleDataset
+from qtarget.lab.precision import compute_context
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.trunk import TopOnly, TrunkLookup
 from qtarget.models.head import head_rows
@@ -106,7 +107,8 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
 
     `trunk` (the base's hidden states entering the first trained layer, for every training sequence): the
     student and the reference then run the trained top layers only (`qtarget.lab.trunk`), the same numbers
-    up to float rounding at a fraction of the cost. `on_checkpoint(step, model)` runs after each step in
+    up to float rounding at a fraction of the cost. Matrix products run in `settings.precision`
+    (`qtarget.lab.precision`), the same for every row. `on_checkpoint(step, model)` runs after each step in
     `checkpoints` with the full model in eval-ready form (the lab's learning curves).
     Returns (model, {history, seconds, params, ...})."""
     model = copy.deepcopy(base)
@@ -119,9 +121,10 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
     if "teacher" in needs:
         if teacher is None:
             raise ValueError(f"{objective} needs the lab's teacher model")
-        folder = cache_folder(Path(output_dir).parent / "teacher-caches", teacher, train_examples, top_k=TEACHER_TOP_K)
-        build_cache(teacher, tokenizer, train_examples, folder, top_k=TEACHER_TOP_K, vocab_size=head_rows(base),
-                    progress=False)
+        folder = cache_folder(Path(output_dir).parent / f"teacher-caches-{settings.precision}", teacher, train_examples, top_k=TEACHER_TOP_K)
+        with compute_context(settings.precision, teacher):
+            build_cache(teacher, tokenizer, train_examples, folder, top_k=TEACHER_TOP_K, vocab_size=head_rows(base),
+                        progress=False)
         config.teacher_cache, config.teacher_tail = str(folder), TEACHER_TAIL
         cache_info = {"top_k": TEACHER_TOP_K, "tail": TEACHER_TAIL, "seconds": time.perf_counter() - t0}
     # the Trainer prints every log dict to stdout; the lab shows one progress display instead (the
@@ -138,6 +141,7 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
 
     callback = StepCallback(on_step, checkpoints, checkpoint if on_checkpoint else None)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.ExitStack() as stack:
+        stack.enter_context(compute_context(settings.precision, model))
         for view in views:
             stack.enter_context(view)
         result = train(config, model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train_examples),

@@ -265,9 +265,16 @@ def _run_text(results: dict[str, Any], s: dict[str, Any], model: dict[str, Any])
         f"{s['steps']} optimizer steps of {s['batch_size']} demonstrations, AdamW lr {s['learning_rate']:g}, "
         f"{s['lr_scheduler']} schedule with {s['warmup_ratio']:.0%} warm-up, max grad norm 1; only the top "
         f"{s['train_top_layers'] or 'all'} of {model['layers']} decoder layers (and the final norm) train "
-        f"({_trainable_text(first)}).{curve}",
+        f"({_trainable_text(first)}); {_precision_text(s)}.{curve}",
         "- **Rows**: " + "; ".join(_row_text(name, row, s) for name, row in first["rows"].items()) + "."]
     return lines
+
+
+def _precision_text(s: dict[str, Any]) -> str:
+    if s.get("precision", "fp32") == "fp32":
+        return "everything in float32"
+    return ("matrix products in bfloat16 (torch.autocast; float32 weights, optimizer state and loss math), for "
+            "training, scoring and generation alike, base model included")
 
 
 def _fmt_counts(d: dict[str, float]) -> str:
@@ -290,10 +297,19 @@ def _time_text(results: dict[str, Any]) -> str:
     runs = [r for e in results["per_task"].values() for row in e["rows"].values() for r in row["runs"]]
     train = sum(r.get("train_seconds") or 0 for r in runs)
     evals = sum(r.get("eval_seconds") or 0 for r in runs)
-    text += f" Training {train:.0f} s, measuring {evals:.0f} s in all."
+    text += f" Training {train:.0f} s, measuring {evals:.0f} s in all"
+    if any("gen_seconds" in r for r in runs):
+        part = {k: sum(r.get(k) or 0 for r in runs) for k in ("checkpoint_seconds", "score_seconds", "gen_seconds")}
+        text += (f" (training includes {part['checkpoint_seconds']:.0f} s of teacher-forced scoring at the "
+                 f"learning-curve checkpoints; measuring: {part['score_seconds']:.0f} s teacher-forced scoring, "
+                 f"{part['gen_seconds']:.0f} s generation)")
+    text += "."
     if "cpu" in t:
         text += (f" The process used {t['cpu']:.0f} CPU-seconds (≈ {t['cpu'] / threads:.0f} s of wall time on "
                  f"{threads} otherwise idle core(s)).")
+    if "load_start" in t:
+        text += (f" The machine's load (1-minute average) was {t['load_start']:.1f} when the run started and "
+                 f"{t['load_end']:.1f} when it ended.")
     return text
 
 

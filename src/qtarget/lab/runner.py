@@ -29,6 +29,7 @@ from qtarget.lab.builtin_tasks import build_task
 from qtarget.lab.evaldata import EvalData, settings_seeds, tokenize
 from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import generation_items, trunk_split
+from qtarget.lab.precision import compute_context, generation_model
 from qtarget.lab.report import write_outputs
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.task import LabTask
@@ -126,6 +127,7 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     cpu_start = time.process_time()
+    load_start = os.getloadavg()[0]
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     _quiet_libraries()
@@ -166,6 +168,8 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
     # CPU seconds of this process (all threads): on a machine shared with other jobs, cpu / threads is
     # about what the wall time would be on otherwise idle cores
     timings["cpu"] = time.process_time() - cpu_start
+    # the machine's 1-minute load average when the run started and ended (other jobs slow a run down)
+    timings["load_start"], timings["load_end"] = load_start, os.getloadavg()[0]
     results.update(timings=timings, torch_threads=settings.threads)
     write_outputs(results, out)
     return results
@@ -188,7 +192,8 @@ class TaskRun:
         settings, bar, base, tokenizer = self.settings, self.bar, self.base, self.tokenizer
         bar.phase(f"[{task.name}] teacher-forced scoring of the base model")
         t0 = time.perf_counter()
-        data = EvalData(settings, task, base, tokenizer, self.split)
+        with compute_context(settings.precision, base):
+            data = EvalData(settings, task, base, tokenizer, self.split)
         timings[f"{task.name}.base_scoring"] = time.perf_counter() - t0
         bar.note(f"[{task.name}] prior profile: base p_y mean {data.prior['mean']:.3f}, median "
                  f"{data.prior['median']:.3f}, share of tokens with p_y < {data.prior['low']:g}: "
@@ -202,17 +207,20 @@ class TaskRun:
             for k, v in values.items():
                 table.setdefault(k, []).append(np.round(np.asarray(v, dtype=np.float64), 6).tolist())
 
-        def measure(model, name: str, seed: int | None) -> float:
+        def measure(model, name: str, seed: int | None) -> dict[str, float]:
             t = time.perf_counter()
             bar.phase(f"[{task.name}] scoring {name}")
-            values = data.teacher_forced(model, seed)
+            with compute_context(settings.precision, base):
+                values = data.teacher_forced(model, seed)
+            scored = time.perf_counter()
             bar.step()
             if model is not None:
                 record(curves.setdefault(name, {}).setdefault(str(settings.steps), {}), values)
             bar.phase(f"[{task.name}] generating with {name}")
-            gen = generation_items(base if model is None else model, tokenizer, task,
-                                   max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size,
-                                   seed=settings.seed)
+            with compute_context(settings.precision, base):
+                gen = generation_items(generation_model(base if model is None else model, settings.precision),
+                                       tokenizer, task, max_new_tokens=settings.max_new_tokens,
+                                       batch_size=settings.eval_batch_size, seed=settings.seed)
             bar.step()
             responses.setdefault(name, []).append(gen.pop("responses"))
             values.update({f"gen.{k}": v for k, v in gen.items()})
@@ -225,9 +233,10 @@ class TaskRun:
                 note += (f", gain corrupt {values['noise.corrupt'].mean():+.3f} / clean "
                          f"{values['noise.clean'].mean():+.3f}")
             bar.note(note + f"  [{time.perf_counter() - self.t_start:.0f} s]")
-            return time.perf_counter() - t
+            end = time.perf_counter()
+            return {"eval_seconds": end - t, "score_seconds": scored - t, "gen_seconds": end - scored}
 
-        rows["base"] = {"objective": None, "args": {}, "runs": [{"seed": None, "eval_seconds": measure(None, "base", None)}]}
+        rows["base"] = {"objective": None, "args": {}, "runs": [{"seed": None, **measure(None, "base", None)}]}
         teacher, teacher_info = self._teacher(task, timings)
         checkpoints = checkpoint_steps(settings)
         for s in settings_seeds(settings):
@@ -235,19 +244,24 @@ class TaskRun:
             for name, objective, args in settings.runs():
                 bar.phase(f"[{task.name}] training {name} (seed {s})")
 
+                checkpoint_seconds = [0.0]
+
                 def checkpoint(step: int, model, name=name, seed=s) -> None:
+                    t = time.perf_counter()
                     bar.phase(f"[{task.name}] {name} (seed {seed}): teacher-forced metrics after step {step}")
                     record(curves.setdefault(name, {}).setdefault(str(step), {}), data.teacher_forced(model, seed))
                     bar.step()
+                    checkpoint_seconds[0] += time.perf_counter() - t
 
                 model, run = finetune(settings, base, tokenizer, data.train_examples[s], objective, seed=s,
                                       output_dir=self.out / "runs" / task.name / f"{name.replace(' ', '_')}-seed{s}",
                                       objective_args=args, teacher=teacher, on_step=bar.step, trunk=trunk,
                                       checkpoints=checkpoints[:-1], on_checkpoint=checkpoint)
                 changed = _changed_fraction(base, model)
-                eval_seconds = measure(model, name, s)
+                seconds = measure(model, name, s)
                 rows.setdefault(name, {"objective": objective, "args": args, "runs": []})["runs"].append(
-                    {"seed": s, "history": run["history"], "train_seconds": run["seconds"], "eval_seconds": eval_seconds,
+                    {"seed": s, "history": run["history"], "train_seconds": run["seconds"], **seconds,
+                     "checkpoint_seconds": checkpoint_seconds[0],
                      "params": run["params"], "changed_param_tensors": changed, "psft_refreshes": run["psft_refreshes"],
                      "teacher_cache": run.get("teacher_cache")})
                 del model

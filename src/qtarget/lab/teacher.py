@@ -18,6 +18,7 @@ from typing import Any, Callable
 from torch import nn
 
 from qtarget.lab.finetune import finetune
+from qtarget.lab.precision import compute_context
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.task import LabTask
 from qtarget.lab.trunk import bottom_states
@@ -25,7 +26,7 @@ from qtarget.models.cache import atomic_dir, cache_root, file_lock
 from qtarget.models.load import load_model
 
 TEACHER_KEYS = ("model", "teacher_examples", "teacher_steps", "batch_size", "learning_rate", "warmup_ratio",
-                "lr_scheduler", "weight_decay", "train_top_layers", "max_length")
+                "lr_scheduler", "weight_decay", "train_top_layers", "max_length", "precision")
 TEACHER_DATA_SEED = 7_000_000  # the teacher's problems: a stream no student or eval set uses
 
 
@@ -72,8 +73,9 @@ def obtain_teacher(settings: LabSettings, base: nn.Module, tokenizer, task: LabT
     layers = len(base.get_decoder().layers)
     trunk = None
     if 0 < settings.train_top_layers < layers:
-        trunk = bottom_states(base, [e["input_ids"] for e in examples], layers - settings.train_top_layers,
-                              pad_token_id=tokenizer.pad_token_id, batch_size=settings.score_batch_size)
+        with compute_context(settings.precision, base):
+            trunk = bottom_states(base, [e["input_ids"] for e in examples], layers - settings.train_top_layers,
+                                  pad_token_id=tokenizer.pad_token_id, batch_size=settings.score_batch_size)
     teacher, run = finetune(settings, base, tokenizer, examples, "sft", seed=TEACHER_DATA_SEED % 1000,
                             output_dir=work_dir, steps=settings.teacher_steps, on_step=on_step, trunk=trunk)
     run["seconds"] = time.perf_counter() - t0
