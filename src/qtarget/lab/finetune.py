@@ -19,6 +19,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from qtarget.data import ExampleDataset
+from qtarget.lab.metrics import shares_trunk
 from qtarget.lab.precision import compute_context
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.trunk import TopOnly, TrunkLookup
@@ -117,20 +118,28 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
     config = train_config(settings, objective, seed, output_dir, steps=steps, objective_args=objective_args)
     needs = config.objective_needs
     t0 = time.perf_counter()
+    split = len(model.get_decoder().layers) - settings.train_top_layers
+    use_trunk = trunk is not None and settings.train_top_layers > 0
     cache_info = None
     if "teacher" in needs:
         if teacher is None:
             raise ValueError(f"{objective} needs the lab's teacher model")
-        folder = cache_folder(Path(output_dir).parent / f"teacher-caches-{settings.precision}", teacher, train_examples, top_k=TEACHER_TOP_K)
-        with compute_context(settings.precision, teacher):
+        folder = cache_folder(Path(output_dir).parent / f"teacher-caches-{settings.precision}", teacher,
+                              train_examples, top_k=TEACHER_TOP_K)
+        # a teacher that shares the base's frozen trunk (the lab's own: SFT of the same top layers) runs its
+        # top layers only, on the trunk the students train on
+        on_trunk = use_trunk and shares_trunk(base, teacher, split)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(compute_context(settings.precision, teacher))
+            if on_trunk:
+                stack.enter_context(TopOnly(teacher, trunk, split))
             build_cache(teacher, tokenizer, train_examples, folder, top_k=TEACHER_TOP_K, vocab_size=head_rows(base),
                         progress=False)
         config.teacher_cache, config.teacher_tail = str(folder), TEACHER_TAIL
-        cache_info = {"top_k": TEACHER_TOP_K, "tail": TEACHER_TAIL, "seconds": time.perf_counter() - t0}
+        cache_info = {"top_k": TEACHER_TOP_K, "tail": TEACHER_TAIL, "seconds": time.perf_counter() - t0,
+                      "on_trunk": on_trunk}
     # the Trainer prints every log dict to stdout; the lab shows one progress display instead (the
     # per-step metrics are kept in the history and in output_dir/metrics.jsonl)
-    split = len(model.get_decoder().layers) - settings.train_top_layers
-    use_trunk = trunk is not None and settings.train_top_layers > 0
     views = [TopOnly(m, trunk, split) for m in ([model, base] if "ref" in needs else [model])] if use_trunk else []
 
     def checkpoint(step: int) -> None:
