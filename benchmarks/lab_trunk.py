@@ -3,7 +3,7 @@
 
 1. training: the same `--steps` optimizer steps of the lab's trainer on the same demonstrations, with full
    float32 forwards (the baseline), on the frozen trunk computed once (float32), and on the trunk with bf16
-   matrix products (`--precision bf16`, the lab's default); for sft and asft (whose frozen reference also
+   matrix products and eager attention (`--precision bf16`, the lab's default); for sft and asft (whose frozen reference also
    runs on the trunk). Seconds per step, the speed-up over the baseline, and the largest difference of the
    logged losses from the baseline's;
 2. teacher-forced scoring of a trained model over the lab's evaluation sequences: full forwards vs the top
@@ -33,9 +33,15 @@ from qtarget.lab.builtin_tasks import build_task
 from qtarget.lab.evaldata import tokenize
 from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import Scorer, chat_sequence, generation_items, trunk_split
-from qtarget.lab.precision import compute_context, generation_model
+from qtarget.lab.precision import compute_context, generation_model, prepare_model
 from qtarget.lab.runner import _quiet_libraries, load_base
 from qtarget.lab.settings import settings_for
+
+
+def use_precision(model, precision: str) -> None:
+    """The lab's set-up of `model` for `precision` (eager attention for bf16 on a CPU, SDPA otherwise)."""
+    model.set_attn_implementation("sdpa")
+    prepare_model(model, precision)
 
 
 class Clock:
@@ -78,6 +84,7 @@ def main() -> None:
             for label, precision, on_trunk in variants:
                 s = settings_for("default", steps=args.steps, train_examples=8 * args.steps,
                                  train_top_layers=args.top, precision=precision)
+                use_precision(base, precision)
                 with Clock() as c:
                     model, run = finetune(s, base, tok, examples, objective, 0, Path(tmp) / f"{objective}-{label}",
                                           trunk=trunk if on_trunk else None)
@@ -96,6 +103,8 @@ def main() -> None:
     scored = {}
     for label, precision, on_trunk in (("full fp32", "fp32", False), ("trunk fp32", "fp32", True),
                                        ("trunk bf16", "bf16", True)):
+        use_precision(base, precision)
+        use_precision(trained, precision)
         with compute_context(precision, base):
             scorer = Scorer(base, seqs, pad_token_id=tok.pad_token_id, split=split if on_trunk else None)
             with Clock() as c:
@@ -111,6 +120,7 @@ def main() -> None:
     print(f"\n3. greedy generation, {len(task.generation)} problems, at most {settings.max_new_tokens} new tokens")
     gens = {}
     for precision in ("fp32", "bf16"):
+        use_precision(trained, precision)
         with compute_context(precision, base), Clock() as c:
             g = generation_items(generation_model(trained, precision), tok, task,
                                  max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size, seed=0)

@@ -10,7 +10,7 @@ import torch
 from qtarget.lab import tasks
 from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import Scorer, trunk_split
-from qtarget.lab.precision import compute_context, generation_model
+from qtarget.lab.precision import compute_context, generation_model, prepare_model
 from qtarget.lab.runner import load_base, tokenize
 from qtarget.lab.settings import settings_for
 
@@ -95,3 +95,18 @@ def test_bf16_training_tracks_the_float32_run(setup, tmp_path):
 def test_a_bad_precision_is_named():
     with pytest.raises(ValueError, match="--precision must be one of bf16, fp32"):
         settings_for("tiny", precision="fp16")
+
+
+def test_bf16_on_a_cpu_uses_eager_attention_with_the_same_math(setup):
+    _, base, tok, examples = setup
+    model = generation_model(base, "bf16")  # a copy to switch
+    assert prepare_model(model, "fp32").config._attn_implementation == base.config._attn_implementation
+    ids = torch.tensor([examples[0]["input_ids"], examples[1]["input_ids"][:len(examples[0]["input_ids"])]])
+    with torch.no_grad(), compute_context("bf16", model):
+        sdpa = model(input_ids=ids).logits.float()
+        prepare_model(model, "bf16")
+        assert model.config._attn_implementation == "eager"
+        eager = model(input_ids=ids).logits.float()
+    # the same attention: only the order of bf16 roundings differs
+    assert (eager - sdpa).abs().max() <= 16 * U * sdpa.abs().max()
+    assert base.config._attn_implementation != "eager"

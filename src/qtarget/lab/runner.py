@@ -29,7 +29,7 @@ from qtarget.lab.builtin_tasks import build_task
 from qtarget.lab.evaldata import EvalData, settings_seeds, tokenize
 from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import generation_items, trunk_split
-from qtarget.lab.precision import compute_context, generation_model
+from qtarget.lab.precision import compute_context, generation_model, prepare_model
 from qtarget.lab.report import write_outputs
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.task import LabTask
@@ -135,6 +135,7 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
     try:
         t0 = time.perf_counter()
         base, tokenizer, model_info = load_base(settings)
+        prepare_model(base, settings.precision)
         timings["load_model"] = time.perf_counter() - t0
         if task is None:
             lab_tasks = [build_task(name, settings) for name in settings.tasks]
@@ -271,6 +272,8 @@ class TaskRun:
     def _teacher(self, task: LabTask, timings: dict[str, float]):
         settings = self.settings
         if self.given_teacher is not None:
+            if self.given_teacher[0] is not None:
+                prepare_model(self.given_teacher[0], settings.precision)
             return self.given_teacher
         if not settings.needs_teacher:
             return None, None
@@ -285,7 +288,7 @@ class TaskRun:
             work_dir=self.out / "runs" / task.name / "teacher", cache_dir=self.cache_path,
             use_cache=self.use_teacher_cache, on_step=self.bar.step)
         timings[f"{task.name}.teacher"] = info["seconds"]
-        return teacher, info
+        return prepare_model(teacher, settings.precision), info
 
 
 def _data_summary(settings: LabSettings, task: LabTask, data: EvalData, split: int | None) -> dict[str, Any]:
