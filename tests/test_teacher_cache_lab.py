@@ -8,6 +8,7 @@ import torch
 
 from qtarget.lab import tasks
 from qtarget.lab.finetune import TEACHER_TOP_K, finetune
+from qtarget.lab.precision import compute_context
 from qtarget.lab.runner import load_base, tokenize
 from qtarget.lab.settings import settings_for
 from qtarget.models.load import freeze
@@ -25,12 +26,12 @@ def test_lab_target_sft_reads_its_teacher_from_a_cache(tmp_path):
     run_dir = tmp_path / "runs" / "target_sft-seed0"
     model, info = finetune(settings, base, tok, examples, "target_sft", 0, run_dir, teacher=teacher)
     assert info["teacher_cache"]["top_k"] == TEACHER_TOP_K and info["steps"] == settings.steps
-    (folder,) = (tmp_path / "runs" / "teacher-caches").iterdir()
+    (folder,) = (tmp_path / "runs" / f"teacher-caches-{settings.precision}").iterdir()
     cache = TeacherCache(folder)
     row = cache.row("train", 0)
     # the cached top-1 of the first supervised token is the teacher's own argmax there
     batch = {"input_ids": torch.tensor([examples[0]["input_ids"]])}
-    with torch.no_grad():
+    with torch.no_grad(), compute_context(settings.precision, teacher):  # the precision the cache was built in
         logits = teacher(**batch).logits[0]
     t = int(row.positions[0])
     assert examples[0]["labels"][t] != -100
