@@ -7,7 +7,8 @@
    runs on the trunk). Seconds per step, the speed-up over the baseline, and the largest difference of the
    logged losses from the baseline's;
 2. teacher-forced scoring of a trained model over the lab's evaluation sequences: full forwards vs the top
-   layers on the trunk, float32 vs bf16; the largest per-token log-prob difference from float32;
+   layers on the trunk, float32 vs bf16 (through the pre-cast copy, as the lab scores; the copy's cost
+   included); the largest and mean per-token log-prob difference from float32;
 3. greedy generation of the held-out problems: float32 vs the bf16 copy (`qtarget.lab.precision`): seconds
    and the share of answers identical to float32's.
 
@@ -33,7 +34,7 @@ from qtarget.lab.builtin_tasks import build_task
 from qtarget.lab.evaldata import tokenize
 from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import Scorer, chat_sequence, generation_items, trunk_split
-from qtarget.lab.precision import compute_context, generation_model, prepare_model
+from qtarget.lab.precision import compute_context, inference_model, prepare_model
 from qtarget.lab.runner import _quiet_libraries, load_base
 from qtarget.lab.settings import settings_for
 
@@ -105,10 +106,11 @@ def main() -> None:
                                        ("trunk bf16", "bf16", True)):
         use_precision(base, precision)
         use_precision(trained, precision)
-        with compute_context(precision, base):
-            scorer = Scorer(base, seqs, pad_token_id=tok.pad_token_id, split=split if on_trunk else None)
+        with compute_context(precision, base):  # as the lab scores: bf16 through the pre-cast copies
+            scorer = Scorer(inference_model(base, precision), seqs, pad_token_id=tok.pad_token_id,
+                            split=split if on_trunk else None)
             with Clock() as c:
-                out = scorer.score(trained)
+                out = scorer.score(inference_model(trained, precision))
         scored[label] = (c, np.concatenate([o.logp for o in out]))
     ref_c, ref = scored["full fp32"]
     tokens = sum(len(s["input_ids"]) for s in seqs)
@@ -122,7 +124,7 @@ def main() -> None:
     for precision in ("fp32", "bf16"):
         use_precision(trained, precision)
         with compute_context(precision, base), Clock() as c:
-            g = generation_items(generation_model(trained, precision), tok, task,
+            g = generation_items(inference_model(trained, precision), tok, task,
                                  max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size, seed=0)
         gens[precision] = (c, g)
     (c32, g32), (c16, g16) = gens["fp32"], gens["bf16"]

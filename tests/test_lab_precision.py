@@ -3,6 +3,8 @@ row. The generation copy computes exactly what autocast computes on the float32 
 in bf16 stay within bf16 rounding of float32 (bounds below); bad values are named."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from qtarget.lab import tasks
 from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import Scorer, trunk_split
-from qtarget.lab.precision import compute_context, generation_model, prepare_model
+from qtarget.lab.precision import compute_context, inference_model, prepare_model
 from qtarget.lab.runner import load_base, tokenize
 from qtarget.lab.settings import settings_for
 
@@ -29,8 +31,8 @@ def setup():
 def test_generation_copy_is_autocast_bit_for_bit_and_leaves_the_model_alone(setup):
     _, base, tok, examples = setup
     tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
-    fast = generation_model(base, "bf16")
-    assert generation_model(base, "fp32") is base
+    fast = inference_model(base, "bf16")
+    assert inference_model(base, "fp32") is base
     ids = torch.tensor([examples[0]["input_ids"]])
     with torch.no_grad(), compute_context("bf16", base):
         want = base(input_ids=ids).logits
@@ -99,7 +101,7 @@ def test_a_bad_precision_is_named():
 
 def test_bf16_on_a_cpu_uses_eager_attention_with_the_same_math(setup):
     _, base, tok, examples = setup
-    model = generation_model(base, "bf16")  # a copy to switch
+    model = inference_model(base, "bf16")  # a copy to switch
     assert prepare_model(model, "fp32").config._attn_implementation == base.config._attn_implementation
     ids = torch.tensor([examples[0]["input_ids"], examples[1]["input_ids"][:len(examples[0]["input_ids"])]])
     with torch.no_grad(), compute_context("bf16", model):
@@ -110,3 +112,24 @@ def test_bf16_on_a_cpu_uses_eager_attention_with_the_same_math(setup):
     # the same attention: only the order of bf16 roundings differs
     assert (eager - sdpa).abs().max() <= 16 * U * sdpa.abs().max()
     assert base.config._attn_implementation != "eager"
+
+
+def test_the_precast_frozen_head_trains_exactly_as_autocast_does(setup, tmp_path, monkeypatch):
+    import contextlib
+
+    import qtarget.lab.finetune as finetune_module
+
+    _, base, tok, examples = setup
+    tied_base = copy.deepcopy(base)
+    tied_base.get_output_embeddings().weight = tied_base.get_input_embeddings().weight  # tied, as SmolLM2's
+    s = settings_for("tiny", steps=3, train_top_layers=1, precision="bf16")
+    seen = []
+    fast_model, fast = finetune(s, tied_base, tok, examples, "sft", 0, tmp_path / "fast", checkpoints=(2,),
+                       on_checkpoint=lambda step, m: seen.append(m.get_output_embeddings().weight.dtype))
+    monkeypatch.setattr(finetune_module, "bf16_head", lambda model, precision: contextlib.nullcontext())
+    model, plain = finetune(s, tied_base, tok, examples, "sft", 0, tmp_path / "plain")
+    assert seen == [torch.bfloat16]  # the head held its bf16 copy during training
+    assert [h["loss"] for h in fast["history"]] == [h["loss"] for h in plain["history"]]
+    # and its own, tied weight afterwards
+    for m in (fast_model, model):
+        assert m.get_output_embeddings().weight is m.get_input_embeddings().weight

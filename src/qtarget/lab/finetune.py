@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from qtarget.data import ExampleDataset
 from qtarget.lab.metrics import shares_trunk
-from qtarget.lab.precision import compute_context
+from qtarget.lab.precision import bf16_head, compute_context, inference_model
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.trunk import TopOnly, TrunkLookup
 from qtarget.models.head import head_rows
@@ -101,7 +101,7 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
              steps: int | None = None, objective_args: dict[str, Any] | None = None,
              on_step: Callable[[], None] | None = None, trunk: TrunkLookup | None = None,
              checkpoints: Sequence[int] = (), on_checkpoint: Callable[[int, nn.Module], None] | None = None,
-             ) -> tuple[nn.Module, dict[str, Any]]:
+             ref_model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune a copy of `base` with `objective`. The frozen `base` itself is the reference (pi_base)
     of objectives that have one; `teacher` (the target_sft teacher) is run once over `train_examples` into
     a top-k cache next to `output_dir`, and training reads the cache.
@@ -110,7 +110,9 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
     student and the reference then run the trained top layers only (`qtarget.lab.trunk`), the same numbers
     up to float rounding at a fraction of the cost. Matrix products run in `settings.precision`
     (`qtarget.lab.precision`), the same for every row. `on_checkpoint(step, model)` runs after each step in
-    `checkpoints` with the full model in eval-ready form (the lab's learning curves).
+    `checkpoints` with the full model in eval-ready form (the lab's learning curves). `ref_model`: the
+    reference of objectives that have one (default `base`; the lab passes `base`'s
+    `qtarget.lab.precision.inference_model`, the same numbers without casting its weights every step).
     Returns (model, {history, seconds, params, ...})."""
     model = copy.deepcopy(base)
     params = set_trainable(model, settings.train_top_layers)
@@ -129,18 +131,21 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
         # a teacher that shares the base's frozen trunk (the lab's own: SFT of the same top layers) runs its
         # top layers only, on the trunk the students train on
         on_trunk = use_trunk and shares_trunk(base, teacher, split)
+        fast_teacher = inference_model(teacher, settings.precision)
         with contextlib.ExitStack() as stack:
             stack.enter_context(compute_context(settings.precision, teacher))
             if on_trunk:
-                stack.enter_context(TopOnly(teacher, trunk, split))
-            build_cache(teacher, tokenizer, train_examples, folder, top_k=TEACHER_TOP_K, vocab_size=head_rows(base),
-                        progress=False)
+                stack.enter_context(TopOnly(fast_teacher, trunk, split))
+            build_cache(fast_teacher, tokenizer, train_examples, folder, top_k=TEACHER_TOP_K,
+                        vocab_size=head_rows(base), progress=False)
+        del fast_teacher
         config.teacher_cache, config.teacher_tail = str(folder), TEACHER_TAIL
         cache_info = {"top_k": TEACHER_TOP_K, "tail": TEACHER_TAIL, "seconds": time.perf_counter() - t0,
                       "on_trunk": on_trunk}
     # the Trainer prints every log dict to stdout; the lab shows one progress display instead (the
     # per-step metrics are kept in the history and in output_dir/metrics.jsonl)
-    views = [TopOnly(m, trunk, split) for m in ([model, base] if "ref" in needs else [model])] if use_trunk else []
+    ref = (base if ref_model is None else ref_model) if "ref" in needs else None
+    views = [TopOnly(m, trunk, split) for m in ([model] if ref is None else [model, ref])] if use_trunk else []
 
     def checkpoint(step: int) -> None:
         with contextlib.ExitStack() as full:
@@ -151,10 +156,11 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
     callback = StepCallback(on_step, checkpoints, checkpoint if on_checkpoint else None)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.ExitStack() as stack:
         stack.enter_context(compute_context(settings.precision, model))
+        stack.enter_context(bf16_head(model, settings.precision))
         for view in views:
             stack.enter_context(view)
         result = train(config, model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train_examples),
-                       ref=base if "ref" in needs else None, callbacks=[callback], save_final=False)
+                       ref=ref, callbacks=[callback], save_final=False)
     seconds = time.perf_counter() - t0
     freeze(model)
     if result.global_step != config.max_steps:

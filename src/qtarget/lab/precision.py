@@ -4,9 +4,11 @@ weights, optimizer state, residual stream, norms and loss math; `fp32` runs ever
 
 On a CPU with AVX512-BF16 the bf16 products are ~2-3x faster than float32 ones (measured in
 benchmarks/lab_trunk.py with the drift they cause; docs/lab.md). Autocast with frozen float32 weights casts
-them at every call, which costs most during generation (one token per call): `generation_model` gives a
-copy whose linear layers hold their bfloat16 weights already, so autocast's cast is a no-op and the
-numbers are the ones autocast gives the float32 model, bit for bit (tested). On a CPU, bf16 attention through
+them at every call (the 49,152 x 576 LM head alone: ~90 ms), which costs most during generation (one token
+per call) and scoring: `inference_model` gives a copy whose linear layers hold their bfloat16 weights
+already, so autocast's cast is a no-op and the numbers are the ones autocast gives the float32 model, bit
+for bit (tested); the lab scores, generates and runs frozen reference / teacher models through such copies,
+and `bf16_head` does the same for a training student's frozen LM head. On a CPU, bf16 attention through
 SDPA's fused kernel is slower than float32 (its backward ~3x, measured): `prepare_model` switches such a model
 to the eager attention (bf16 products, float32 softmax under autocast), 1.7x faster per training step than
 float32 where SDPA in bf16 gave 1.3x.
@@ -37,10 +39,11 @@ def compute_context(precision: str, model: nn.Module) -> contextlib.AbstractCont
     return torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False)
 
 
-def generation_model(model: nn.Module, precision: str) -> nn.Module:
+def inference_model(model: nn.Module, precision: str) -> nn.Module:
     """`model` itself (fp32), or a frozen copy whose nn.Linear weights (the LM head included, untied from the
     embedding, which stays float32) are bfloat16: under `compute_context` it computes what the float32
-    model computes under autocast, without casting every weight for every generated token."""
+    model computes under autocast, without casting every weight at every call (each generated token, each
+    scored batch). Its embedding and the residual stream stay float32, so a trunk read from it is float32."""
     if check_precision(precision) == "fp32":
         return model
     fast = copy.deepcopy(model)
@@ -62,3 +65,23 @@ def prepare_model(model: nn.Module, precision: str) -> nn.Module:
         else:  # pragma: no cover - older transformers
             model.config._attn_implementation = "eager"
     return model
+
+
+class bf16_head:  # noqa: N801 - a context manager used like a function
+    """`with bf16_head(model, precision):` a frozen LM head (tied to the frozen embedding in the lab) holds a
+    bfloat16 copy of its weight for the block — what autocast would cast it to at every step — and gets its
+    own weight back (the tie restored) on leaving. A trainable head, or fp32, is left alone."""
+
+    def __init__(self, model: nn.Module, precision: str) -> None:
+        self.head = model.get_output_embeddings()
+        self.active = (check_precision(precision) == "bf16" and self.head is not None
+                       and not self.head.weight.requires_grad)
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.weight = self.head.weight
+            self.head.weight = nn.Parameter(self.weight.detach().to(torch.bfloat16), requires_grad=False)
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            self.head.weight = self.weight

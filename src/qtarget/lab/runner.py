@@ -29,7 +29,7 @@ from qtarget.lab.builtin_tasks import build_task
 from qtarget.lab.evaldata import EvalData, settings_seeds, tokenize
 from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import generation_items, trunk_split
-from qtarget.lab.precision import compute_context, generation_model, prepare_model
+from qtarget.lab.precision import compute_context, inference_model, prepare_model
 from qtarget.lab.report import write_outputs
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.task import LabTask
@@ -188,13 +188,17 @@ class TaskRun:
         self.given_teacher = given_teacher
         self.out, self.cache_path, self.use_teacher_cache, self.t_start = out, cache_path, use_teacher_cache, t_start
         self.split = trunk_split(base, settings.train_top_layers)
+        # every no-grad pass of the base (scoring, generation, the reference in training) runs this copy: in bf16
+        # its linear layers hold their bf16 weights (qtarget.lab.precision.inference_model)
+        self.fast_base = inference_model(base, settings.precision)
 
     def __call__(self, task: LabTask, timings: dict[str, float]) -> dict[str, Any]:
         settings, bar, base, tokenizer = self.settings, self.bar, self.base, self.tokenizer
         bar.phase(f"[{task.name}] teacher-forced scoring of the base model")
         t0 = time.perf_counter()
+        fast_base = self.fast_base
         with compute_context(settings.precision, base):
-            data = EvalData(settings, task, base, tokenizer, self.split)
+            data = EvalData(settings, task, fast_base, tokenizer, self.split)
         timings[f"{task.name}.base_scoring"] = time.perf_counter() - t0
         bar.note(f"[{task.name}] prior profile: base p_y mean {data.prior['mean']:.3f}, median "
                  f"{data.prior['median']:.3f}, share of tokens with p_y < {data.prior['low']:g}: "
@@ -211,16 +215,16 @@ class TaskRun:
         def measure(model, name: str, seed: int | None) -> dict[str, float]:
             t = time.perf_counter()
             bar.phase(f"[{task.name}] scoring {name}")
+            fast = fast_base if model is None else inference_model(model, settings.precision)
             with compute_context(settings.precision, base):
-                values = data.teacher_forced(model, seed)
+                values = data.teacher_forced(None if model is None else fast, seed)
             scored = time.perf_counter()
             bar.step()
             if model is not None:
                 record(curves.setdefault(name, {}).setdefault(str(settings.steps), {}), values)
             bar.phase(f"[{task.name}] generating with {name}")
             with compute_context(settings.precision, base):
-                gen = generation_items(generation_model(base if model is None else model, settings.precision),
-                                       tokenizer, task, max_new_tokens=settings.max_new_tokens,
+                gen = generation_items(fast, tokenizer, task, max_new_tokens=settings.max_new_tokens,
                                        batch_size=settings.eval_batch_size, seed=settings.seed)
             bar.step()
             responses.setdefault(name, []).append(gen.pop("responses"))
@@ -250,14 +254,16 @@ class TaskRun:
                 def checkpoint(step: int, model, name=name, seed=s) -> None:
                     t = time.perf_counter()
                     bar.phase(f"[{task.name}] {name} (seed {seed}): teacher-forced metrics after step {step}")
-                    record(curves.setdefault(name, {}).setdefault(str(step), {}), data.teacher_forced(model, seed))
+                    with compute_context(settings.precision, base):
+                        values = data.teacher_forced(inference_model(model, settings.precision), seed)
+                    record(curves.setdefault(name, {}).setdefault(str(step), {}), values)
                     bar.step()
                     checkpoint_seconds[0] += time.perf_counter() - t
 
                 model, run = finetune(settings, base, tokenizer, data.train_examples[s], objective, seed=s,
                                       output_dir=self.out / "runs" / task.name / f"{name.replace(' ', '_')}-seed{s}",
                                       objective_args=args, teacher=teacher, on_step=bar.step, trunk=trunk,
-                                      checkpoints=checkpoints[:-1], on_checkpoint=checkpoint)
+                                      checkpoints=checkpoints[:-1], on_checkpoint=checkpoint, ref_model=fast_base)
                 changed = _changed_fraction(base, model)
                 seconds = measure(model, name, s)
                 rows.setdefault(name, {"objective": objective, "args": args, "runs": []})["runs"].append(

@@ -59,19 +59,19 @@ class LabSettings:
     weight_decay: float = 0.0
     train_top_layers: int = 6           # only the top k decoder layers (+ final norm) are trained
     psft_updates_per_batch: int = 4
-    curve_points: int = 4               # teacher-forced metrics after this many evenly spaced steps (the last: the end)
+    curve_points: int = 3               # teacher-forced metrics after this many evenly spaced steps (the last: the end)
     max_length: int = 192
     # teacher for target_sft: SFT of the base model on more, clean demonstrations (cached)
     teacher_examples: int = 256
     teacher_steps: int = 48
     # evaluation: generation (greedy accuracy)
-    eval_in_domain: int = 100           # held-out problems answered by generation (95 % half-width <= 0.1)
+    eval_in_domain: int = 60            # held-out problems answered by generation (95 % half-width <= 0.13)
     max_new_tokens: int = 40            # a well-formed answer here is <= ~32 tokens
-    eval_batch_size: int = 50
+    eval_batch_size: int = 60
     # evaluation: teacher-forced (no generation)
-    rank_items: int = 120               # held-out problems for answer ranking (and held-out entropy / NLL)
+    rank_items: int = 64                # held-out problems for answer ranking (and held-out entropy / NLL)
     rank_distractors: int = 2           # corrupted demonstrations ranked against the correct one
-    ood_texts: int = 100                # out-of-domain paragraphs for forgetting
+    ood_texts: int = 48                 # out-of-domain paragraphs for forgetting
     ood_max_tokens: int = 32
     score_batch_size: int = 16
     n_boot: int = 2000                  # bootstrap replicates per interval
@@ -158,11 +158,11 @@ def row_name(objective: str, args: dict[str, Any], sweep: tuple) -> str:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    # both tasks and every row, cut to what fits 5 minutes: 24 steps, 48 ranking items, 40 OOD paragraphs of
-    # 24 tokens, one intermediate checkpoint; the 20 generation problems are a check of the output format
-    # the teacher is the default preset's (one cached teacher per task serves every preset)
-    "quick": dict(steps=24, train_examples=96, eval_in_domain=20,
-                  eval_batch_size=20, rank_items=48, ood_texts=40, ood_max_tokens=24, curve_points=2),
+    # both tasks and every row, cut to what fits 5 minutes on 2 cores: 16 steps, 32 ranking items, 32 OOD
+    # paragraphs of 24 tokens, one intermediate checkpoint; the 20 generation problems are a check of the output
+    # format. The teacher is the default preset's (one cached teacher per task serves every preset)
+    "quick": dict(steps=16, train_examples=64, eval_in_domain=20, eval_batch_size=20, rank_items=32, ood_texts=32,
+                  ood_max_tokens=24, curve_points=2),
     # the default run over 3 training seeds (intervals then resample seeds too)
     "long": dict(seeds=3),
     # a random 2-layer model on the real tokenizer: the whole pipeline at toy scale, for the test suite

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from torch import nn
 
 from qtarget.lab.finetune import finetune
-from qtarget.lab.precision import compute_context
+from qtarget.lab.precision import compute_context, inference_model
 from qtarget.lab.settings import LabSettings
 from qtarget.lab.task import LabTask
 from qtarget.lab.trunk import bottom_states
@@ -74,7 +74,8 @@ def obtain_teacher(settings: LabSettings, base: nn.Module, tokenizer, task: LabT
     trunk = None
     if 0 < settings.train_top_layers < layers:
         with compute_context(settings.precision, base):
-            trunk = bottom_states(base, [e["input_ids"] for e in examples], layers - settings.train_top_layers,
+            trunk = bottom_states(inference_model(base, settings.precision), [e["input_ids"] for e in examples],
+                                  layers - settings.train_top_layers,
                                   pad_token_id=tokenizer.pad_token_id, batch_size=settings.score_batch_size)
     teacher, run = finetune(settings, base, tokenizer, examples, "sft", seed=TEACHER_DATA_SEED % 1000,
                             output_dir=work_dir, steps=settings.teacher_steps, on_step=on_step, trunk=trunk)
