@@ -76,6 +76,29 @@ def test_changed_tokens_mark_what_the_corruption_changed(tok, demos):
     assert digits_only >= 0.8 * sum(r["noise"] != "alternative" for r in rows)
 
 
+@pytest.mark.parametrize("task_name", ["glyph", "sum"])
+def test_changed_tokens_of_the_other_tasks_are_result_digits(tok, task_name):
+    """In glyph's compact notation (no spaces, ';' between steps) and in sum's, what a corruption changed is
+    result digits: the wrong ones of a corrupted demonstration, the right ones of a clean one (a carried error
+    changes every later result; where a result gains or loses a digit the alignment may take a neighbour)."""
+    from qtarget.lab.builtin_tasks import build_task
+    from qtarget.lab.settings import settings_for
+
+    task = build_task(task_name, settings_for("tiny"))
+    rows = [r for r in task.demonstrations(3, 40, 0.5) if r["noise"] != "alternative"]
+    marked = []
+    for r in rows:
+        seq = chat_sequence(tok, r["prompt"], r["response"], 192, instruction=task.instruction)
+        other = chat_sequence(tok, r["prompt"], r.get("counterfactual_response", r["clean_response"]), 192,
+                              instruction=task.instruction)
+        mask = changed_tokens(seq, other)
+        scored = [t for t in seq["labels"][1:] if t != IGNORE]
+        text = "".join(tok.decode([t]) for t, c in zip(scored, mask) if c)
+        assert mask.any() and any(c.isdigit() for c in text), (r["response"], text)
+        marked += [c for c in text if c != " "]
+    assert sum(c.isdigit() for c in marked) >= 0.9 * len(marked)
+
+
 def test_changed_tokens_of_an_inserted_digit(tok):
     a = chat_sequence(tok, "q", "8 - 2 = 6. The answer is 6.", 64, instruction=None)
     b = chat_sequence(tok, "q", "8 - 2 = 16. The answer is 16.", 64, instruction=None)

@@ -4,7 +4,7 @@ Phases: load the base model -> build the data and score it with the base model -
 (for target_sft; cached) -> for every seed and objective (or sweep point): fine-tune a fresh copy of the
 base, measure it -> statistics (`analysis`, `stats`) -> report.md, plots, results.json / results.csv.
 
-Data: a `qtarget.lab.task.LabTask` (default: the arithmetic task, `qtarget.lab.tasks.shop_task`) gives the
+Data: a `qtarget.lab.task.LabTask` (default: the built-in tasks of `settings.tasks`, `qtarget.lab.builtin_tasks`) gives the
 generation problems, the answer-ranking items, the out-of-domain paragraphs and, per training seed s,
 `train_examples` demonstrations (a `noise` share of them noisy, none evaluated); the target_sft teacher trains
 on the task's clean demonstrations from a separate stream (see `qtarget.lab.teacher`).
