@@ -25,7 +25,7 @@ from pathlib import Path
 from memory import reset_peak, rss_bytes  # benchmarks/memory.py (scripts run from this folder)
 
 OBJECTIVES = ["sft", "dft", "psft", "asft", "target_sft"]
-NEEDS_AUX_MODEL = {"asft": "ref", "target_sft": "teacher"}
+NEEDS_AUX_MODEL = {"asft": "ref", "sft_kl": "ref", "target_sft": "teacher", "kd": "teacher", "distill_hybrid": "teacher"}
 RESULTS = Path(__file__).resolve().parent / "results" / "loss_engine.json"
 NAIVE_LIMIT_BYTES = 14 * 2**30  # skip naive cases whose estimated footprint exceeds this
 NAIVE_TEMPORARIES = 7  # [N, V] float32 tensors alive at the naive path's peak (estimate for skipping)
@@ -47,7 +47,7 @@ def _build(case: dict):
     who = NEEDS_AUX_MODEL.get(obj)
     if who:
         aux[f"{who}_hidden"] = torch.randn(N, H)
-        aux[f"{who}_weight"] = torch.randn(V, H) * (2.0 / H**0.5)
+        aux[f"{who}_head"] = torch.randn(V, H) * (2.0 / H**0.5)
     return hidden, weight, labels, aux
 
 
@@ -60,11 +60,11 @@ def _step_fn(case: dict, hidden, weight, labels, aux):
     path = case["path"]
     if path == "naive":
         def step():
-            kw = {k: v for k, v in aux.items() if not k.endswith(("_hidden", "_weight"))}
+            kw = {k: v for k, v in aux.items() if not k.endswith(("_hidden", "_head"))}
             with torch.no_grad():
                 for who in ("teacher", "ref"):
                     if f"{who}_hidden" in aux:
-                        kw[f"{who}_logits"] = aux[f"{who}_hidden"] @ aux[f"{who}_weight"].T
+                        kw[f"{who}_logits"] = aux[f"{who}_hidden"] @ aux[f"{who}_head"].T
             res = qtarget.token_loss(obj, hidden @ weight.T, labels, **kw)
             res.loss.backward()
             return res.loss
@@ -141,7 +141,7 @@ def run_case(case: dict) -> dict:
 
 def calibrate(V: int = 49152, H: int = 576, rows: int = 256) -> None:
     """Temporaries per chunk: peak bytes above inputs (minus grads) / (4 * V * rows), per objective."""
-    for obj in ["sft", "dft", "psft", "eaft", "gem", "asft", "target_sft", "kd", "target"]:
+    for obj in ["sft", "dft", "psft", "eaft", "gem", "asft", "sft_kl", "target_sft", "kd", "distill_hybrid", "target"]:
         case = {"objective": obj, "path": "fused", "N": rows * 4, "H": H, "V": V, "chunk_size": rows, "reps": 1}
         res = _spawn(case, timeout=600)
         grads = 4 * (V * H + rows * 4 * H) * 2  # grad_W (fp32 acc + returned copy) and grad_hidden

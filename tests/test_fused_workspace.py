@@ -12,7 +12,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qtarget
+from objective_formulas import CATALOGUE_PARAMS
 from qtarget.models.head import LMHead
+from qtarget.ops import chunked
 from qtarget.ops.workspace import Workspace, advise_huge_pages, scratch
 
 aten = torch.ops.aten
@@ -134,3 +136,33 @@ def test_huge_page_advice():
     big.fill_(1.5)
     assert float(big.sum()) == 1.5 * big.numel()
     assert not advise_huge_pages(torch.empty(10))
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE_PARAMS))
+def test_workspace_stays_within_the_memory_budget(name, monkeypatch):
+    """The chunk's buffers (every [c, V] tensor the engine keeps in its workspace) fit the budget the
+    chunk size was derived from (ops/budget.py's constants), for every catalogue objective with the
+    auxiliary models it needs."""
+    made: list[Workspace] = []
+
+    class Recorded(Workspace):
+        def __init__(self, device):
+            super().__init__(device)
+            made.append(self)
+
+    monkeypatch.setattr(chunked, "Workspace", Recorded)
+    h, W, y, th, tW = problem(n=200, V=500)
+    obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
+    kw = {}
+    if "teacher" in obj.needs:
+        kw.update(teacher_hidden=th, teacher_head=LMHead(tW))
+    if "ref" in obj.needs:
+        kw.update(ref_hidden=h + 0.1 * th[:, :1], ref_head=LMHead(W.clone()))
+    if "old_logprobs" in obj.needs:
+        kw["old_logprobs"] = -torch.rand(y.shape)
+    if "token_weights" in obj.needs:
+        kw["token_weights"] = torch.rand(y.shape)
+    budget = 4 * 500 * 48 * 10  # 48 rows at k = 10, 80 at k = 6
+    hb, Wb = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    qtarget.fused_token_loss(obj, hb, Wb, y, memory_budget=budget, **kw).loss.backward()
+    assert made and max(ws.nbytes for ws in made) <= budget, (max(ws.nbytes for ws in made), budget)

@@ -250,7 +250,8 @@ def _cross_entropy(pi: Tensor, s: ChunkStats, x: TokenInputs, normalized: bool =
 
 
 def _gem(obj, x, s):
-    q = torch.softmax(x.logp / obj.params["beta"], dim=-1)  # q ∝ sg(p)^(1/beta); gradient q - delta_y
+    q = torch.div(x.logp, obj.params["beta"], out=_scratch(x, "gem_q", x.logits))
+    q = softmax_into(q, q)  # q ∝ sg(p)^(1/beta); gradient q - delta_y
     loss = -s.logp_y - _cross_entropy(q, s, x)
     return ClosedForm(loss=loss, gamma=torch.ones_like(s.logp_y), alpha=0.0, beta=1.0, aux=[(-1.0, q)])
 

@@ -1,18 +1,20 @@
 """How many token rows one chunk of the fused engine holds, from a memory budget.
 
-A chunk of `c` supervised rows keeps a handful of `[c, V]` float32 temporaries alive at once: the
-logits, log-softmax, sg(p), the logit gradient and the objective's own intermediates (residual
-log-probs, top-k masks, the teacher's or reference model's logits and log-softmax). The engine sizes
-chunks so that those temporaries fit in the budget:
+A chunk of `c` supervised rows keeps a handful of `[c, V]` float32 buffers alive at once (the call's
+workspace, ops/workspace.py): the logits (into which the gradient is written back), the softmax p, a
+scratch buffer for row-wise dot products, and the objective's own (the residual pi, the teacher's or
+reference model's logits, their softmax q, a shifted or tempered copy). The engine sizes chunks so
+that those buffers fit in the budget:
 
     rows = budget_bytes // (4 * V * k)          k = TEMPORARIES_STUDENT (+ TEMPORARIES_PER_AUX per
                                                 teacher / reference model given)
 
 rounded down to a multiple of 8 (at least 8). The constants were measured with
-`benchmarks/loss_engine.py --calibrate` (peak bytes above the inputs divided by 4 * V * rows), rounded
-up: on CPU the peak RSS gave k = 2.2 (sft, dft, psft, eaft) to 3.5 (gem) and +4 to +4.6 per auxiliary
-model (asft, target_sft) at V = 49152, 256 rows; the constants leave room for allocators that, unlike
-the CPU one, keep zero-filled and freed blocks resident (CUDA caching allocator).
+`benchmarks/loss_engine.py --calibrate` (peak RSS above the inputs and gradients divided by
+4 * V * rows, V = 49,152, 256 rows, CPU) and rounded up: student-only objectives k = 3.6 (sft, dft,
+psft), 4.6 (eaft), 5.6 (gem); with one teacher or reference model 5.6 (kd), 6.6 (target_sft, asft,
+sft_kl, distill_hybrid), i.e. +3.0 per auxiliary model. The rounding leaves room for allocators that,
+unlike the CPU one, keep freed blocks resident (CUDA caching allocator).
 
 The budget defaults to 1 GiB. Smaller chunks cost time: the head's gradient is accumulated once per
 chunk (a [V, H] read-modify-write whose GEMM has inner dimension c), so with V = 151,936 a 256 MiB
@@ -26,9 +28,9 @@ import os
 
 DEFAULT_BUDGET_BYTES = 2**30
 BUDGET_ENV = "QTARGET_FUSED_BUDGET_MB"
-# [c, V] float32 temporaries alive at the peak of one chunk (forward + logit gradient + metrics).
+# [c, V] float32 buffers alive at the peak of one chunk (forward + logit gradient + metrics).
 TEMPORARIES_STUDENT = 6
-TEMPORARIES_PER_AUX = 4
+TEMPORARIES_PER_AUX = 3
 ROW_MULTIPLE = 8
 
 
