@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "paired difference from SFT, and a claims table with computed verdicts. Writes report.md, PNG "
                     "plots, results.json (per-item values) and results.csv.")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller run (target: <= 5 minutes on 2 CPU cores once "
-                                                          "the model and teacher are cached)")
+    size.add_argument("--quick", action="store_true", help="smaller run: 16 steps, fewer evaluation items (about 5.5 "
+                                                          "minutes on 2 CPU cores once the model and teachers are "
+                                                          "cached)")
     size.add_argument("--long", action="store_true", help="the default run over 3 training seeds (intervals then "
                                                          "resample seeds too)")
     size.add_argument("--tiny", action="store_true", help="random 2-layer model, toy sizes: checks the pipeline "
