@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,16 +37,22 @@ def launch(engine: str, tmp_path: Path, attempts: int = 2) -> dict:
     log = ""
     for _ in range(attempts):
         out.unlink(missing_ok=True)
+        # torchrun and its workers in their own process group: a timed-out launch is killed whole (killing
+        # torchrun alone would leave both workers running, orphaned)
+        proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), engine, str(out)],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
-            proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), engine,
-                                   str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
-        except subprocess.TimeoutExpired as e:
-            log += f"\n[attempt timed out after {e.timeout} s]"
+            stdout, stderr = proc.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            log += "\n[attempt timed out after 150 s]"
             continue
         if out.exists():
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+            assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
             return json.loads(out.read_text())
-        log += proc.stdout[-2000:] + proc.stderr[-4000:]
+        log += stdout[-2000:] + stderr[-4000:]
     raise AssertionError(f"torchrun never produced {out.name}:{log}")
 
 
