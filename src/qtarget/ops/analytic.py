@@ -170,9 +170,14 @@ def _dot(a: Tensor, b: Tensor, workspace: Workspace | None = None) -> Tensor:
     return torch.mul(a, b, out=scratch(workspace, "dot", a)).sum(-1)
 
 
+def _workspace_of(x: TokenInputs) -> Workspace | None:
+    """The chunk's workspace (ops/workspace.py) that `seeded_inputs` put on `x`, if any."""
+    return x.__dict__.get("_workspace")
+
+
 def _scratch(x: TokenInputs, name: str, like: Tensor) -> Tensor:
-    """A [c, V] buffer like `like` from the chunk's workspace (ops/workspace.py), if it has one."""
-    return scratch(x.__dict__.get("_workspace"), name, like)
+    """A [c, V] buffer like `like` from the chunk's workspace, if it has one."""
+    return scratch(_workspace_of(x), name, like)
 
 
 @dataclass
@@ -220,7 +225,7 @@ def aux_dist(x: TokenInputs, who: str, temperature: float = 1.0, shift: bool = F
             if not finite:
                 src = torch.clamp(src, min=torch.finfo(own.dtype).min, out=own)
             a = own
-        x.__dict__[key] = AuxDist(a=a, shifted=shift, workspace=x.__dict__.get("_workspace"), name=name)
+        x.__dict__[key] = AuxDist(a=a, shifted=shift, workspace=_workspace_of(x), name=name)
     return x.__dict__[key]
 
 
@@ -245,8 +250,8 @@ def _cross_entropy(pi: Tensor, s: ChunkStats, x: TokenInputs, normalized: bool =
     between lse and sum pi z), else as lse * sum pi - sum pi z without forming log p; `normalized`
     (pi from a softmax: sum pi = 1 to rounding) skips the sum."""
     if "logp" in x.__dict__:
-        return -_dot(pi, x.logp, x.__dict__.get("_workspace"))
-    return (s.lse if normalized else s.lse * pi.sum(-1)) - _dot(pi, x.logits, x.__dict__.get("_workspace"))
+        return -_dot(pi, x.logp, _workspace_of(x))
+    return (s.lse if normalized else s.lse * pi.sum(-1)) - _dot(pi, x.logits, _workspace_of(x))
 
 
 def _gem(obj, x, s):
@@ -299,7 +304,7 @@ def _prob_masked(obj, x, s):
 
 def _deft(obj, x, s):
     # a = sg(sum p^2); d (1 - p_y^a) / (a + eps) / dz = a / (a + eps) p_y^a (p - delta_y)
-    a = _dot(s.p, s.p, x.__dict__.get("_workspace")) if type(obj).concentration is DEFT.concentration else obj.concentration(x).detach()
+    a = _dot(s.p, s.p, _workspace_of(x)) if type(obj).concentration is DEFT.concentration else obj.concentration(x).detach()
     p_pow = torch.exp(a * s.logp_y)
     coef = a / (a + obj.eps) * p_pow
     return ClosedForm(loss=(1.0 - p_pow) / (a + obj.eps), gamma=coef, alpha=coef, beta=coef,
