@@ -27,7 +27,7 @@ from torch import nn
 from qtarget.data import TokenizeOptions, tokenize_rows
 from qtarget.evaluation import evaluate
 from qtarget.lab.task import LabTask
-from qtarget.lab.trunk import TrunkLookup
+from qtarget.lab.trunk import TrunkLookup, right_pad
 
 IGNORE = -100
 
@@ -56,15 +56,10 @@ def shares_trunk(base: nn.Module, model: nn.Module, split: int) -> bool:
 
 
 def _collate(rows: Sequence[dict], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids, mask = right_pad([r["input_ids"] for r in rows], pad_token_id)
+    labels = torch.full(ids.shape, IGNORE, dtype=torch.long)
     for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
+        labels[i, :len(r["labels"])] = torch.tensor(r["labels"])
     return ids, labels, mask
 
 

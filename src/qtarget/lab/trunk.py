@@ -54,6 +54,17 @@ class TrunkLookup(nn.Module):
         return out
 
 
+def right_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, longest] of token sequences, right-padded with `pad_token_id`."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), int(pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for j, seq in enumerate(sequences):
+        ids[j, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[j, :len(seq)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def bottom_states(model: nn.Module, sequences: Sequence[Sequence[int]], split: int, *, pad_token_id: int,
                   batch_size: int = 16) -> TrunkLookup:
@@ -71,12 +82,7 @@ def bottom_states(model: nn.Module, sequences: Sequence[Sequence[int]], split: i
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(sequences[i]) for i in idx)
-            ids = torch.full((len(idx), width), int(pad_token_id), dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for j, i in enumerate(idx):
-                ids[j, :len(sequences[i])] = torch.tensor(list(sequences[i]), dtype=torch.long)
-                mask[j, :len(sequences[i])] = 1
+            ids, mask = right_pad([sequences[i] for i in idx], pad_token_id)
             hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             for j, i in enumerate(idx):
                 states[i] = hidden[j, :len(sequences[i])]
