@@ -27,33 +27,72 @@ WORKER = HERE / "distributed_worker.py"
 TOL = 1e-5
 
 
-def launch(engine: str, tmp_path: Path, attempts: int = 2) -> dict:
+def kill_launch(marker: str) -> None:
+    """SIGKILL every process of one launch. torchrun starts each worker in a session of its own, so killing
+    torchrun's process group leaves the workers running (and holding the log files); the launch's processes
+    are found instead by the marker every one of them inherits in its environment."""
+    needle = f"QTARGET_TEST_LAUNCH={marker}".encode()
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            if needle in (proc_dir / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue  # gone already, or not ours
+
+
+def launch(engine: str, tmp_path: Path, attempts: int = 2, timeout_s: float = 150.0) -> dict:
     """Run the worker under torchrun. A launch that dies before writing any result (gloo's TCP pairs
     can abort or stall on a loaded 2-core machine: "terminate called without an active exception")
-    is an infrastructure failure and is retried once; any result written is checked as it is."""
+    is an infrastructure failure and is retried once; any result written is checked as it is.
+    A stalled launch is killed whole after `timeout_s`: this test never outlives its attempts."""
     out = tmp_path / f"{engine}.json"
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
+    # gloo on loopback: the host name may resolve to an address no peer can reach (sandboxes, CI)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
+           "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
     log = ""
-    for _ in range(attempts):
+    for attempt in range(attempts):
         out.unlink(missing_ok=True)
-        # torchrun and its workers in their own process group: a timed-out launch is killed whole (killing
-        # torchrun alone would leave both workers running, orphaned)
-        proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), engine, str(out)],
-                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            log += "\n[attempt timed out after 150 s]"
-            continue
+        marker = f"{os.getpid()}-{engine}-{attempt}"
+        logs = tmp_path / f"{engine}.{attempt}.log"
+        # output to a file, not a pipe: a pipe held open by a stray worker would block the read forever
+        with open(logs, "w") as log_file:
+            proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), engine,
+                                     str(out)], cwd=tmp_path, env={**env, "QTARGET_TEST_LAUNCH": marker},
+                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                kill_launch(marker)
+                proc.wait(timeout=30)
+                log += f"\n[attempt {attempt + 1} timed out after {timeout_s:.0f} s]\n" + logs.read_text()[-2000:]
+                continue
+        kill_launch(marker)  # a worker torchrun failed to reap
+        text = logs.read_text()
         if out.exists():
-            assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+            assert proc.returncode == 0, text[-8000:]
             return json.loads(out.read_text())
-        log += stdout[-2000:] + stderr[-4000:]
+        log += text[-6000:]
     raise AssertionError(f"torchrun never produced {out.name}:{log}")
+
+
+def test_a_stalled_launch_is_killed_whole(tmp_path, monkeypatch):
+    """The guard itself: a worker that never finishes is killed, workers included, and the test fails
+    in bounded time instead of hanging the suite."""
+    stall = tmp_path / "stall_worker.py"
+    stall.write_text("import os, sys, time\n"
+                     "open(os.path.join(os.path.dirname(sys.argv[2]), f'pid{os.environ[\"RANK\"]}'), 'w')"
+                     ".write(str(os.getpid()))\n"
+                     "time.sleep(600)\n")
+    monkeypatch.setattr(sys.modules[__name__], "WORKER", stall)
+    with pytest.raises(AssertionError, match="timed out"):
+        launch("ddp", tmp_path, attempts=1, timeout_s=20.0)
+    pids = [int((tmp_path / f"pid{rank}").read_text()) for rank in (0, 1)]
+    for pid in pids:  # both workers are gone (a zombie still has /proc/<pid>, but no environ to read)
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "zombie" in status.read_text().lower() or "(dead)" in status.read_text()
 
 
 CASES = {
