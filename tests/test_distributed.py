@@ -42,10 +42,10 @@ def kill_launch(marker: str) -> None:
             continue  # gone already, or not ours
 
 
-def launch(engine: str, tmp_path: Path, attempts: int = 2, timeout_s: float = 150.0) -> dict:
+def launch(engine: str, tmp_path: Path, attempts: int = 3, timeout_s: float = 150.0) -> dict:
     """Run the worker under torchrun. A launch that dies before writing any result (gloo's TCP pairs
     can abort or stall on a loaded 2-core machine: "terminate called without an active exception")
-    is an infrastructure failure and is retried once; any result written is checked as it is.
+    is an infrastructure failure and is retried (three attempts in all); any result written is checked as it is.
     A stalled launch is killed whole after `timeout_s`: this test never outlives its attempts."""
     out = tmp_path / f"{engine}.json"
     torchrun = Path(sys.executable).parent / "torchrun"
