@@ -13,7 +13,7 @@ import qtarget
 from objective_formulas import CATALOGUE_PARAMS
 from qtarget.objectives.base import Objective, TokenTerms
 from qtarget.objectives.catalog import SFT
-from qtarget.ops import kernels
+from qtarget.ops import analytic, kernels
 from qtarget.ops.analytic import chunk_stats, closed_form_of
 from qtarget.ops.kernels import autograd_step, closed_form_step, select_kernel
 
@@ -71,6 +71,22 @@ def test_closed_form_equals_autograd(name, shape, dtype):
     assert set(got.metrics) == set(want.metrics)
     for key, value in want.metrics.items():
         assert_close(got.metrics[key], value, 10 * tol, key)
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE_PARAMS))
+def test_closed_form_in_row_blocks_equals_autograd(name, monkeypatch):
+    """The vocabulary sums (entropy, cross-entropies, the KL metrics formed without the teacher's
+    softmax) go through small row blocks on CPU; 5-row blocks over 33 rows (a ragged last block) give
+    the autograd kernel's loss, gradient and metrics."""
+    monkeypatch.setattr(analytic, "BLOCK_BYTES", 5 * 1000 * 8)
+    obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
+    z, aux, weights = chunk_inputs(33, 1000, torch.float64, seed=len(name))
+    assert analytic.block_rows(z) == 5
+    got, want = both(obj, z, aux, weights)
+    assert_close(got.loss, want.loss, 1e-12, "loss")
+    assert_close(got.grad, want.grad, 1e-12, "grad")
+    for key, value in want.metrics.items():
+        assert_close(got.metrics[key], value, 1e-11, key)
 
 
 def rel_err(got, truth):

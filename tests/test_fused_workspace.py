@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import qtarget
 from objective_formulas import CATALOGUE_PARAMS
 from qtarget.models.head import LMHead
-from qtarget.ops import chunked
-from qtarget.ops.workspace import Workspace, advise_huge_pages, scratch
+from qtarget.ops import workspace as workspace_module
+from qtarget.ops.workspace import Workspace, advise_huge_pages, release_idle_workspaces, scratch
 
 aten = torch.ops.aten
 ALLOCATING = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
@@ -39,6 +39,14 @@ class BigAllocations(TorchDispatchMode):
                     and "out" not in kwargs and not func._schema.is_mutable:
                 self.count += 1
         return out
+
+
+@pytest.fixture(autouse=True)
+def no_kept_workspace():
+    """Each test starts without a workspace kept by an earlier engine call."""
+    release_idle_workspaces()
+    yield
+    release_idle_workspaces()
 
 
 def _tensors(tree):
@@ -150,7 +158,7 @@ def test_workspace_stays_within_the_memory_budget(name, monkeypatch):
             super().__init__(device)
             made.append(self)
 
-    monkeypatch.setattr(chunked, "Workspace", Recorded)
+    monkeypatch.setattr(workspace_module, "Workspace", Recorded)
     h, W, y, th, tW = problem(n=200, V=500)
     obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
     kw = {}
@@ -166,3 +174,72 @@ def test_workspace_stays_within_the_memory_budget(name, monkeypatch):
     hb, Wb = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
     qtarget.fused_token_loss(obj, hb, Wb, y, memory_budget=budget, **kw).loss.backward()
     assert made and max(ws.nbytes for ws in made) <= budget, (max(ws.nbytes for ws in made), budget)
+
+
+def _sft_step(h, W, y, chunk):
+    hb, Wb = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    out = qtarget.fused_token_loss("sft", hb, Wb, y, chunk_size=chunk)
+    out.loss.backward()
+    return out, hb.grad, Wb.grad
+
+
+def test_cpu_workspace_is_kept_between_calls(monkeypatch):
+    """A second call with the same shapes maps no new [c, V] buffer (a training step's engine call
+    reuses the last step's pages), and gives the same result as the first."""
+    monkeypatch.delenv(workspace_module.KEEP_ENV, raising=False)
+    h, W, y, _, _ = problem()
+
+    def fresh_buffers():
+        with BigAllocations(min_numel=8 * W.shape[0]) as mode:
+            result = _sft_step(h, W, y, 16)
+        return mode.count, result
+
+    first, (out1, gh1, gw1) = fresh_buffers()
+    kept = len(workspace_module._idle[torch.device("cpu")]._buffers)  # z, p, the entropy's product
+    second, (out2, gh2, gw2) = fresh_buffers()
+    assert kept >= 2 and second == first - kept, (first, kept, second)  # the gradients: new each call
+    assert torch.equal(out1.loss, out2.loss) and torch.equal(gh1, gh2) and torch.equal(gw1, gw2)
+    assert out1.metrics == out2.metrics
+    assert release_idle_workspaces() >= 2 * 16 * W.shape[0] * 4
+    assert release_idle_workspaces() == 0
+
+
+def test_kept_workspace_shrinks_to_the_call_and_can_be_turned_off(monkeypatch):
+    """The kept buffers are those of the last call, at its chunk size: a call with smaller chunks or
+    another objective leaves no larger or unused buffer behind; QTARGET_KEEP_WORKSPACE=0 keeps none."""
+    monkeypatch.delenv(workspace_module.KEEP_ENV, raising=False)
+    h, W, y, th, tW = problem()
+    V = W.shape[0]
+    hb = h.clone().requires_grad_(True)
+    qtarget.fused_token_loss("target_sft", hb, W, y, teacher_hidden=th, teacher_head=LMHead(tW),
+                             chunk_size=32).loss.backward()
+    big = release_idle_workspaces()
+    assert big >= 4 * 32 * V * 4  # z, p, the teacher's logits, the mixture
+    qtarget.fused_token_loss("target_sft", hb, W, y, teacher_hidden=th, teacher_head=LMHead(tW),
+                             chunk_size=32).loss.backward()
+    _sft_step(h, W, y, 8)  # smaller chunks, no teacher
+    kept = workspace_module._idle[torch.device("cpu")]
+    assert all(b.shape[0] <= 8 for b in kept._buffers.values()), {k: b.shape for k, b in kept._buffers.items()}
+    assert not any(k.startswith("teacher") or k == "mix" for k in kept._buffers), list(kept._buffers)
+    monkeypatch.setenv(workspace_module.KEEP_ENV, "0")
+    release_idle_workspaces()
+    _sft_step(h, W, y, 8)
+    assert release_idle_workspaces() == 0
+
+
+def test_kept_buffers_grow_by_doubling_within_the_chunk():
+    """Row counts that vary from call to call (batches of different lengths) settle: an outgrown
+    buffer at least doubles, but never beyond the call's chunk size."""
+    ws = workspace_module.acquire("cpu", rows=100, cols=7)
+    assert ws.take("z", 10, 7, torch.float32).shape == (10, 7)
+    workspace_module.release(ws)
+    ws = workspace_module.acquire("cpu", rows=100, cols=7)
+    assert ws.take("z", 12, 7, torch.float32).shape == (12, 7)
+    assert ws._buffers["z"].shape[0] == 20  # doubled
+    workspace_module.release(ws)
+    ws = workspace_module.acquire("cpu", rows=30, cols=7)  # the chunk size caps the growth
+    assert ws.take("z", 25, 7, torch.float32).shape == (25, 7) and ws._buffers["z"].shape[0] == 30
+    workspace_module.release(ws)
+    nested = workspace_module.acquire("cpu", rows=30, cols=7)
+    inner = workspace_module.acquire("cpu", rows=30, cols=7)  # another call while one holds it: its own
+    assert inner is not nested

@@ -40,7 +40,7 @@ from qtarget.objectives.supervised import LossResult, check_finite as assert_fin
 from qtarget.ops.budget import resolve_chunk_size
 from qtarget.ops.kernels import Kernel, closed_form_step, select_kernel
 from qtarget.ops.sparse_teacher import TeacherTopK, check_teacher_topk, dense_teacher_logprobs
-from qtarget.ops.workspace import Workspace
+from qtarget.ops.workspace import Workspace, workspace_for_call
 
 MODES = ("auto", "forward", "recompute")
 
@@ -194,43 +194,44 @@ def _run_chunks(p: _ChunkPlan, hidden: Tensor, weight: Tensor, bias: Tensor | No
     scale, cap = float(p.logit_scale), p.softcap
     finite_aux = tuple(who for who, src in (("teacher", p.teacher), ("ref", p.ref)) if src is not None and src.finite)
 
-    ws = Workspace(device)  # the chunks' [c, V] buffers, allocated by the first chunk, reused by the others
-    for start in range(0, n, p.chunk):
-        sl = slice(start, min(n, start + p.chunk))
-        idx = p.rows[sl]
-        h_c = hidden.index_select(0, idx).to(cdt)
-        # loss math in float32 (float64 inputs stay float64, e.g. for gradcheck)
-        z, t = _transform(_logits(h_c, w_c, b_c, ws, "z"), scale, cap, ws, "z")
-        aux = dict(
-            labels=p.labels[sl],
-            teacher_logits=None if p.teacher is None else p.teacher.chunk(idx, sl, z, ws, "teacher"),
-            ref_logits=None if p.ref is None else p.ref.chunk(idx, sl, z, ws, "ref"),
-            old_logprobs=None if p.old_logprobs is None else p.old_logprobs[sl],
-            token_weights=None if p.token_weights is None else p.token_weights[sl],
-        )
-        step = p.kernel(p.objective, z, aux, p.weights[sl], want_grad=want_grad, metrics=collect and p.metrics,
-                        finite_aux=finite_aux, workspace=ws)
-        if want_grad:
-            g = step.grad
-            # chain through softcap and scale: dz/draw = scale * (1 - tanh^2)
-            if t is not None:
-                g.mul_(t.square_().neg_().add_(1.0))
-            if scale != 1.0:
-                g.mul_(scale)
-            g_low = g if g.dtype == cdt else ws.take("g_low", g.shape[0], V, cdt).copy_(g)
-            if g_h is not None:
-                g_h.index_copy_(0, idx, torch.mm(g_low, w_c).to(g_h.dtype))
-            if g_w is not None:
-                _accumulate_weight_grad(g_w, g, g_low, h_c)
-            if g_b is not None:
-                g_b += g.sum(0)
-            del g, g_low
-        total += step.weighted
-        if collect:
-            per_token[sl] = step.loss.float()
-            if step.metrics is not None:
-                sums.add(step.metrics)
-        del aux, z, t, step  # free this chunk's [c, V] temporaries before the next one
+    # the chunks' [c, V] buffers: allocated by the first chunk (of the first call, on CPU), reused by the others
+    with workspace_for_call(device, p.chunk, V) as ws:
+        for start in range(0, n, p.chunk):
+            sl = slice(start, min(n, start + p.chunk))
+            idx = p.rows[sl]
+            h_c = hidden.index_select(0, idx).to(cdt)
+            # loss math in float32 (float64 inputs stay float64, e.g. for gradcheck)
+            z, t = _transform(_logits(h_c, w_c, b_c, ws, "z"), scale, cap, ws, "z")
+            aux = dict(
+                labels=p.labels[sl],
+                teacher_logits=None if p.teacher is None else p.teacher.chunk(idx, sl, z, ws, "teacher"),
+                ref_logits=None if p.ref is None else p.ref.chunk(idx, sl, z, ws, "ref"),
+                old_logprobs=None if p.old_logprobs is None else p.old_logprobs[sl],
+                token_weights=None if p.token_weights is None else p.token_weights[sl],
+            )
+            step = p.kernel(p.objective, z, aux, p.weights[sl], want_grad=want_grad, metrics=collect and p.metrics,
+                            finite_aux=finite_aux, workspace=ws)
+            if want_grad:
+                g = step.grad
+                # chain through softcap and scale: dz/draw = scale * (1 - tanh^2)
+                if t is not None:
+                    g.mul_(t.square_().neg_().add_(1.0))
+                if scale != 1.0:
+                    g.mul_(scale)
+                g_low = g if g.dtype == cdt else ws.take("g_low", g.shape[0], V, cdt).copy_(g)
+                if g_h is not None:
+                    g_h.index_copy_(0, idx, torch.mm(g_low, w_c).to(g_h.dtype))
+                if g_w is not None:
+                    _accumulate_weight_grad(g_w, g, g_low, h_c)
+                if g_b is not None:
+                    g_b += g.sum(0)
+                del g, g_low
+            total += step.weighted
+            if collect:
+                per_token[sl] = step.loss.float()
+                if step.metrics is not None:
+                    sums.add(step.metrics)
+            del aux, z, t, step  # free this chunk's [c, V] temporaries before the next one
     metrics = sums.means() if (collect and p.metrics) else {}
     return _PassOutput(total, per_token, metrics, g_h, g_w, g_b)
 

@@ -14,17 +14,35 @@ transparent huge pages (`madvise(MADV_HUGEPAGE)`, what PyTorch's own THP_MEM_ALL
 every allocation): one fault per 2 MiB instead of per 4 KiB, 23 ms instead of ~80 ms to first-touch
 a 107 MB buffer here. Where THP is off ("never") or the call fails, nothing changes.
 
+On CPU the workspace also outlives the call: `acquire` hands the last call's workspace to the next
+one (a training step calls the engine with the same shapes every step), so its pages are mapped once
+per run instead of once per step. Mapping them is not only the first-touch cost above: right after the
+model's forward has freed its activations, the kernel may have to compact memory to find huge pages
+for the advised buffers (direct compaction under THP's default `defrag=madvise`), which measured
+~1 s of system time per call at N = 4,096, V = 49,152 on this project's machine. The held buffers are
+exactly the ones the last call used, at its chunk size (a call with smaller chunks or another
+vocabulary drops the rest first), so holding them never raises a training step's peak, which is
+reached during the engine call itself. `release_idle_workspaces()` frees them;
+`QTARGET_KEEP_WORKSPACE=0` turns the keeping off. On CUDA the caching allocator already reuses
+blocks, and nothing is kept.
+
 The contract: a buffer taken under a name is valid until the same name is taken again (the next
-chunk); nothing that outlives a chunk may keep a view of one.
+chunk); nothing that outlives a chunk may keep a view of one, and nothing that outlives the call may
+keep a view of any.
 """
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
+KEEP_ENV = "QTARGET_KEEP_WORKSPACE"
 HUGE_PAGE = 2 * 2**20
 MADV_HUGEPAGE = 14  # Linux
 _madvise: list = []  # [libc.madvise or None], resolved on first use
@@ -57,11 +75,30 @@ class Workspace:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self._buffers: dict[str, Tensor] = {}
+        self._taken: set[str] = set()  # names taken since the last `fit`
+        self._max_rows: int | None = None  # the current call's chunk size, from `fit`
+
+    def fit(self, rows: int, cols: int) -> None:
+        """Start a new call of at most `rows` rows per chunk and `cols` columns: drop the buffers it
+        could not use as they are (more rows than its chunks, another width)."""
+        self._buffers = {k: b for k, b in self._buffers.items() if b.shape[0] <= rows and b.shape[1] == cols}
+        self._taken.clear()
+        self._max_rows = rows
+
+    def drop_untaken(self) -> None:
+        """Free the buffers the current call never took (an earlier objective's)."""
+        self._buffers = {k: b for k, b in self._buffers.items() if k in self._taken}
 
     def take(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+        self._taken.add(name)
         buf = self._buffers.get(name)
         if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype:
-            buf = torch.empty((rows, cols), dtype=dtype, device=self.device)
+            alloc = rows
+            if buf is not None and buf.shape[1] == cols and buf.dtype == dtype and self._max_rows is not None:
+                # a kept buffer outgrown by a call with more rows (batches vary in length): at least double
+                # it, within the chunk size, so a run's growing row counts settle after a few steps
+                alloc = max(rows, min(self._max_rows, 2 * buf.shape[0]))
+            buf = torch.empty((alloc, cols), dtype=dtype, device=self.device)
             if buf.numel() * buf.element_size() >= 2 * HUGE_PAGE:
                 advise_huge_pages(buf)
             self._buffers[name] = buf
@@ -74,6 +111,60 @@ class Workspace:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+_idle: dict[torch.device, Workspace] = {}
+_idle_lock = threading.Lock()
+
+
+def keeps_workspace(device: torch.device) -> bool:
+    return device.type == "cpu" and os.environ.get(KEEP_ENV, "1").strip() != "0"
+
+
+@contextmanager
+def workspace_for_call(device: torch.device | str, rows: int, cols: int) -> Iterator[Workspace]:
+    """`acquire` ... `release` around one engine call."""
+    ws = acquire(device, rows, cols)
+    try:
+        yield ws
+    finally:
+        release(ws)
+
+
+def acquire(device: torch.device | str, rows: int, cols: int) -> Workspace:
+    """The workspace for one engine call on `device` with chunks of at most `rows` rows of `cols`
+    columns: the last call's (fitted to these shapes) when it is idle, else a new one. A call that
+    runs while another holds the kept workspace (nested or in another thread) gets a new one."""
+    device = torch.device(device)
+    with _idle_lock:
+        ws = _idle.pop(device, None)
+    if ws is None:
+        ws = Workspace(device)
+    ws.fit(rows, cols)
+    return ws
+
+
+def release(ws: Workspace) -> None:
+    """End of the call that acquired `ws`: keep it for the next call (CPU), or let it go."""
+    if not keeps_workspace(ws.device):
+        return
+    ws.drop_untaken()
+    with _idle_lock:
+        _idle[ws.device] = ws
+
+
+def kept_workspace_bytes() -> int:
+    """Bytes held by the workspaces kept between engine calls."""
+    with _idle_lock:
+        return sum(ws.nbytes for ws in _idle.values())
+
+
+def release_idle_workspaces() -> int:
+    """Free the workspaces kept between engine calls; returns the bytes freed."""
+    with _idle_lock:
+        freed = sum(ws.nbytes for ws in _idle.values())
+        _idle.clear()
+    return freed
 
 
 def scratch(workspace: Workspace | None, name: str, like: Tensor) -> Tensor:
