@@ -15,6 +15,7 @@ import qtarget
 from objective_formulas import CATALOGUE_PARAMS
 from qtarget.models.head import LMHead
 from qtarget.ops import workspace as workspace_module
+from qtarget.ops.sparse_teacher import topk_from_logits
 from qtarget.ops.workspace import Workspace, advise_huge_pages, release_idle_workspaces, scratch
 
 aten = torch.ops.aten
@@ -70,14 +71,19 @@ def problem(n=96, H=16, V=400, seed=0):
     return h, W, y, th, tW
 
 
-@pytest.mark.parametrize("name", ["sft", "dft", "target_sft", "kd", "sft_kl", "distill_hybrid"])
+@pytest.mark.parametrize("name", ["sft", "dft", "target_sft", "kd", "sft_kl", "distill_hybrid",
+                                  "target_sft/topk-student", "kd/topk-renormalize", "target_sft/topk-uniform"])
 def test_chunk_buffers_are_allocated_once_per_call(name):
     """Fresh [c, V]-sized tensors per fwd+bwd: the same count with 2 chunks as with 10 (the
-    workspace's buffers, made by the first chunk), where one per chunk would add 8 or more."""
+    workspace's buffers, made by the first chunk), where one per chunk would add 8 or more. Also with
+    a cached sparse teacher (top-k ids and log-probs made dense chunk by chunk), for each tail."""
     h, W, y, th, tW = problem()
+    name, _, sparse = name.partition("/topk-")
     obj = qtarget.get_objective(name)
     kw = {}
-    if "teacher" in obj.needs:
+    if sparse:
+        kw = {"teacher_topk": topk_from_logits(th @ tW.T, k=16), "teacher_tail": sparse}
+    elif "teacher" in obj.needs:
         kw = {"teacher_hidden": th, "teacher_head": LMHead(tW)}
     if "ref" in obj.needs:
         kw = {"ref_hidden": h + 0.1 * th[:, :1], "ref_head": LMHead(W.clone())}
@@ -146,7 +152,8 @@ def test_huge_page_advice():
     assert not advise_huge_pages(torch.empty(10))
 
 
-@pytest.mark.parametrize("name", list(CATALOGUE_PARAMS))
+@pytest.mark.parametrize("name", list(CATALOGUE_PARAMS) + ["target_sft/topk-student", "kd/topk-uniform",
+                                                            "distill_hybrid/topk-renormalize"])
 def test_workspace_stays_within_the_memory_budget(name, monkeypatch):
     """The chunk's buffers (every [c, V] tensor the engine keeps in its workspace) fit the budget the
     chunk size was derived from (ops/budget.py's constants), for every catalogue objective with the
@@ -160,9 +167,12 @@ def test_workspace_stays_within_the_memory_budget(name, monkeypatch):
 
     monkeypatch.setattr(workspace_module, "Workspace", Recorded)
     h, W, y, th, tW = problem(n=200, V=500)
+    name, _, sparse = name.partition("/topk-")
     obj = qtarget.get_objective(name, **CATALOGUE_PARAMS[name])
     kw = {}
-    if "teacher" in obj.needs:
+    if sparse:  # a cached sparse teacher
+        kw.update(teacher_topk=topk_from_logits(th @ tW.T, k=16), teacher_tail=sparse)
+    elif "teacher" in obj.needs:
         kw.update(teacher_hidden=th, teacher_head=LMHead(tW))
     if "ref" in obj.needs:
         kw.update(ref_hidden=h + 0.1 * th[:, :1], ref_head=LMHead(W.clone()))

@@ -69,7 +69,7 @@ class AuxSource:
             return self.logits.index_select(0, idx).float()
         if self.topk is not None:
             return dense_teacher_logprobs(self.topk.ids[rows], self.topk.logprobs[rows], self.topk.log_tail[rows],
-                                          student_logits.detach(), self.tail)
+                                          student_logits.detach(), self.tail, ws, who)
         head = self.head
         h = self.hidden.index_select(0, idx).to(self.compute_dtype)
         z = _logits(h, head.weight, head.bias, ws, who)  # weight already in compute_dtype (cast once per call)

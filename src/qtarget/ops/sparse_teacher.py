@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qtarget.ops.workspace import Workspace, scratch
+
 TAILS = ("renormalize", "student", "uniform")
 # |sum_k exp(logprobs) + exp(log_tail) - 1| allowed by `check_teacher_topk` (float32 producers).
 MASS_TOLERANCE = 1e-3
@@ -139,10 +141,11 @@ def check_teacher_topk(topk: TeacherTopK, positions: tuple[int, ...], vocab_size
 
 @torch.no_grad()
 def dense_teacher_logprobs(ids: Tensor, logprobs: Tensor, log_tail: Tensor, student_logits: Tensor,
-                           tail: str) -> Tensor:
+                           tail: str, workspace: Workspace | None = None, name: str = "teacher") -> Tensor:
     """[c, V] float32 normalised log pi_T' from a sparse teacher (ids/logprobs [c, k], log_tail [c])
-    and the chunk's student logits [c, V] (detached; only the "student" tail reads them).
-    Entries with zero probability are -inf. See the module docstring for the tail options."""
+    and the chunk's student logits [c, V] (detached; only the "student" tail reads them, never writes).
+    Entries with zero probability are -inf. See the module docstring for the tail options. The result
+    and one temporary are `workspace` buffers (`name`, `name`_tmp) when a workspace is given."""
     check_tail(tail)
     z = student_logits.detach().to(torch.float32)
     c, V = z.shape
@@ -150,19 +153,25 @@ def dense_teacher_logprobs(ids: Tensor, logprobs: Tensor, log_tail: Tensor, stud
     lp = logprobs.to(torch.float32)
     log_t = log_tail.to(torch.float32).unsqueeze(-1)
     k = ids.shape[-1]
+    out = scratch(workspace, name, z)
+    tmp = scratch(workspace, f"{name}_tmp", z)
     if tail == "renormalize" or k == V:
-        out = torch.full_like(z, -math.inf)
-        out.scatter_(-1, ids, lp)
+        out.fill_(-math.inf)
     elif tail == "uniform":
-        out = (log_t - math.log(V - k)).expand(c, V).clone()
-        out.scatter_(-1, ids, lp)
+        out.copy_((log_t - math.log(V - k)).expand(c, V))
     else:  # "student": log t + z_v - logsumexp_{u not in S} z_u  off S
-        rest = z.scatter(-1, ids, -math.inf)
-        log_rest = torch.logsumexp(rest, dim=-1, keepdim=True)
-        out = z - log_rest + log_t
-        out.scatter_(-1, ids, lp)
+        log_rest = _logsumexp_destroying(tmp.copy_(z).scatter_(-1, ids, -math.inf))
+        torch.sub(z, log_rest - log_t, out=out)
+    out.scatter_(-1, ids, lp)
     # renormalise (exact for "renormalize"; removes float32 rounding of sum + tail for the others)
-    return out - torch.logsumexp(out, dim=-1, keepdim=True)
+    return out.sub_(_logsumexp_destroying(tmp.copy_(out)))
+
+
+def _logsumexp_destroying(x: Tensor) -> Tensor:
+    """[c, 1] log-sum-exp of the rows of x [c, V], using x itself as the buffer of the exponentials."""
+    top = x.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row of -inf stays -inf
+    return x.sub_(top).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
 
 
 @torch.no_grad()
