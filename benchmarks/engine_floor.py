@@ -62,13 +62,13 @@ def gemm_floor(x: dict, chunk: int) -> None:
     N, H = h.shape
     who = next((w for w in ("teacher", "ref") if f"{w}_hidden" in x), None)
     if "floor_buffers" not in x:
-        # allocated once for all rounds, as the engine keeps its workspace between calls on CPU: mapping
-        # fresh pages (and the kernel's compaction for them) would be counted in the floor otherwise
+        # the logits buffers are allocated once for all rounds, as the engine keeps its workspace between
+        # calls on CPU; the gradients are new tensors every call, as the engine's (autograd hands them out)
         z_buf = torch.empty(min(chunk, N), W.shape[0])
-        x["floor_buffers"] = (torch.empty_like(h), torch.empty_like(W), z_buf,
-                              torch.empty_like(z_buf) if who else None)
-    g_h, g_w, z_buf, t_buf = x["floor_buffers"]
-    g_w.zero_()
+        x["floor_buffers"] = (z_buf, torch.empty_like(z_buf) if who else None)
+    z_buf, t_buf = x["floor_buffers"]
+    g_h = torch.empty_like(h)
+    g_w = torch.zeros_like(W)
     for start in range(0, N, chunk):
         h_c = h[start:start + chunk]
         z = torch.mm(h_c, W.t(), out=z_buf[:h_c.shape[0]])

@@ -110,7 +110,10 @@ def run_child(args: argparse.Namespace) -> dict:
     out_dir = tempfile.mkdtemp(prefix="qtarget-train-speed-")
     common = dict(output_dir=out_dir, per_device_train_batch_size=args.batch, max_steps=steps, learning_rate=1e-5,
                   use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1,
-                  dataloader_num_workers=0, seed=0)
+                  dataloader_num_workers=0, seed=0,
+                  # TRL's SFTConfig turns gradient checkpointing on by default, QTargetConfig (like HF's
+                  # TrainingArguments) does not: the same setting for all, or the comparison measures it
+                  gradient_checkpointing=False)
     if args.child == "qtarget_train":
         data = [{"input_ids": r["input_ids"], "labels": [-100] * r["prompt"] + r["input_ids"][r["prompt"]:]}
                 for r in rows]

@@ -14,65 +14,37 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from launch import launch_env, run_launch
 
 HERE = Path(__file__).parent
 WORKER = HERE / "distributed_worker.py"
 TOL = 1e-5
 
 
-def kill_launch(marker: str) -> None:
-    """SIGKILL every process of one launch. torchrun starts each worker in a session of its own, so killing
-    torchrun's process group leaves the workers running (and holding the log files); the launch's processes
-    are found instead by the marker every one of them inherits in its environment."""
-    needle = f"QTARGET_TEST_LAUNCH={marker}".encode()
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            if needle in (proc_dir / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc_dir.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue  # gone already, or not ours
-
-
 def launch(engine: str, tmp_path: Path, attempts: int = 3, timeout_s: float = 150.0) -> dict:
     """Run the worker under torchrun. A launch that dies before writing any result (gloo's TCP pairs
     can abort or stall on a loaded 2-core machine: "terminate called without an active exception")
-    is an infrastructure failure and is retried (three attempts in all); any result written is checked as it is.
-    A stalled launch is killed whole after `timeout_s`: this test never outlives its attempts."""
+    is an infrastructure failure and is retried (three attempts in all); any result written is checked
+    as it is. A stalled launch is killed whole after `timeout_s` (tests/launch.py)."""
     out = tmp_path / f"{engine}.json"
     torchrun = Path(sys.executable).parent / "torchrun"
-    # gloo on loopback: the host name may resolve to an address no peer can reach (sandboxes, CI)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
-           "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
     log = ""
     for attempt in range(attempts):
         out.unlink(missing_ok=True)
-        marker = f"{os.getpid()}-{engine}-{attempt}"
-        logs = tmp_path / f"{engine}.{attempt}.log"
-        # output to a file, not a pipe: a pipe held open by a stray worker would block the read forever
-        with open(logs, "w") as log_file:
-            proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), engine,
-                                     str(out)], cwd=tmp_path, env={**env, "QTARGET_TEST_LAUNCH": marker},
-                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                kill_launch(marker)
-                proc.wait(timeout=30)
-                log += f"\n[attempt {attempt + 1} timed out after {timeout_s:.0f} s]\n" + logs.read_text()[-2000:]
-                continue
-        kill_launch(marker)  # a worker torchrun failed to reap
-        text = logs.read_text()
+        log_file = tmp_path / f"{engine}.{attempt}.log"
+        code = run_launch([str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), engine, str(out)],
+                          tmp_path, launch_env(DS_ACCELERATOR="cpu"), timeout_s, log_file)
+        text = log_file.read_text()
+        if code is None:
+            log += f"\n[attempt {attempt + 1} timed out after {timeout_s:.0f} s]\n" + text[-2000:]
+            continue
         if out.exists():
-            assert proc.returncode == 0, text[-8000:]
+            assert code == 0, text[-8000:]
             return json.loads(out.read_text())
         log += text[-6000:]
     raise AssertionError(f"torchrun never produced {out.name}:{log}")

@@ -1,11 +1,10 @@
 """Two processes (`torchrun --nproc_per_node 2`) build the same teacher cache, byte for byte, as one."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
+from launch import launch_env, run_launch
 from qtarget.data import write_jsonl
 from qtarget.models import tiny_causal_lm
 from qtarget.teacher_cache.cli import main
@@ -22,11 +21,10 @@ def test_two_processes_build_the_same_cache_as_one(tmp_path, one_torch_thread):
             "--dataset", str(tmp_path / "data.jsonl"), "--top_k", "6", "--max_length", "48", "--eval_fraction", "0.25",
             "--rows_per_shard", "2", "--batch_size", "2", "--dtype", "float32", "--progress", "false"]
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "qtarget.teacher_cache.cli",
-                           *args, "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    log = tmp_path / "torchrun.log"  # a stalled launch is killed whole (tests/launch.py)
+    code = run_launch([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "qtarget.teacher_cache.cli",
+                       *args, "--output_dir", str(tmp_path / "two")], tmp_path, launch_env(), 300, log)
+    assert code == 0, ("timed out after 300 s\n" if code is None else "") + log.read_text()[-8000:]
     # this process single-threaded too (one_torch_thread): the same matmul kernels as the workers
     assert main(args + ["--output_dir", str(tmp_path / "one")]) == 0
     one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())

@@ -2,14 +2,14 @@
 same global batch: the loss normaliser counts the supervised tokens of all ranks."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from launch import launch_env, run_launch
 
 WORKER = textwrap.dedent('''
     import sys, torch
@@ -28,10 +28,10 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+def _run(cmd: list[str], cwd: Path, name: str) -> None:
+    log = cwd / f"{name}.log"
+    code = run_launch(cmd, cwd, launch_env(), 600, log)  # a stalled launch is killed whole (tests/launch.py)
+    assert code == 0, ("timed out after 600 s\n" if code is None else "") + log.read_text()[-8000:]
 
 
 @pytest.mark.parametrize("objective", ["dft"])
@@ -40,8 +40,8 @@ def test_two_process_ddp_equals_single_process(tmp_path, objective):
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     torchrun = Path(sys.executable).parent / "torchrun"
     _run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
-          str(tmp_path / "ddp"), "2", objective], tmp_path)
-    _run([sys.executable, str(script), str(tmp_path / "single"), "4", objective], tmp_path)
+          str(tmp_path / "ddp"), "2", objective], tmp_path, "ddp")
+    _run([sys.executable, str(script), str(tmp_path / "single"), "4", objective], tmp_path, "single")
     ddp = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
     single = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
     assert ddp.keys() == single.keys()

@@ -312,7 +312,9 @@ def _cross_entropy(pi: Tensor, s: ChunkStats, x: TokenInputs, normalized: bool =
     (pi from a softmax: sum pi = 1 to rounding) skips the sum."""
     if "logp" in x.__dict__:
         return -_dot(pi, x.logp, _workspace_of(x))
-    return (s.lse if normalized else s.lse * pi.sum(-1)) - _dot(pi, x.logits, _workspace_of(x))
+    known = x.__dict__.get("_pi_dot_z")  # sum_v pi z formed with pi (_geometric_mix_in_blocks)
+    dot = known[1] if known is not None and known[0] is pi else _dot(pi, x.logits, _workspace_of(x))
+    return (s.lse if normalized else s.lse * pi.sum(-1)) - dot
 
 
 def _gem(obj, x, s):
@@ -331,9 +333,30 @@ def residual_probs(rule, x: TokenInputs) -> tuple[Tensor, bool]:
         return aux_dist(x, "teacher", rule.params["temperature"]).q, True
     if type(rule) is GeometricMixResidual and rule.params["eta"] > 0.0:
         t = aux_dist(x, "teacher").a
-        mix = torch.lerp(x.logits, t, rule.params["eta"], out=_scratch(x, "mix", t))
-        return softmax_into(mix, mix), True
+        mix = _scratch(x, "mix", t)
+        if t.device.type == "cpu":
+            return _geometric_mix_in_blocks(x, t, rule.params["eta"], mix), True
+        return softmax_into(torch.lerp(x.logits, t, rule.params["eta"], out=mix), mix), True
     return rule.log_probs(x).exp(), False
+
+
+def _geometric_mix_in_blocks(x: TokenInputs, t: Tensor, eta: float, out: Tensor) -> Tensor:
+    """softmax(lerp(z, t, eta)) into `out`, row block by row block (CPU): the mixed logits and the
+    product for sum_v pi z live in a cache-sized scratch, so z and t are read from memory once and pi
+    written once (instead of a lerp, a softmax and a dot product each going through memory). The row
+    sums sum_v pi z are kept on `x` for `_cross_entropy`."""
+    z = x.logits
+    c = z.shape[0]
+    rows = min(c, block_rows(z))
+    tmp = _scratch(x, "dot_block", z[:rows])
+    dot = torch.empty(c, dtype=z.dtype, device=z.device)
+    for i in range(0, c, rows):
+        j = min(c, i + rows)
+        blk = tmp[: j - i]
+        softmax_into(torch.lerp(z[i:j], t[i:j], eta, out=blk), out[i:j])
+        torch.sum(torch.mul(out[i:j], z[i:j], out=blk), -1, out=dot[i:j])
+    x.__dict__["_pi_dot_z"] = (out, dot)
+    return out
 
 
 def softmax_into(t: Tensor, out: Tensor) -> Tensor:
