@@ -9,7 +9,9 @@ lr 1e-5), objective sft (TRL: its default `loss_type="nll"`), completion-only lo
 
 Cases: SmolLM2-135M-Instruct (the cached checkpoint, see tests/conftest.py) cut to its first 4
 layers (its own config with num_hidden_layers=4 and the first 4 layers' weights) at seq 256 and
-1,024, and the full 30-layer model at seq 256; float32, CPU.
+1,024, and the full 30-layer model at seq 256; float32, CPU. Gradient checkpointing is the same for
+all: off by default (TRL's `SFTConfig` would turn it on for TRL alone), on with --gradient_checkpointing.
+The engine's workspace, kept between steps on CPU, is counted in the peak during the steps.
 
 Each contestant runs in its own subprocess, in interleaved rounds (A B C A B C ...), so a load change
 on a shared machine hits every contestant alike; the figures are medians over rounds and ratios to
@@ -113,7 +115,7 @@ def run_child(args: argparse.Namespace) -> dict:
                   dataloader_num_workers=0, seed=0,
                   # TRL's SFTConfig turns gradient checkpointing on by default, QTargetConfig (like HF's
                   # TrainingArguments) does not: the same setting for all, or the comparison measures it
-                  gradient_checkpointing=False)
+                  gradient_checkpointing=args.gradient_checkpointing)
     if args.child == "qtarget_train":
         data = [{"input_ids": r["input_ids"], "labels": [-100] * r["prompt"] + r["input_ids"][r["prompt"]:]}
                 for r in rows]
@@ -150,6 +152,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         for contestant in args.contestants:
             cmd = [sys.executable, __file__, "--child", contestant, "--seq", str(seq), "--batch", str(batch),
                    "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+            if args.gradient_checkpointing:
+                cmd.append("--gradient_checkpointing")
             if layers is not None:
                 cmd += ["--layers", str(layers)]
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "4194304"}
@@ -235,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "train_speed.json"))
+    ap.add_argument("--gradient_checkpointing", action="store_true",
+                    help="every contestant with gradient checkpointing (default: none; TRL's own default is on)")
     ap.add_argument("--table-only", action="store_true", help="recompute the summary, table and plot of --out")
     ap.add_argument("--child", choices=CONTESTANTS, help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
