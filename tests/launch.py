@@ -6,6 +6,7 @@ instead by a marker that every one of them inherits in its environment."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import uuid
@@ -34,17 +35,30 @@ def kill_launch(marker: str) -> None:
             continue  # gone already, or not ours
 
 
-def run_launch(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float, log: Path) -> int | None:
-    """Run `cmd` with its output in `log`; its return code, or None when it ran past `timeout_s` and
-    was killed with every process it started."""
-    marker = uuid.uuid4().hex
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env={**env, MARKER: marker}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            code: int | None = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        kill_launch(marker)  # after a timeout; or a worker its launcher failed to reap
-        proc.wait(timeout=30)
+def run_launch(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float, log: Path,
+               attempts: int = 1, outputs: tuple[Path, ...] = ()) -> int | None:
+    """Run `cmd` with its output appended to `log`; its return code, or None when it ran past `timeout_s`
+    and was killed with every process it started. A failed run is repeated up to `attempts` times in
+    all (gloo's TCP pairs can abort a process at exit on a loaded 2-core machine: "terminate called
+    without an active exception", SIGABRT); a real failure fails every attempt, and `log` keeps them all.
+    `outputs` (folders the command writes) are removed before each attempt."""
+    code: int | None = None
+    for attempt in range(attempts):
+        for path in outputs:
+            shutil.rmtree(path, ignore_errors=True)
+        marker = uuid.uuid4().hex
+        with open(log, "a") as out:
+            out.write(f"=== attempt {attempt + 1} of {attempts}: {' '.join(cmd)}\n")
+            out.flush()
+            proc = subprocess.Popen(cmd, cwd=cwd, env={**env, MARKER: marker}, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                code = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                code = None
+                out.write(f"\n=== timed out after {timeout_s:.0f} s\n")
+            kill_launch(marker)  # after a timeout; or a worker its launcher failed to reap
+            proc.wait(timeout=30)
+        if code == 0:
+            break
     return code

@@ -23,7 +23,8 @@ def test_two_processes_build_the_same_cache_as_one(tmp_path, one_torch_thread):
     torchrun = Path(sys.executable).parent / "torchrun"
     log = tmp_path / "torchrun.log"  # a stalled launch is killed whole (tests/launch.py)
     code = run_launch([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "qtarget.teacher_cache.cli",
-                       *args, "--output_dir", str(tmp_path / "two")], tmp_path, launch_env(), 300, log)
+                       *args, "--output_dir", str(tmp_path / "two")], tmp_path, launch_env(), 300, log, attempts=3,
+                      outputs=(tmp_path / "two",))
     assert code == 0, ("timed out after 300 s\n" if code is None else "") + log.read_text()[-8000:]
     # this process single-threaded too (one_torch_thread): the same matmul kernels as the workers
     assert main(args + ["--output_dir", str(tmp_path / "one")]) == 0

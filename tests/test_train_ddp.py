@@ -30,7 +30,7 @@ WORKER = textwrap.dedent('''
 
 def _run(cmd: list[str], cwd: Path, name: str) -> None:
     log = cwd / f"{name}.log"
-    code = run_launch(cmd, cwd, launch_env(), 600, log)  # a stalled launch is killed whole (tests/launch.py)
+    code = run_launch(cmd, cwd, launch_env(), 600, log, attempts=3, outputs=(cwd / name,))  # tests/launch.py
     assert code == 0, ("timed out after 600 s\n" if code is None else "") + log.read_text()[-8000:]
 
 
