@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from qtarget import token_loss
 from qtarget.data import Collator, prepare_data
+from qtarget.ops.workspace import kept_workspace_bytes
 from qtarget.training import train
 from test_train_support import config, max_param_diff, params, tiny, tokenizer, toy_rows
 
@@ -56,6 +57,27 @@ def test_logged_loss_and_metrics_are_global_token_means(tmp_path):
     for key in ("nll", "p_y", "entropy", "gamma"):
         assert row[key] == pytest.approx(ref.metrics[key], rel=1e-5), key
     assert row["tokens_per_s"] > 0
+
+
+class KeptWorkspace(TrainerCallback):
+    """Records the bytes of the engine's workspace kept between steps, at the end of every step."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(kept_workspace_bytes())
+
+
+def test_engine_workspace_is_kept_between_steps_and_freed_after_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("QTARGET_KEEP_WORKSPACE", raising=False)
+    tok = tokenizer()
+    data = prepare_data(toy_rows(8), tok, max_length=64)
+    probe = KeptWorkspace()
+    train(config(tmp_path, objective="dft", per_device_train_batch_size=4, max_steps=2), model=tiny(),
+          tokenizer=tok, train_dataset=data.train, save_final=False, callbacks=[probe])
+    assert len(probe.seen) == 2 and all(n > 0 for n in probe.seen)  # kept for the next step (CPU)
+    assert kept_workspace_bytes() == 0  # and let go when training ends
 
 
 class StopAt(TrainerCallback):

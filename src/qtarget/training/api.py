@@ -15,6 +15,7 @@ from torch import nn
 
 from qtarget.data import Collator, PreparedData, TokenizeReport, prepare_data
 from qtarget.models.load import check_source, freeze, load_aux_model, load_model, load_tokenizer, torch_dtype
+from qtarget.ops.workspace import release_idle_workspaces
 from qtarget.teacher_cache.manifest import Manifest
 from qtarget.teacher_cache.reader import TeacherCache
 from qtarget.teacher_cache.training import attach_teacher_cache, data_settings
@@ -197,7 +198,10 @@ def train(
         if not checkpoint:
             for name in ("metrics.jsonl", "metrics.csv"):
                 (output_dir / name).unlink(missing_ok=True)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        release_idle_workspaces()  # the engine's buffers kept between steps (CPU): training is over
 
     final_dir = None
     if save_final:
