@@ -16,13 +16,14 @@ a 107 MB buffer here. Where THP is off ("never") or the call fails, nothing chan
 
 On CPU the workspace also outlives the call: `acquire` hands the last call's workspace to the next
 one (a training step calls the engine with the same shapes every step), so its pages are mapped once
-per run instead of once per step. Mapping them is not only the first-touch cost above: right after the
-model's forward has freed its activations, the kernel may have to compact memory to find huge pages
-for the advised buffers (direct compaction under THP's default `defrag=madvise`), which measured
+per run instead of once per step. Mapping them is not only the first-touch cost above: right after many
+ordinary pages were freed (the last step's activations, by its backward), the kernel may have to
+compact memory to find huge pages for the advised buffers (direct compaction under THP's default `defrag=madvise`), which measured
 ~1 s of system time per call at N = 4,096, V = 49,152 on this project's machine. The held buffers are
 exactly the ones the last call used, at its chunk size (a call with smaller chunks or another
-vocabulary drops the rest first), so holding them never raises a training step's peak, which is
-reached during the engine call itself. `release_idle_workspaces()` frees them;
+vocabulary drops the rest first). They are in use at the end of the forward, where a step's
+activations peak; kept, they stay resident through the backward and the optimizer step too, which can
+raise a step whose peak falls there by up to one workspace. `release_idle_workspaces()` frees them;
 `QTARGET_KEEP_WORKSPACE=0` turns the keeping off. On CUDA the caching allocator already reuses
 blocks, and nothing is kept.
 
