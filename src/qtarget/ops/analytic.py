@@ -239,6 +239,11 @@ class AuxDist:
         return self._q
 
     @property
+    def q_formed(self) -> bool:
+        """Whether something has formed q already (reading `q` forms it)."""
+        return self._q is not None
+
+    @property
     def lse(self) -> Tensor:
         if self._lse is None:  # q's largest entry, at the row's max, is exactly 1 / S
             log_s = -self.q.amax(dim=-1).log()
@@ -290,7 +295,7 @@ def kl_only(x: TokenInputs, s: ChunkStats, who: str, temperature: float = 1.0) -
     teacher's and student's logits are each read from memory once."""
     key = f"_kl_{who}_{temperature!r}"
     d = aux_dist(x, who, temperature)
-    if key not in x.__dict__ and d._q is None and d.a.device.type == "cpu":
+    if key not in x.__dict__ and not d.q_formed and d.a.device.type == "cpu":
         x.__dict__[key] = _kl_in_blocks(d.a, x.logits, s.lse, _workspace_of(x))
     return kl_from_logits(x, s, who, temperature)[0] if key not in x.__dict__ else x.__dict__[key]
 
@@ -310,14 +315,15 @@ def _kl_in_blocks(a: Tensor, z: Tensor, lse_z: Tensor, workspace: Workspace | No
     return out
 
 
-def _cross_entropy(pi: Tensor, s: ChunkStats, x: TokenInputs, normalized: bool = False) -> Tensor:
+def _cross_entropy(pi: Tensor, s: ChunkStats, x: TokenInputs, normalized: bool = False,
+                   pi_dot_z: Tensor | None = None) -> Tensor:
     """[c] CE(pi, p) = -sum pi log p. From log p when a rule already formed it (no cancellation
-    between lse and sum pi z), else as lse * sum pi - sum pi z without forming log p; `normalized`
-    (pi from a softmax: sum pi = 1 to rounding) skips the sum."""
+    between lse and sum pi z), else as lse * sum pi - sum pi z without forming log p (`pi_dot_z`:
+    sum pi z when the caller formed it with pi); `normalized` (pi from a softmax: sum pi = 1 to
+    rounding) skips the sum."""
     if "logp" in x.__dict__:
         return -_dot(pi, x.logp, _workspace_of(x))
-    known = x.__dict__.get("_pi_dot_z")  # sum_v pi z formed with pi (_geometric_mix_in_blocks)
-    dot = known[1] if known is not None and known[0] is pi else _dot(pi, x.logits, _workspace_of(x))
+    dot = pi_dot_z if pi_dot_z is not None else _dot(pi, x.logits, _workspace_of(x))
     return (s.lse if normalized else s.lse * pi.sum(-1)) - dot
 
 
@@ -328,36 +334,37 @@ def _gem(obj, x, s):
     return ClosedForm(loss=loss, gamma=torch.ones_like(s.logp_y), alpha=0.0, beta=1.0, aux=[(-1.0, q)])
 
 
-def residual_probs(rule, x: TokenInputs) -> tuple[Tensor, bool]:
-    """(pi_tilde [c, V] of a residual rule, whether it came from a softmax). The teacher and
+def residual_probs(rule, x: TokenInputs) -> tuple[Tensor, bool, Tensor | None]:
+    """(pi_tilde [c, V] of a residual rule, whether it came from a softmax, sum_v pi_tilde z [c] when
+    it was formed along the way, else None). The teacher and
     geometric-mix residuals are formed from logits (softmax(t / T); softmax((1 - eta) z + eta t), the
     same distribution as the rule's log_softmax((1 - eta) log p + eta log pi_T)) without
     log-softmaxes of student and teacher."""
     if type(rule) is TeacherResidual:
-        return aux_dist(x, "teacher", rule.params["temperature"]).q, True
+        return aux_dist(x, "teacher", rule.params["temperature"]).q, True, None
     if type(rule) is GeometricMixResidual and rule.params["eta"] > 0.0:
         t = aux_dist(x, "teacher").a
         mix = _scratch(x, "mix", t)
         if t.device.type == "cpu":
-            return _geometric_mix_in_blocks(x, t, rule.params["eta"], mix), True
-        return softmax_into(torch.lerp(x.logits, t, rule.params["eta"], out=mix), mix), True
-    return rule.log_probs(x).exp(), False
+            pi, pi_dot_z = _geometric_mix_in_blocks(x.logits, t, rule.params["eta"], mix, _workspace_of(x))
+            return pi, True, pi_dot_z
+        return softmax_into(torch.lerp(x.logits, t, rule.params["eta"], out=mix), mix), True, None
+    return rule.log_probs(x).exp(), False, None
 
 
-def _geometric_mix_in_blocks(x: TokenInputs, t: Tensor, eta: float, out: Tensor) -> Tensor:
-    """softmax(lerp(z, t, eta)) into `out`, row block by row block (CPU): the mixed logits and the
-    product for sum_v pi z live in a cache-sized scratch, so z and t are read from memory once and pi
-    written once (instead of a lerp, a softmax and a dot product each going through memory). The row
-    sums sum_v pi z are kept on `x` for `_cross_entropy`."""
-    z = x.logits
-    tmp = _block_scratch(_workspace_of(x), "dot_block", z)
+def _geometric_mix_in_blocks(z: Tensor, t: Tensor, eta: float, out: Tensor,
+                             workspace: Workspace | None) -> tuple[Tensor, Tensor]:
+    """(pi, sum_v pi z [c]) with pi = softmax(lerp(z, t, eta)) written into `out`, row block by row block
+    (CPU): the mixed logits and the product for sum_v pi z live in a cache-sized scratch, so z and t are
+    read from memory once and pi written once (instead of a lerp, a softmax and a dot product each going
+    through memory)."""
+    tmp = _block_scratch(workspace, "dot_block", z)
     dot = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
     for sl in _row_blocks(z):
         blk = tmp[: sl.stop - sl.start]
         softmax_into(torch.lerp(z[sl], t[sl], eta, out=blk), out[sl])
         torch.sum(torch.mul(out[sl], z[sl], out=blk), -1, out=dot[sl])
-    x.__dict__["_pi_dot_z"] = (out, dot)
-    return out
+    return out, dot
 
 
 def softmax_into(t: Tensor, out: Tensor) -> Tensor:
@@ -371,8 +378,8 @@ def softmax_into(t: Tensor, out: Tensor) -> Tensor:
 
 def _target(obj, x, s):
     gamma = obj.gamma_rule(x)
-    pi, normalized = residual_probs(obj.residual_rule, x)
-    loss = -gamma * s.logp_y + (1.0 - gamma) * _cross_entropy(pi, s, x, normalized)
+    pi, normalized, pi_dot_z = residual_probs(obj.residual_rule, x)
+    loss = -gamma * s.logp_y + (1.0 - gamma) * _cross_entropy(pi, s, x, normalized, pi_dot_z)
     return ClosedForm(loss=loss, gamma=gamma, alpha=1.0, beta=gamma, aux=[(1.0 - gamma, pi)])
 
 

@@ -163,9 +163,9 @@ def kept_workspace_bytes() -> int:
 def release_idle_workspaces() -> int:
     """Free the workspaces kept between engine calls; returns the bytes freed."""
     with _idle_lock:
-        freed = sum(ws.nbytes for ws in _idle.values())
+        kept = list(_idle.values())
         _idle.clear()
-    return freed
+    return sum(ws.nbytes for ws in kept)
 
 
 def scratch(workspace: Workspace | None, name: str, like: Tensor) -> Tensor:
