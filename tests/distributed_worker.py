@@ -214,10 +214,18 @@ def main() -> None:
             except Exception as exc:  # recorded, so one failing case does not hide the others
                 results[key] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
             dist.barrier()
-    if rank == 0:
-        with open(out_path, "w") as f:
+    if rank == 0:  # written whole or not at all: the test reads a result only from a finished run
+        partial = out_path + ".partial"
+        with open(partial, "w") as f:
             json.dump(results, f, indent=1)
+        os.replace(partial, out_path)
+    dist.barrier()
     dist.destroy_process_group()
+    # skip the interpreter's teardown: gloo's background threads can abort it ("terminate called without
+    # an active exception", SIGABRT) after all the work is done
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
