@@ -7,7 +7,8 @@
 
 Each variant runs in its own subprocess (one variant's allocations cannot shape another's peak).
 Peak memory = peak RSS during the measured step (VmHWM, reset through /proc/self/clear_refs) minus the
-RSS just before it, after a warm-up step (so gradients and optimizer state exist for every variant).
+RSS just before it, after a warm-up step (so gradients and optimizer state exist for every variant);
+qtarget's workspace, kept from the warm-up step, is counted in the step's peak.
 Step time = best of `--reps` steps after the warm-up. On a CUDA device (`--device cuda`) peak memory is
 `torch.cuda.max_memory_allocated` above the allocation before the step.
 
@@ -33,6 +34,7 @@ import trl
 
 import qtarget
 from qtarget.models import load_tokenizer, tiny_causal_lm
+from qtarget.ops.workspace import kept_workspace_bytes
 
 from memory import reset_peak, rss_bytes  # benchmarks/memory.py (scripts run from this folder)
 
@@ -94,7 +96,9 @@ def run_variant(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = rss_bytes("VmRSS")
+        # the engine's workspace, kept between steps on CPU, is resident in the base but is the loss
+        # layer's memory: counted in as if the step had mapped it
+        base = rss_bytes("VmRSS") - kept_workspace_bytes()
         reset_peak()
     step()
     sync()
