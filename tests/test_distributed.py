@@ -65,7 +65,6 @@ def test_a_stalled_launch_is_killed_whole(tmp_path, monkeypatch):
         assert not status.exists() or "zombie" in status.read_text().lower() or "(dead)" in status.read_text()
 
 
-
 def test_a_launch_that_fails_after_writing_is_retried_then_fails(tmp_path, monkeypatch):
     """A result written by a launch that then fails (as a SIGABRT at exit does) is not taken: the launch
     is repeated, and a failure on every attempt fails the test with each attempt's log."""
@@ -79,6 +78,7 @@ def test_a_launch_that_fails_after_writing_is_retried_then_fails(tmp_path, monke
     with pytest.raises(AssertionError, match=r"attempt 2 of 2: exit code 1"):
         launch("ddp", tmp_path, attempts=2, timeout_s=60.0)
     assert (tmp_path / "runs").read_text() == "xx"
+
 
 CASES = {
     "ddp": ["ddp/plain"],
