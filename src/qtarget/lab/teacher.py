@@ -28,10 +28,16 @@ from qtarget.models.load import load_model
 TEACHER_KEYS = ("model", "teacher_examples", "teacher_steps", "batch_size", "learning_rate", "warmup_ratio",
                 "lr_scheduler", "weight_decay", "train_top_layers", "max_length", "precision")
 TEACHER_DATA_SEED = 7_000_000  # the teacher's problems: a stream no student or eval set uses
+# How the teacher is trained, beyond the settings in the key: raise it whenever a change of the code alters
+# the trained weights, so that no cache entry made by earlier code is reused (a fresh machine would train
+# another teacher and not reproduce the run). 2: the top layers on the shared frozen trunk, bf16 pre-cast
+# copies for the no-grad passes, one right-padding helper.
+TEACHER_RECIPE = 2
 
 
 def teacher_key(settings: LabSettings, model_id: str, task: LabTask) -> str:
     body = json.dumps({"model_id": model_id, "task": task.name, "task_version": task.version,
+                       "recipe": TEACHER_RECIPE,
                        **{k: settings.to_dict()[k] for k in TEACHER_KEYS}}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
