@@ -41,11 +41,14 @@ def run_launch(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
     and was killed with every process it started. A failed run is repeated up to `attempts` times in
     all (gloo's TCP pairs can abort a process at exit on a loaded 2-core machine: "terminate called
     without an active exception", SIGABRT); a real failure fails every attempt, and `log` keeps them all.
-    `outputs` (folders the command writes) are removed before each attempt."""
+    `outputs` (files or folders the command writes) are removed before each attempt."""
     code: int | None = None
     for attempt in range(attempts):
         for path in outputs:
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         marker = uuid.uuid4().hex
         with open(log, "a") as out:
             out.write(f"=== attempt {attempt + 1} of {attempts}: {' '.join(cmd)}\n")

@@ -33,19 +33,13 @@ def launch(engine: str, tmp_path: Path, attempts: int = 3, timeout_s: float = 15
     retried, three attempts in all, each logged. A real failure fails every attempt. A stalled launch is
     killed whole after `timeout_s` (tests/launch.py)."""
     out = tmp_path / f"{engine}.json"
+    log = tmp_path / f"{engine}.log"
     torchrun = Path(sys.executable).parent / "torchrun"
-    log = ""
-    for attempt in range(attempts):
-        out.unlink(missing_ok=True)
-        log_file = tmp_path / f"{engine}.{attempt}.log"
-        code = run_launch([str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), engine, str(out)],
-                          tmp_path, launch_env(DS_ACCELERATOR="cpu"), timeout_s, log_file)
-        text = log_file.read_text()
-        if code == 0 and out.exists():
-            return json.loads(out.read_text())
-        status = f"timed out after {timeout_s:.0f} s" if code is None else f"exit code {code}"
-        log += f"\n[attempt {attempt + 1} of {attempts}: {status}]\n" + text[-6000:]
-    raise AssertionError(f"torchrun never finished cleanly with {out.name}:{log}")
+    code = run_launch([str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), engine, str(out)],
+                      tmp_path, launch_env(DS_ACCELERATOR="cpu"), timeout_s, log, attempts=attempts, outputs=(out,))
+    status = f"timed out after {timeout_s:.0f} s" if code is None else f"exit code {code}"
+    assert code == 0 and out.exists(), f"[attempt {attempts} of {attempts}: {status}]\n" + log.read_text()[-12000:]
+    return json.loads(out.read_text())
 
 
 def test_a_stalled_launch_is_killed_whole(tmp_path, monkeypatch):
