@@ -14,6 +14,7 @@ import sys
 import yaml
 
 from qtarget import __version__
+from qtarget.cli_args import join_negative_values
 
 # Exceptions that mean "the input is wrong" (their messages name the argument, field or row): a bad
 # value, a missing file, a folder or hub id that cannot be read (OSError, ConnectionError included),
@@ -27,6 +28,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         raise ValueError(f"{message} (`{self.prog} --help` lists the options)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """`--flag -1e-3` reaches the flag (argparse alone takes `-1e-3` for an option): see cli_args."""
+        args = sys.argv[1:] if args is None else args
+        return super().parse_known_args(join_negative_values(args, self), namespace)
 
 
 def one_line(error: BaseException) -> str:
