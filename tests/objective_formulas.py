@@ -31,6 +31,10 @@ CATALOGUE_PARAMS = {
     "prift_prob": {},
     "prift_mass": {"tau": 0.7},
     "deft": {},
+    # added after the 2026 catalogue (docs/objectives.md): formulas below from the official / found code
+    "gift": {"beta": 6.0, "smooth": 0.05},
+    "sed_sft": {"scale": 0.6, "k": 3, "tau": 0.9},
+    "talr": {"tau": 2.5, "floor": 0.02},
 }
 
 
@@ -95,8 +99,12 @@ def expected_loss(name, params, z, y, aux):
         return -(1 - lam) * lpy + lam * _kl(_teacher(aux), logp)
     if name in NEW_2026:
         return _loss_2026(name, params, p, lpy, py, aux, y)
+    if name == "sed_sft":  # CE + s * 1[top-k mass < tau] * (p (p - 1) + 0.25), p differentiable
+        return -lpy + params["scale"] * _sed_selected(p, params) * (py * (py - 1) + 0.25)
+    if name == "talr":
+        return -_talr_weight(py, params) * lpy
     Q, _ = expected_target(name, params, z, y, aux)
-    return -(Q * logp).sum(-1)  # target_sft and target are CE(Q, p) by definition
+    return -(Q * logp).sum(-1)  # target_sft, target and gift are CE(Q, p) by definition
 
 
 def expected_target(name, params, z, y, aux):
@@ -154,6 +162,12 @@ def expected_target(name, params, z, y, aux):
         return mix(py, pi / pi.sum(-1, keepdim=True))
     if name in NEW_2026:
         return mix(_gamma_2026(name, params, p, py, aux, y), student)
+    if name == "gift":  # softmax(log(mixed ref + 1e-10) + beta at the label), GIFT's code step by step
+        return _gift_target(params, aux, y), ones
+    if name == "sed_sft":  # dL/dz = (p - delta_y) (1 - s m p_y (2 p_y - 1))
+        return delta, 1 - params["scale"] * _sed_selected(p, params) * py * (2 * py - 1)
+    if name == "talr":
+        return mix(_talr_weight(py, params), student)
     if name == "target":  # the CATALOGUE_PARAMS composition: gamma = p_y^alpha, residual ∝ p^(1/beta)
         q = p ** (1 / params["beta"])
         return mix(py ** params["alpha"], q / q.sum(-1, keepdim=True))
@@ -202,6 +216,29 @@ def _gamma_2026(name, params, p, py, aux, y):
         a = (p * p).sum(-1)
         return a / (a + DEFT_EPS) * py ** a
     raise KeyError(name)
+
+
+GIFT_EPS = 1e-10  # GIFT's code: torch.log(mixed_ref_probs + 1e-10)
+
+
+def _gift_target(params, aux, y):
+    ref = torch.softmax(aux["ref_logits"].double(), -1)
+    V = ref.shape[-1]
+    mixed = (1 - params["smooth"]) * ref + params["smooth"] / V
+    logits = torch.log(mixed + GIFT_EPS)
+    logits[torch.arange(len(y)), y] += params["beta"]
+    return torch.softmax(logits, -1)
+
+
+def _sed_selected(p, params):
+    """SED-SFT's mask: the k largest probabilities sum to less than tau."""
+    top = torch.sort(p, -1, descending=True).values[:, : params["k"]].sum(-1)
+    return (top < params["tau"]).double()
+
+
+def _talr_weight(py, params):
+    """TALR (the DiSC port's talr_loss): w = max(max(p, 1e-6) ** (1 / tau), floor), detached."""
+    return torch.clamp(torch.clamp(py, min=1e-6) ** (1 / params["tau"]), min=params["floor"])
 
 
 def make_case(shape, seed=0, dtype=torch.float32, scale=4.0):

@@ -17,7 +17,7 @@ SHAPES = [(6, 1000), (2, 5, 1024), (2, 2, 3, 1536)]
 def test_catalogue_is_complete():
     required = {"sft", "label_smoothing", "dft", "prob", "profit", "eaft", "token_weighted", "sft_kl", "asft",
                 "psft", "gem", "kd", "distill_hybrid", "target_sft", "target",
-                "prob_masked", "nll_masked", "prift_prob", "prift_mass", "deft"}
+                "prob_masked", "nll_masked", "prift_prob", "prift_mass", "deft", "gift", "sed_sft", "talr"}
     assert required <= set(qtarget.list_objectives())
     assert set(CATALOGUE_PARAMS) == required
 

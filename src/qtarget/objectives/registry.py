@@ -5,7 +5,7 @@ import difflib
 import inspect
 from typing import Any, Callable
 
-from qtarget.objectives import catalog, catalog_2026
+from qtarget.objectives import catalog, catalog_2026, catalog_2027
 from qtarget.objectives.base import Objective
 from qtarget.objectives.rules import (
     GAMMA_ALIASES,
@@ -134,14 +134,14 @@ def target(gamma: Any = "p_y", residual: Any = "student", *, top_k: int | None =
     """Compose any gamma rule with any residual rule: L = CE(gamma delta_y + (1-gamma) pi_tilde, p).
 
     gamma: a GammaRule, a number (constant) or a name in rules.GAMMA_RULES
-           (constant, p_y, power, threshold, topk_entropy, ratio, data_weight).
+           (constant, p_y, power, threshold, topk_entropy, ratio, data_weight, mass, gibbs).
     residual: a ResidualRule or a name in rules.RESIDUAL_RULES
            (uniform, student, tempered, reference, teacher, geometric_mix).
     top_k: truncate the residual to its top-k and renormalise.
     gamma_from: where the gamma rule reads p_y / p: "model" (the online student) or "reference" (the
            frozen reference / base model, given as ref_logits; the objective then needs `ref`).
     gamma_min / gamma_max: gamma = clamp(gamma, gamma_min, gamma_max), a floor / cap in [0, 1].
-    params: the named rules' parameters (value, alpha, tau, k, lam, beta, temperature, eta).
+    params: the named rules' parameters (value, alpha, tau, k, lam, gain, beta, temperature, eta).
     """
     params = dict(params)
     g = _make_rule(gamma, GAMMA_RULES, GAMMA_ALIASES, "gamma", params)
@@ -178,5 +178,9 @@ for _name, _factory in {
     "prift_prob": catalog_2026.prift_prob,
     "prift_mass": catalog_2026.prift_mass,
     "deft": catalog_2026.DEFT,
+    # added after the 2026 catalogue (objectives/catalog_2027.py, docs/objectives.md)
+    "gift": catalog_2027.gift,
+    "sed_sft": catalog_2027.SEDSFT,
+    "talr": catalog_2027.talr,
 }.items():
     register_objective(_name, _factory)

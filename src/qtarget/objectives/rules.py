@@ -141,6 +141,28 @@ class RatioGamma(GammaRule):
         return p_y / (p_y + self.params["lam"])
 
 
+def log_expm1(x: float) -> float:
+    """log(e^x - 1) for x >= 0 without overflow (-inf at x = 0)."""
+    return -math.inf if x == 0.0 else x + math.log(-math.expm1(-x))
+
+
+class GibbsGamma(GammaRule):
+    """gamma = (e^gain - 1) p_y / (1 + (e^gain - 1) p_y): the trust of Q ∝ pi_tilde * exp(gain * 1[v = y])
+    written as gamma delta_y + (1 - gamma) pi_tilde when p_y is read from pi_tilde (GIFT: gamma_from=
+    "reference" with the reference residual). Computed as sigmoid(log(e^gain - 1) + log p_y)."""
+
+    name = "gibbs"
+
+    def __init__(self, gain: float = 20.0) -> None:
+        gain = float(gain)
+        if not (math.isfinite(gain) and gain >= 0.0):
+            raise ValueError(f"gamma rule 'gibbs': `gain` must be a finite number >= 0, got {gain}")
+        super().__init__(gain=gain)
+
+    def __call__(self, x):
+        return torch.sigmoid(log_expm1(self.params["gain"]) + x.logp_y.detach())
+
+
 class DataWeightGamma(GammaRule):
     """gamma = w_t, a per-token weight supplied with the data (e.g. critical-token masks)."""
 
@@ -327,7 +349,7 @@ class TopKResidual(ResidualRule):
 GAMMA_RULES: dict[str, type[GammaRule]] = {
     cls.name: cls
     for cls in (ConstantGamma, LabelProbGamma, PowerGamma, ThresholdGamma, TopKEntropyGamma, RatioGamma, DataWeightGamma,
-                MassGamma)
+                MassGamma, GibbsGamma)
 }
 RESIDUAL_RULES: dict[str, type[ResidualRule]] = {
     cls.name: cls

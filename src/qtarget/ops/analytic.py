@@ -44,6 +44,7 @@ from qtarget.objectives.catalog import (
     TokenWeighted,
 )
 from qtarget.objectives.catalog_2026 import DEFT, ProbMasked, WeightedNLL
+from qtarget.objectives.catalog_2027 import SEDSFT
 from qtarget.objectives.rules import GeometricMixResidual, TeacherResidual, topk_entropy_ratio
 from qtarget.ops.workspace import Workspace, scratch
 
@@ -403,12 +404,22 @@ def _deft(obj, x, s):
                       extras={"concentration": a})
 
 
+def _sed_sft(obj, x, s):
+    # -log p_y + scale m (p_y (p_y - 1) + 1/4): dL/dz = c (p - delta_y), c = 1 - scale m p_y (2 p_y - 1)
+    m = obj.selected(x)
+    p_y = s.logp_y.exp()
+    scaled = obj.params["scale"] * m
+    coef = 1.0 - scaled * p_y * (2.0 * p_y - 1.0)
+    return ClosedForm(loss=-s.logp_y + scaled * (p_y * (p_y - 1.0) + 0.25), gamma=torch.ones_like(p_y),
+                      alpha=coef, beta=coef, extras={"selected": m})
+
+
 # keyed by the `terms` function the closed form restates: an override of `terms` is not matched
 CLOSED_FORMS: dict[Callable, Callable[[object, TokenInputs, ChunkStats], ClosedForm]] = {
     SFT.terms: _sft, DFT.terms: _dft, Prob.terms: _prob, ProFit.terms: _profit, EAFT.terms: _eaft,
     TokenWeighted.terms: _token_weighted, PSFT.terms: _psft, SFTKL.terms: _sft_kl, ASFT.terms: _asft,
     DistillHybrid.terms: _distill_hybrid, GEM.terms: _gem, TargetObjective.terms: _target,
-    WeightedNLL.terms: _weighted_nll, ProbMasked.terms: _prob_masked, DEFT.terms: _deft,
+    WeightedNLL.terms: _weighted_nll, ProbMasked.terms: _prob_masked, DEFT.terms: _deft, SEDSFT.terms: _sed_sft,
 }
 
 
