@@ -1,9 +1,12 @@
 """Run a teacher over tokenised rows once and store its top-k distribution at every supervised token.
 
-Batched, with a progress bar, resumable (a shard file that exists is complete and is skipped) and
-data-parallel without communication: with `world_size` processes, process `rank` builds the shards
-j with j % world_size == rank. A shard's rows and batches do not depend on the process count, so one
-process and several give the same files, and a resumed build the same as an uninterrupted one.
+The teacher is an engine (engines/: a model in this process, vLLM in this process, or vLLM / SGLang
+servers); this module is the one writer they share. Batched, with a progress bar in tokens/s,
+resumable (a shard file that exists is complete and is skipped) and data-parallel without
+communication: with `world_size` processes, process `rank` builds the shards j with
+j % world_size == rank. A shard's rows and batches do not depend on the process count, so one process
+and several give the same files, and a resumed build the same as an uninterrupted one. Before the
+first shard, a preflight (engines/preflight.py) refuses a teacher that does not fit the student.
 """
 from __future__ import annotations
 
@@ -17,11 +20,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qtarget.data.collate import Collator
-from qtarget.ops.sparse_teacher import TeacherTopK, topk_from_logits
+from qtarget.teacher_cache.engines import Engine, EndpointsDown, HFEngine, preflight, teacher_topk_rows
 from qtarget.teacher_cache.manifest import Manifest, SplitInfo, describe, teacher_identity
 from qtarget.teacher_cache.schema import (
-    IGNORE_INDEX,
     LOGPROB_DTYPES,
     data_fingerprint,
     id_dtype,
@@ -30,9 +31,8 @@ from qtarget.teacher_cache.schema import (
     tokenizer_fingerprint,
 )
 from qtarget.teacher_cache.storage import open_shard, shard_path, write_shard
-from qtarget.training.patch import aux_hidden_and_head
 
-LOGITS_BYTES = 1 << 28  # float32 teacher logits formed at once: 256 MiB
+__all__ = ["build_cache", "cache_folder", "make_manifest", "teacher_topk_rows"]
 
 
 def _split_info(examples: Sequence[Mapping[str, Any]]) -> SplitInfo:
@@ -41,58 +41,31 @@ def _split_info(examples: Sequence[Mapping[str, Any]]) -> SplitInfo:
     return SplitInfo(rows=len(examples), supervised_tokens=n_sup, data_fingerprint=data_fingerprint(fps))
 
 
-def make_manifest(teacher: nn.Module, tokenizer, splits: Mapping[str, Sequence[Mapping[str, Any]]], *, top_k: int,
-                  temperature: float, vocab_size: int, rows_per_shard: int, logprob_dtype: str,
+def make_manifest(teacher: nn.Module | Engine, tokenizer, splits: Mapping[str, Sequence[Mapping[str, Any]]], *,
+                  top_k: int, temperature: float, vocab_size: int, rows_per_shard: int, logprob_dtype: str,
                   settings: Mapping[str, Any] | None = None, teacher_name: str | None = None,
                   student: str | None = None) -> Manifest:
+    if isinstance(teacher, Engine):
+        identity, engine = teacher.identity(), teacher.describe()
+    else:
+        identity, engine = teacher_identity(teacher, teacher_name), {}
     return Manifest(
-        teacher=teacher_identity(teacher, teacher_name), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        teacher=identity, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         vocab_size=int(vocab_size), top_k=int(top_k), temperature=float(temperature), logprob_dtype=logprob_dtype,
         rows_per_shard=int(rows_per_shard), splits={name: _split_info(rows) for name, rows in splits.items()},
-        settings=dict(settings or {}), student=student)
+        settings=dict(settings or {}), student=student, engine=engine)
 
 
-@torch.no_grad()
-def teacher_topk_rows(teacher: nn.Module, batch: dict[str, Tensor], *, top_k: int, temperature: float,
-                      vocab_size: int) -> tuple[Tensor, TeacherTopK]:
-    """The teacher's top-k at the supervised positions of one collated batch, in row-major order:
-    (positions [n, 2] = (row, t) with labels[row, t] != -100, t >= 1;  TeacherTopK with [n, k], [n])."""
-    hidden, head = aux_hidden_and_head(teacher, batch, vocab_size)  # [B, T, H]; rows past the student's V dropped
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX
-    where = mask.nonzero()
-    where[:, 1] += 1
-    h = hidden[:, :-1][mask]  # [n, H]: the prefix up to t - 1 predicts labels[t]
-    chunk = max(1, LOGITS_BYTES // (4 * vocab_size))
-    parts = [topk_from_logits(head.logits(h[i:i + chunk]), top_k, temperature)
-             for i in range(0, h.shape[0], chunk)]
-    if not parts:
-        empty = torch.empty(0, top_k, device=h.device)
-        return where, TeacherTopK(empty.long(), empty, empty[:, 0])
-    return where, TeacherTopK(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]),
-                              torch.cat([p.log_tail for p in parts]))
-
-
-def _shard_tensors(teacher, collator, rows: Sequence[Mapping[str, Any]], start: int, *, batch_size: int,
-                   top_k: int, temperature: float, vocab_size: int, logprob_dtype: torch.dtype, device,
-                   bar) -> dict[str, Tensor]:
-    positions, ids, logprobs, log_tail, counts = [], [], [], [], []
-    for b0 in range(0, len(rows), batch_size):
-        chunk = rows[b0:b0 + batch_size]
-        batch = {k: v.to(device) for k, v in collator(chunk).items()}
-        where, topk = teacher_topk_rows(teacher, batch, top_k=top_k, temperature=temperature, vocab_size=vocab_size)
-        where = where.cpu()
-        counts += torch.bincount(where[:, 0], minlength=len(chunk)).tolist()
-        positions.append(where[:, 1].to(torch.int32))
-        ids.append(topk.ids.cpu().to(id_dtype(vocab_size)))
-        logprobs.append(topk.logprobs.cpu().to(logprob_dtype))
-        log_tail.append(topk.log_tail.cpu().to(torch.float32))
-        bar.update(len(chunk))
+def _shard_tensors(engine: Engine, rows: Sequence[Mapping[str, Any]], start: int, *, top_k: int, temperature: float,
+                   vocab_size: int, logprob_dtype: torch.dtype, bar, where) -> dict[str, Tensor]:
+    got = engine.topk_rows(rows, top_k=top_k, temperature=temperature, vocab_size=vocab_size, progress=bar.update,
+                           where=lambda i: where(start + i))
     offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
+    offsets[1:] = torch.cumsum(torch.tensor(got.counts, dtype=torch.int64), 0)
     return {"row_index": torch.arange(start, start + len(rows), dtype=torch.int64),
             "row_fingerprint": torch.tensor([row_fingerprint(r) for r in rows], dtype=torch.int64),
-            "row_offsets": offsets, "positions": torch.cat(positions), "ids": torch.cat(ids),
-            "logprobs": torch.cat(logprobs), "log_tail": torch.cat(log_tail)}
+            "row_offsets": offsets, "positions": got.positions.to(torch.int32), "ids": got.ids.to(id_dtype(vocab_size)),
+            "logprobs": got.logprobs.to(logprob_dtype), "log_tail": got.log_tail.to(torch.float32)}
 
 
 def cache_folder(root: str | Path, teacher: nn.Module, examples: Sequence[Mapping[str, Any]], *, top_k: int,
@@ -110,7 +83,7 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 def build_cache(
-    teacher: nn.Module,
+    teacher: nn.Module | Engine,
     tokenizer,
     examples: Sequence[Mapping[str, Any]],
     output_dir: str | Path,
@@ -128,18 +101,21 @@ def build_cache(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> Manifest:
     """Cache `teacher`'s top-k distribution at every supervised token of `examples` (tokenised rows:
     dicts with input_ids and labels, e.g. `prepare_data(...).train`; `eval_examples` become the
     "eval" split) in `output_dir`. Returns the manifest.
 
+    teacher: a loaded model (run here, `batch_size` rows at a time) or an engine
+      (`qtarget.teacher_cache.engines`: VLLMServer, SGLangServer, VLLMLocal, HFEngine).
     vocab_size: the student's vocabulary (its LM-head rows; default len(tokenizer)); the teacher's
       head rows beyond it are dropped (missing ones get probability 0) and pi_T is normalised over
       [0, vocab_size).
     settings: the tokenisation settings that produced the rows (recorded in the manifest).
     rank / world_size: this process's share (default: torch.distributed, else RANK / WORLD_SIZE).
     A re-run with the same arguments skips the shards that exist; one with other arguments raises,
-    naming the manifest keys that differ.
+    naming the manifest keys that differ. resume=True: the folder must hold a cache already.
     """
     if not len(examples):
         raise ValueError("no examples to cache")
@@ -157,59 +133,78 @@ def build_cache(
     world_size = d_world if world_size is None else int(world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-
-    splits = {"train": list(examples)}
-    if eval_examples is not None and len(eval_examples):
-        splits["eval"] = list(eval_examples)
-    manifest = make_manifest(teacher, tokenizer, splits, top_k=top_k, temperature=temperature, vocab_size=vocab_size,
-                             rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype, settings=settings,
-                             teacher_name=teacher_name, student=student)
     root = Path(output_dir)
     try:
         existing = Manifest.load(root)
     except FileNotFoundError:
         existing = None
-    if existing is not None:
-        diff = existing.differences(manifest)
-        if diff:
-            raise ValueError(f"{root} holds a teacher cache built with other settings ({describe(diff, 'it', 'this run')}): "
-                             f"use another --output_dir, or delete that folder to rebuild")
-    else:
-        manifest.save(root)  # every process writes the same bytes atomically
-    digest = manifest.digest()
+    if resume and existing is None:
+        raise ValueError(f"--resume: {root} holds no teacher cache to continue (no manifest.json); "
+                         f"drop --resume to start one")
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = Collator(pad)
-    device = next(teacher.parameters()).device
-    was_training = teacher.training
-    teacher.eval()
-    todo, done_rows, total_rows = [], 0, 0
+    splits = {"train": list(examples)}
+    if eval_examples is not None and len(eval_examples):
+        splits["eval"] = list(eval_examples)
+    engine = teacher if isinstance(teacher, Engine) else HFEngine(teacher, tokenizer, batch_size=batch_size,
+                                                                     teacher_name=teacher_name, vocab_size=vocab_size)
+    engine.open()
+    try:
+        every_row = [row for rows in splits.values() for row in rows]
+        preflight(engine, tokenizer, every_row, top_k=int(top_k), temperature=float(temperature),
+                  vocab_size=vocab_size)
+        manifest = make_manifest(engine, tokenizer, splits, top_k=top_k, temperature=temperature,
+                                 vocab_size=vocab_size, rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype,
+                                 settings=settings, student=student)
+        if existing is not None:
+            diff = existing.differences(manifest)
+            if diff:
+                raise ValueError(f"{root} holds a teacher cache built with other settings "
+                                 f"({describe(diff, 'it', 'this run')}): use another --output_dir, or delete that "
+                                 f"folder to rebuild")
+        else:
+            manifest.save(root)  # every process writes the same bytes atomically
+        _build_shards(engine, splits, root, manifest, rank=rank, world_size=world_size, progress=progress)
+    finally:
+        engine.close()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return manifest
+
+
+def _build_shards(engine: Engine, splits: Mapping[str, list], root: Path, manifest: Manifest, *, rank: int,
+                  world_size: int, progress: bool) -> None:
+    """Write this process's missing shards; a progress bar counts the rows' tokens (tokens/s)."""
+    R, digest = manifest.rows_per_shard, manifest.digest()
+    todo, done_tokens, total_tokens, n_mine = [], 0, 0, 0
     for split, rows in splits.items():
-        for shard in range(math.ceil(len(rows) / rows_per_shard)):
+        for shard in range(math.ceil(len(rows) / R)):
             if shard % world_size != rank:
                 continue
-            n = len(rows[shard * rows_per_shard:(shard + 1) * rows_per_shard])
-            total_rows += n
+            n_mine += 1
+            tokens = sum(len(r["input_ids"]) for r in rows[shard * R:(shard + 1) * R])
+            total_tokens += tokens
             path = shard_path(root, split, shard)
             for stale in path.parent.glob(f".{path.name}.tmp-*"):
                 stale.unlink(missing_ok=True)  # left by an interrupted build of this shard
             if path.exists():
                 open_shard(path, split=split, shard=shard, manifest_digest=digest)  # raises if corrupted
-                done_rows += n
+                done_tokens += tokens
             else:
                 todo.append((split, shard))
-    bar = tqdm(total=total_rows, initial=done_rows, desc=f"teacher cache (rank {rank}/{world_size})" if world_size > 1
-               else "teacher cache", unit="row", disable=not progress)
+    desc = f"teacher cache (rank {rank}/{world_size})" if world_size > 1 else "teacher cache"
+    bar = tqdm(total=total_tokens, initial=done_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress)
+    written = n_mine - len(todo)
     try:
         for split, shard in todo:
-            rows = splits[split][shard * rows_per_shard:(shard + 1) * rows_per_shard]
-            tensors = _shard_tensors(teacher, collator, rows, shard * rows_per_shard, batch_size=int(batch_size),
-                                     top_k=int(top_k), temperature=float(temperature), vocab_size=vocab_size,
-                                     logprob_dtype=LOGPROB_DTYPES[logprob_dtype], device=device, bar=bar)
+            rows = splits[split][shard * R:(shard + 1) * R]
+            tensors = _shard_tensors(engine, rows, shard * R, top_k=manifest.top_k, temperature=manifest.temperature,
+                                     vocab_size=manifest.vocab_size,
+                                     logprob_dtype=LOGPROB_DTYPES[manifest.logprob_dtype], bar=bar,
+                                     where=lambda i, split=split: f"{split} row {i}")
             write_shard(root, split, shard, tensors, digest)
+            written += 1
+    except EndpointsDown as e:
+        raise EndpointsDown(f"{e}. {written} of this process's {n_mine} shards are complete in {root}: start the "
+                            f"server(s) and re-run with the same arguments and --resume to continue") from None
     finally:
         bar.close()
-        teacher.train(was_training)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return manifest

@@ -4,10 +4,14 @@ distribution per supervised token, for `qtarget train --teacher_cache DIR`.
     qtarget teacher-cache --teacher_model T --model S --dataset D --output_dir DIR --top_k 64
     qtarget teacher-cache --config recipe.yaml --top_k 64          # data keys (and teacher_cache as DIR) from a recipe
     torchrun --nproc_per_node 8 -m qtarget.teacher_cache.cli ...   # each process builds its own shards
+    qtarget teacher-cache --engine vllm-server --endpoint http://gpu1:8000 --endpoint http://gpu2:8000 \
+        --model S --dataset D --output_dir DIR --top_k 64           # a served teacher (vLLM; sglang-server: SGLang)
+    qtarget teacher-cache --engine vllm --teacher_model T ...      # vllm.LLM in this process (GPU)
 
 The data keys (dataset, max_length, packing, chat_template, response_only, eval_fraction, seed, ...)
 mean what they mean for `qtarget train` and must be the same there: training checks every row.
-A re-run with the same arguments continues where an interrupted one stopped.
+A re-run with the same arguments continues where an interrupted one stopped (--resume: and insists
+that there is a cache to continue).
 """
 from __future__ import annotations
 
@@ -22,8 +26,10 @@ import torch
 from transformers import AutoConfig
 
 from qtarget import cli
+from qtarget.cli_args import parse_bool
 from qtarget.data import prepare_data
 from qtarget.teacher_cache.build import build_cache
+from qtarget.teacher_cache.engines import ENGINES, SERVERS, VLLMLocal
 from qtarget.teacher_cache.manifest import DATA_KEYS
 from qtarget.teacher_cache.schema import LOGPROB_DTYPES
 from qtarget.models.load import check_same_vocabulary, load_aux_tokenizer, load_model, load_tokenizer, resolve
@@ -41,6 +47,16 @@ CACHE_OPTIONS = {
     "logprob_dtype": (str, "float32", f"Storage dtype of the log-probs: {', '.join(LOGPROB_DTYPES)}."),
     "device": (str, None, "Teacher device (default: cuda:LOCAL_RANK when CUDA is available, else cpu)."),
     "progress": (str, "true", "Show a progress bar (true/false)."),
+    "resume": (str, "false", "Continue the cache in --output_dir (true/false); an error when there is none. A re-run "
+                             "continues anyway; this says that it must."),
+}
+ENGINE_OPTIONS = {
+    "engine": (str, "hf", f"Where the teacher runs: {', '.join(ENGINES)} (see docs/teacher_cache.md)."),
+    "served_model": (str, None, "Servers: the served model's name (default: the one the endpoint lists)."),
+    "concurrency": (int, 4, "Servers: requests in flight per endpoint."),
+    "request_timeout": (float, 600.0, "Servers: seconds before a request is abandoned and retried."),
+    "max_retries": (int, 5, "Servers: failures in a row (timeout, connection, 5xx) before an endpoint is dropped."),
+    "retry_backoff": (float, 1.0, "Servers: first wait in seconds before a retry; doubles with each failure."),
 }
 
 
@@ -60,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ours = parser.add_argument_group("cache options")
     for name, (_, default, help_text) in CACHE_OPTIONS.items():
         ours.add_argument(f"--{name}", metavar="VALUE", help=f"{help_text} [default: {default}]")
+    engines = parser.add_argument_group("teacher engine")
+    for name, (_, default, help_text) in ENGINE_OPTIONS.items():
+        engines.add_argument(f"--{name}", metavar="VALUE", help=f"{help_text} [default: {default}]")
+    engines.add_argument("--endpoint", metavar="URL", action="append",
+                         help="Servers: a server's base URL (repeat for several; requests are spread over them).")
     return parser
 
 
@@ -79,16 +100,35 @@ def load_options(argv: list[str]) -> dict[str, Any]:
         f = fields[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         out[name] = coerce(name, values[name]) if name in values else default
-    for name, (kind, default, _) in CACHE_OPTIONS.items():
+    for name, (kind, default, _) in {**CACHE_OPTIONS, **ENGINE_OPTIONS}.items():
         value = values.get(name, default)
         try:
             out[name] = None if value is None else kind(value)
         except (TypeError, ValueError):
             raise ValueError(f"--{name}: cannot read {value!r} as {kind.__name__}") from None
-    out["progress"] = str(out["progress"]).lower() in ("1", "true", "yes", "y", "on")
-    for key in ("model", "teacher_model", "dataset", "output_dir"):
+    out["progress"] = parse_bool(out["progress"], "progress")
+    out["resume"] = parse_bool(out["resume"], "resume")
+    out["endpoint"] = list(values.get("endpoint") or [])
+    engine = out["engine"]
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    required = ("model", "dataset", "output_dir") + (() if engine in SERVERS else ("teacher_model",))
+    for key in required:
         if not out.get(key):
             raise ValueError(f"--{key} is required")
+    if engine in SERVERS and not out["endpoint"]:
+        raise ValueError(f"--engine {engine} needs at least one --endpoint URL (e.g. http://localhost:8000)")
+    if engine not in SERVERS and out["endpoint"]:
+        raise ValueError(f"--endpoint is for --engine vllm-server / sglang-server, not --engine {engine}")
+    for url in out["endpoint"]:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--endpoint must be an http:// or https:// URL, got {url!r}")
+    if engine != "hf" and out["temperature"] != 1.0:
+        raise ValueError(f"--temperature: --engine {engine} caches the raw distribution at temperature 1; build "
+                         f"with --temperature 1 and set the objective's temperature instead")
+    for key, low in (("concurrency", 1), ("max_retries", 1), ("request_timeout", 1e-9), ("retry_backoff", 0)):
+        if out[key] < low:
+            raise ValueError(f"--{key} must be {'>= ' + str(low) if low in (0, 1) else '> 0'}, got {out[key]}")
     if out["logprob_dtype"] not in LOGPROB_DTYPES:
         raise ValueError(f"--logprob_dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {out['logprob_dtype']!r}")
     return out
@@ -101,32 +141,53 @@ def student_vocab_size(name: str) -> int:
     return int(text.vocab_size)
 
 
+def make_engine(opts: dict[str, Any]):
+    """The teacher engine the options name (the hf teacher is loaded by `run`)."""
+    if opts["engine"] in SERVERS:
+        return SERVERS[opts["engine"]](opts["endpoint"], teacher_name=opts["teacher_model"],
+                                       served_model=opts["served_model"], concurrency=opts["concurrency"],
+                                       timeout=opts["request_timeout"], max_retries=opts["max_retries"],
+                                       backoff=opts["retry_backoff"])
+    return VLLMLocal(resolve(opts["teacher_model"]), top_k=opts["top_k"], dtype=opts["dtype"],
+                     teacher_name=opts["teacher_model"])
+
+
 def run(opts: dict[str, Any]):
     tokenizer = load_tokenizer(opts["model"])
     data = prepare_data(opts["dataset"], tokenizer, max_length=opts["max_length"], response_only=opts["response_only"],
                         chat_template=opts["chat_template"], packing=opts["packing"],
                         eval_fraction=opts["eval_fraction"], eval_source=opts["eval_dataset"], seed=opts["seed"],
                         split=opts["dataset_split"], dataset_config=opts["dataset_config"], max_rows=opts["max_rows"])
-    teacher_tok = load_aux_tokenizer(opts["teacher_model"], "teacher")
-    if teacher_tok is not None:
-        check_same_vocabulary(tokenizer, teacher_tok, role="teacher", student_name=opts["model"],
-                              other_name=opts["teacher_model"])
-    device = opts["device"]
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    teacher = load_model(opts["teacher_model"], role="teacher", dtype=opts["dtype"]).to(device)
+    print(f"[qtarget] teacher-cache data: {data.report.summary()}", file=sys.stderr)
+    if opts["engine"] in ("hf", "vllm"):
+        teacher_tok = load_aux_tokenizer(opts["teacher_model"], "teacher")
+        if teacher_tok is not None:
+            check_same_vocabulary(tokenizer, teacher_tok, role="teacher", student_name=opts["model"],
+                                  other_name=opts["teacher_model"])
+    if opts["engine"] == "hf":
+        device = opts["device"]
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        teacher = load_model(opts["teacher_model"], role="teacher", dtype=opts["dtype"]).to(device)
+    else:
+        teacher = make_engine(opts)
     return build_cache(
         teacher, tokenizer, data.train, opts["output_dir"], top_k=opts["top_k"], temperature=opts["temperature"],
         vocab_size=student_vocab_size(opts["model"]), eval_examples=data.eval,
         settings={k: opts[k] for k in DATA_KEYS}, teacher_name=opts["teacher_model"], student=opts["model"],
         batch_size=opts["batch_size"], rows_per_shard=opts["rows_per_shard"], logprob_dtype=opts["logprob_dtype"],
-        progress=opts["progress"])
+        progress=opts["progress"], resume=opts["resume"])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = load_options(argv)  # bad input: ValueError / FileNotFoundError -> one line from qtarget.cli
-    manifest = run(opts)
+    try:
+        manifest = run(opts)
+    except KeyboardInterrupt:  # the shards written so far are complete; a re-run continues
+        print(f"[qtarget] teacher-cache interrupted: the complete shards stay in {opts['output_dir']}; re-run with "
+              f"the same arguments and --resume to continue", file=sys.stderr)
+        return 130
     folder = Path(opts["output_dir"])
     n_bytes = sum(p.stat().st_size for p in folder.glob("*/shard-*.safetensors"))
     n_tokens = sum(s.supervised_tokens for s in manifest.splits.values())

@@ -22,6 +22,9 @@ from qtarget.teacher_cache.schema import FORMAT, MANIFEST, VERSION
 # QTargetConfig keys that decide the tokenised training rows (`prepare_data`'s arguments).
 DATA_KEYS = ("dataset", "dataset_config", "dataset_split", "max_rows", "eval_dataset", "eval_fraction",
              "max_length", "response_only", "chat_template", "packing", "seed")
+# manifest keys that describe how a cache was made without changing its numbers: left out of the digest
+# and of `differences`, so several engines (or servers of one teacher) can build and resume one cache
+INFORMATIONAL = ("engine",)
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Manifest:
     splits: dict[str, SplitInfo]
     settings: dict[str, Any] = field(default_factory=dict)  # DATA_KEYS values, None when unknown
     student: str | None = None  # informational: the model whose tokenizer defined the tokens
+    # informational: the engine that ran the teacher (name, version, request settings); absent: hf
+    engine: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     version: int = VERSION
 
@@ -59,7 +64,7 @@ class Manifest:
             raise ValueError(f"{where}: teacher cache format version {data.get('version')} is not supported "
                              f"(this qtarget reads version {VERSION})")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in names if n not in data and n not in ("settings", "student"))
+        missing = sorted(n for n in names if n not in data and n not in ("settings", "student") + INFORMATIONAL)
         if missing:
             raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
         data = {k: v for k, v in data.items() if k in names}
@@ -67,16 +72,19 @@ class Manifest:
         return cls(**data)
 
     def digest(self) -> str:
-        """sha256 (16 hex chars) of everything but the informational `student` name."""
+        """sha256 (16 hex chars) of everything but the informational `student` name and `engine`."""
         d = self.to_dict()
         d.pop("student", None)
+        for key in INFORMATIONAL:
+            d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, other: "Manifest") -> list[tuple[str, Any, Any]]:
-        """(key, self's value, other's value) for every differing (dotted) key but `student`."""
+        """(key, self's value, other's value) for every differing (dotted) key but `student` and `engine`."""
         a, b = _flatten(self.to_dict()), _flatten(other.to_dict())
         keys = sorted(set(a) | set(b))
-        return [(k, a.get(k), b.get(k)) for k in keys if k != "student" and a.get(k) != b.get(k)]
+        skip = ("student",) + INFORMATIONAL
+        return [(k, a.get(k), b.get(k)) for k in keys if k.split(".")[0] not in skip and a.get(k) != b.get(k)]
 
     def save(self, folder: Path) -> None:
         """Write manifest.json atomically (temp file + os.replace)."""

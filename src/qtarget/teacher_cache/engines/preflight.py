@@ -1,0 +1,60 @@
+"""One preflight every engine passes before a shard is written, so a wrong teacher costs seconds, not
+hours. Each check ends in a one-line error:
+
+- the tokenizer: the engine tokenises a probe text (ordinary words, non-ASCII, tokens spread over the
+  whole vocabulary and every special token) to the student's ids, with and without special tokens;
+- the prompt: a probe row's ids come back as sent (no BOS added or dropped) with one entry per token;
+- k: every position returns at least k log-probs (vLLM's --max-logprobs cap);
+- the vocabulary: every returned id lies in [0, V);
+- the rows: temperature, packing and length fit the engine (`Engine.check_rows`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from qtarget.teacher_cache.engines.base import Engine, EngineError, check_echo, select_topk
+
+PROBE_TOKENS = 48  # ids of the first row sent as the probe prompt
+SPREAD = 96  # vocabulary entries spread over [0, V) in the probe text
+
+
+def probe_text(tokenizer) -> str:
+    n = len(tokenizer)
+    ids = sorted(set(range(0, n, max(1, n // SPREAD))) | set(range(max(0, n - 8), n)))
+    pieces = ["The quick brown fox jumps over 13 lazy dogs; 2 + 2 = 4.", "naïve café — Größe, 東京, 🙂."]
+    pieces += [tokenizer.decode([i]) for i in ids]
+    pieces += [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    return " ".join(pieces)
+
+
+def check_tokenizer(engine: Engine, tokenizer, label: str) -> None:
+    text = probe_text(tokenizer)
+    for add in (False, True):
+        got = engine.tokenize(text, add)
+        if got is None:
+            continue
+        want = list(tokenizer(text, add_special_tokens=add)["input_ids"])
+        if got != want:
+            first = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            at = (f"first difference at token {first}: the engine's id {got[first] if first < len(got) else 'none'}, "
+                  f"the student's {want[first] if first < len(want) else 'none'}")
+            raise EngineError(f"{label}: the teacher's tokenizer is not the student's (a probe text"
+                              f"{' with special tokens' if add else ''} gives {len(got)} ids there, {len(want)} with "
+                              f"the student's tokenizer; {at}): serve a teacher that shares the student's vocabulary "
+                              f"and special tokens")
+
+
+def preflight(engine: Engine, tokenizer, rows: Sequence[Mapping[str, Any]], *, top_k: int, temperature: float,
+              vocab_size: int) -> None:
+    engine.check_rows(rows, top_k, temperature)
+    probe = next((list(map(int, r["input_ids"][:PROBE_TOKENS])) for r in rows if len(r["input_ids"]) >= 2), None)
+    views = engine.probes() if hasattr(engine, "probes") else [(engine.name, engine)]
+    for label, view in views:
+        check_tokenizer(view, tokenizer, label)
+        if probe is None:
+            continue
+        [answer] = view.prompt_topk([probe], top_k)
+        check_echo(probe, answer, f"{label}: the probe prompt")
+        for t in range(1, len(probe)):
+            select_topk(answer.entries[t], top_k, vocab_size, f"the probe prompt, position {t}", label)
