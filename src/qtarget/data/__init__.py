@@ -82,6 +82,7 @@ def prepare_data(
     dataset_config: str | None = None,
     max_rows: int | None = None,
     strict_rows: bool = False,
+    prompt_loss_weight: float = 0.0,
 ) -> PreparedData:
     """Load, tokenise, split and (optionally) pack a dataset. See `qtarget.data.tokenize` for formats.
 
@@ -93,7 +94,7 @@ def prepare_data(
     if len(rows) == 0:
         raise ValueError(f"dataset {source!r} has no rows")
     options = TokenizeOptions(max_length=max_length, response_only=response_only, chat_template=chat_template,
-                              strict_rows=strict_rows)
+                              strict_rows=strict_rows, prompt_loss_weight=prompt_loss_weight)
     examples, report = tokenize_rows(tokenizer, rows, options)
     if eval_source is not None:
         train_ex = examples

@@ -22,12 +22,15 @@ def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
     rows: list[dict] = []
     current: dict[str, list] | None = None
     has_weights = any("token_weights" in ex for ex in examples)
+    has_loss_weights = any("loss_weights" in ex for ex in examples)
     for ex in examples:
         n = len(ex["input_ids"])
         if current is None or len(current["input_ids"]) + n > max_length:
             current = {"input_ids": [], "labels": [], "position_ids": []}
             if has_weights:
                 current["token_weights"] = []
+            if has_loss_weights:
+                current["loss_weights"] = []
             rows.append(current)
         current["input_ids"] += ex["input_ids"]
         labels = list(ex["labels"])
@@ -36,6 +39,8 @@ def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
         current["position_ids"] += list(range(n))
         if has_weights:
             current["token_weights"] += list(ex.get("token_weights", [1.0] * n))
+        if has_loss_weights:
+            current["loss_weights"] += list(ex.get("loss_weights", [1.0] * n))
     return rows
 
 
@@ -60,8 +65,8 @@ class CacheRows(torch.utils.data.Dataset):
 class Collator:
     """Pads a list of examples to the longest one (right padding).
 
-    Returns input_ids [B, T], labels [B, T] (-100 on padding), token_weights [B, T] (when any example
-    has them) and either attention_mask [B, T] or, for packed rows, position_ids [B, T] (padding gets
+    Returns input_ids [B, T], labels [B, T] (-100 on padding), token_weights and loss_weights [B, T]
+    (each when any example has them) and either attention_mask [B, T] or, for packed rows, position_ids [B, T] (padding gets
     its own position run so it forms a separate, unsupervised segment).
 
     With `teacher_cache` (a `qtarget.teacher_cache.TeacherCache`), every example must carry its cache
@@ -92,6 +97,7 @@ class Collator:
         attn = torch.zeros((B, T), dtype=torch.long)
         pos = torch.zeros((B, T), dtype=torch.long)
         tw = torch.zeros((B, T), dtype=torch.float32) if weights else None
+        lw = torch.zeros((B, T), dtype=torch.float32) if any("loss_weights" in ex for ex in examples) else None
         for b, ex in enumerate(examples):
             n = len(ex["input_ids"])
             ids[b, :n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
@@ -102,6 +108,8 @@ class Collator:
                 pos[b, n:] = torch.arange(T - n)
             if tw is not None:
                 tw[b, :n] = torch.as_tensor(ex.get("token_weights", [1.0] * n), dtype=torch.float32)
+            if lw is not None:
+                lw[b, :n] = torch.as_tensor(ex.get("loss_weights", [1.0] * n), dtype=torch.float32)
         batch = {"input_ids": ids, "labels": labels}
         if packed:
             batch["position_ids"] = pos
@@ -109,6 +117,8 @@ class Collator:
             batch["attention_mask"] = attn
         if tw is not None:
             batch["token_weights"] = tw
+        if lw is not None:
+            batch["loss_weights"] = lw
         if self.teacher_cache is not None:
             batch.update(self._cached_teacher(examples, labels))
         return batch

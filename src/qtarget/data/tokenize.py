@@ -35,6 +35,17 @@ class TokenizeOptions:
     chat_template: bool = False  # apply the chat template to prompt/response rows too
     add_eos: bool = True
     strict_rows: bool = False  # a row that cannot be tokenised is an error instead of skipped
+    # > 0: the tokens outside the response (prompt, system, template) are supervised too, their loss
+    # weighted by this (the response's by 1) in `loss_weights` (WIT, arXiv 2507.07817); 0 = masked
+    prompt_loss_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        w = self.prompt_loss_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) < float("inf"):
+            raise ValueError(f"--prompt_loss_weight must be a finite number >= 0, got {w!r}")
+        if w and not self.response_only:
+            raise ValueError("--prompt_loss_weight needs --response_only true (with response_only false every "
+                             "token is already supervised at weight 1)")
 
 
 @dataclass
@@ -101,6 +112,9 @@ def tokenize_row(tokenizer, row: Mapping[str, Any], fmt: str, options: TokenizeO
         ids, mask = ids[: options.max_length], mask[: options.max_length]
         if weights is not None:
             weights = weights[:n_kept_supervised]
+    response = mask
+    if options.prompt_loss_weight:  # every token supervised; the non-response ones at their own weight
+        mask = [True] * len(ids)
     if not any(mask[1:]):  # position 0 is never predicted
         return None
     out: dict[str, Any] = {
@@ -111,9 +125,11 @@ def tokenize_row(tokenizer, row: Mapping[str, Any], fmt: str, options: TokenizeO
     }
     if weights is not None:
         full_w, it = [], iter(weights)
-        for m in mask:
-            full_w.append(float(next(it)) if m else 0.0)
+        for m, r in zip(mask, response):
+            full_w.append(float(next(it)) if r else 1.0 if m else 0.0)
         out["token_weights"] = full_w
+    if options.prompt_loss_weight:
+        out["loss_weights"] = [1.0 if r else float(options.prompt_loss_weight) for r in response]
     return out
 
 

@@ -7,7 +7,13 @@ from torch import Tensor
 from qtarget.objectives.base import Objective
 from qtarget.objectives.metrics import MetricSums, token_metrics
 from qtarget.objectives.registry import get_objective
-from qtarget.objectives.supervised import LossResult, check_finite as assert_finite, reduction_weights, supervised_rows
+from qtarget.objectives.supervised import (
+    LossResult,
+    apply_loss_weights,
+    check_finite as assert_finite,
+    reduction_weights,
+    supervised_rows,
+)
 
 
 def token_loss(
@@ -22,6 +28,7 @@ def token_loss(
     teacher_logits: Tensor | None = None,
     old_logprobs: Tensor | None = None,
     token_weights: Tensor | None = None,
+    loss_weights: Tensor | None = None,
     check_finite: bool = True,
 ) -> LossResult:
     """Loss of `objective` on aligned `logits [..., V]` and `labels [...]` (no shift inside).
@@ -30,7 +37,9 @@ def token_loss(
     are evaluated. `reduction`: "mean" over supervised tokens, "sum", or "sequence_mean" (labels
     [B, T]); `normalizer` divides the sum instead (global-batch normalisation, as transformers'
     `num_items_in_batch`). `ref_logits`/`teacher_logits` [..., V] and `old_logprobs`/`token_weights`
-    [...] are detached auxiliary inputs the objective may need.
+    [...] are detached auxiliary inputs the objective may need. `loss_weights` [...] multiplies each
+    position's loss in the reduction, whatever the objective (data-side weights such as
+    `--prompt_loss_weight`); the normaliser is unchanged.
     """
     objective = get_objective(objective)
     if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(labels.shape):
@@ -48,6 +57,7 @@ def token_loss(
             assert_finite(name, getattr(x, name), allow_neg_inf=True)
     terms = objective.terms(x)
     weights = reduction_weights(sup.mask, reduction, normalizer).reshape(-1)[sup.flat]
+    weights = apply_loss_weights(weights, loss_weights, sup)
     loss = (terms.loss * weights).sum()
     per_token = torch.zeros(sup.flat.shape, dtype=terms.loss.dtype, device=logits.device)
     per_token = per_token.masked_scatter(sup.flat, terms.loss).reshape(sup.positions)

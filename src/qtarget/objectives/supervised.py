@@ -123,6 +123,17 @@ def check_aux(objective: Objective, given: dict[str, Tensor | None], positions: 
             raise ValueError(f"`{arg}` has shape {tuple(value.shape)}, expected the labels' shape {positions}")
 
 
+def apply_loss_weights(weights: Tensor, loss_weights: Tensor | None, sup: SupervisedRows) -> Tensor:
+    """`weights` [n] of the supervised rows times `loss_weights` [labels.shape] (per-position data weights,
+    e.g. prompt tokens at `--prompt_loss_weight`) at those rows; `weights` as is without them."""
+    if loss_weights is None:
+        return weights
+    if not isinstance(loss_weights, Tensor) or tuple(loss_weights.shape) != sup.positions:
+        shape = tuple(loss_weights.shape) if isinstance(loss_weights, Tensor) else type(loss_weights).__name__
+        raise ValueError(f"`loss_weights` has shape {shape}, expected the labels' shape {sup.positions}")
+    return weights * sup.pick(loss_weights).to(weights.device, weights.dtype)
+
+
 def reduction_weights(mask: Tensor, reduction: str, normalizer: float | Tensor | None) -> Tensor:
     """Per-position weights [labels.shape] so that loss = sum(per_token * weights).
     `normalizer` (e.g. the global batch's supervised-token count) overrides `reduction`."""

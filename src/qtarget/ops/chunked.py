@@ -36,7 +36,13 @@ from qtarget.models.head import LMHead
 from qtarget.objectives.base import Objective
 from qtarget.objectives.metrics import MetricSums
 from qtarget.objectives.registry import get_objective
-from qtarget.objectives.supervised import LossResult, check_finite as assert_finite, reduction_weights, supervised_rows
+from qtarget.objectives.supervised import (
+    LossResult,
+    apply_loss_weights,
+    check_finite as assert_finite,
+    reduction_weights,
+    supervised_rows,
+)
 from qtarget.ops.budget import resolve_chunk_size
 from qtarget.ops.kernels import Kernel, closed_form_step, select_kernel
 from qtarget.ops.sparse_teacher import TeacherTopK, check_teacher_topk, dense_teacher_logprobs
@@ -329,6 +335,7 @@ def fused_token_loss(
     teacher_tail: str = "student",
     old_logprobs: Tensor | None = None,
     token_weights: Tensor | None = None,
+    loss_weights: Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     normalizer: float | Tensor | None = None,
@@ -355,7 +362,7 @@ def fused_token_loss(
     - precomputed `teacher_logits [..., V]` / `ref_logits [..., V]`;
     - `teacher_topk` (a sparse top-k teacher, `qtarget.ops.sparse_teacher.TeacherTopK` [..., k]) with
       `teacher_tail` deciding where the mass outside the top-k goes ("renormalize", "student", "uniform").
-    `old_logprobs`/`token_weights` [...] as in `token_loss`.
+    `old_logprobs`/`token_weights`/`loss_weights` [...] as in `token_loss`.
 
     reduction / normalizer: as `token_loss`. chunk_size: rows per chunk; by default chosen from
     `memory_budget` bytes (see qtarget.ops.budget). mode: "auto" (= "forward"), "forward" (gradients
@@ -451,7 +458,7 @@ def fused_token_loss(
         objective=objective,
         rows=sup.rows,
         labels=sup.labels,
-        weights=reduction_weights(mask, reduction, normalizer).reshape(-1)[flat],
+        weights=apply_loss_weights(reduction_weights(mask, reduction, normalizer).reshape(-1)[flat], loss_weights, sup),
         compute_dtype=cdt,
         logit_scale=float(head.logit_scale),
         softcap=None if head.softcap is None else float(head.softcap),

@@ -149,7 +149,7 @@ def train(
             chat_template=config.chat_template, packing=config.packing, eval_fraction=config.eval_fraction,
             eval_source=eval_dataset if eval_dataset is not None else config.eval_dataset, seed=config.seed,
             split=config.dataset_split, dataset_config=config.dataset_config, max_rows=config.max_rows,
-            strict_rows=config.strict_rows)
+            strict_rows=config.strict_rows, prompt_loss_weight=config.prompt_loss_weight)
         train_ds, eval_ds, report = prepared.train, prepared.eval, prepared.report
         if config.process_index == 0:
             print(f"[qtarget] data: {report.summary()}" + "".join(f"; {n}" for n in report.notes))

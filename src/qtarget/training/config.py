@@ -35,6 +35,9 @@ class QTargetConfig(TrainingArguments):
     max_rows: int | None = _f(None, "Use only the first N rows of the dataset.")
     max_length: int | None = _f(1024, "Truncate examples to this many tokens (the count of truncated rows is reported).")
     response_only: bool = _f(True, "Supervise only response / assistant tokens (prompt tokens get label -100).")
+    prompt_loss_weight: float = _f(0.0, "Also supervise the tokens outside the response (prompt, system, template), "
+                                        "each token's loss weighted by this (the response's by 1), with any objective; "
+                                        "the mean is over all supervised tokens (WIT, arXiv 2507.07817). 0 = off.")
     chat_template: bool = _f(False, "Wrap prompt/response rows as a user and an assistant turn of the chat template.")
     strict_rows: bool = _f(False, "Refuse (instead of skip and count) a row whose reply cannot be masked, e.g. one "
                                   "the chat template refuses.")
@@ -111,6 +114,11 @@ class QTargetConfig(TrainingArguments):
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.packing and self.max_length is None:
             raise ValueError("packing=True needs max_length")
+        if not float(self.prompt_loss_weight) >= 0.0:
+            raise ValueError(f"--prompt_loss_weight must be >= 0, got {self.prompt_loss_weight}")
+        if self.prompt_loss_weight and not self.response_only:
+            raise ValueError("--prompt_loss_weight needs --response_only true (with response_only false every token "
+                             "is already supervised at weight 1)")
         if self.teacher_tail not in TAILS:
             raise ValueError(f"teacher_tail must be one of {', '.join(TAILS)}; got {self.teacher_tail!r}")
         self.build_objective()  # unknown objective / parameter -> error now, before any model loads

@@ -16,7 +16,8 @@ Auxiliary models (teacher, reference) go through their own forwards the same way
 decoder and hands out its head (cloned, so it outlives the engine's re-sharding) for the student's
 engine to form its logits chunk by chunk. A PEFT student's reference can be the student itself with
 its adapters disabled (no second copy). Extra per-token inputs ride along as forward keywords, each
-[B, T] (or [B, T, k]) aligned with `labels`: `old_logprobs`, `token_weights`, and a cached sparse
+[B, T] (or [B, T, k]) aligned with `labels`: `old_logprobs`, `token_weights`, `loss_weights` (per-position
+weights of the loss, e.g. prompt tokens at `prompt_loss_weight`, whatever the objective), and a cached sparse
 teacher `teacher_topk_ids`, `teacher_topk_logprobs`, `teacher_topk_log_tail`.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from qtarget.ops.sparse_teacher import TeacherTopK, check_tail
 
 SFT = get_objective("sft")
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_log_tail")
-EXTRA_KEYS = ("old_logprobs", "token_weights") + TOPK_KEYS
+EXTRA_KEYS = ("old_logprobs", "token_weights", "loss_weights") + TOPK_KEYS
 TEACHER_FROM_BATCH = "batch"
 
 
@@ -209,8 +210,8 @@ def _fused_forward(self: nn.Module, *args, qtarget_fused_lm_head: bool = False, 
 
 
 def _patched_forward(self: nn.Module, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                     num_items_in_batch=None, *, old_logprobs=None, token_weights=None, teacher_topk_ids=None,
-                     teacher_topk_logprobs=None, teacher_topk_log_tail=None, qtarget_objective=None,
+                     num_items_in_batch=None, *, old_logprobs=None, token_weights=None, loss_weights=None,
+                     teacher_topk_ids=None, teacher_topk_logprobs=None, teacher_topk_log_tail=None, qtarget_objective=None,
                      qtarget_label_logprobs: bool = False, fused_lm_head: bool = False, **kwargs):
     state: PatchState = self.__dict__["_qtarget"]
     if labels is None:
@@ -256,6 +257,8 @@ def _patched_forward(self: nn.Module, input_ids=None, attention_mask=None, posit
         engine["old_logprobs"] = _shift(old_logprobs)
     if "token_weights" in needs:
         engine["token_weights"] = _shift(token_weights)
+    if loss_weights is not None and not qtarget_label_logprobs:  # per-position data weights, any objective
+        engine["loss_weights"] = _shift(loss_weights)
 
     hidden = _decoder_hidden(self, inputs, kwargs)[:, :-1]
     if qtarget_label_logprobs or fused_lm_head:

@@ -42,7 +42,8 @@ RUN_OUTPUTS = ("config.yaml", RUN_FILE, "metrics.jsonl", "metrics.csv", "curves.
 
 
 def rows_digest(examples: Sequence[Any]) -> dict[str, Any]:
-    """Row count and a hash of the tokenised rows in order (input_ids, labels, position_ids, token_weights);
+    """Row count and a hash of the tokenised rows in order (input_ids, labels, position_ids, token_weights,
+    loss_weights);
     empty for a stream without a length (nothing to compare then)."""
     if not hasattr(examples, "__len__") or not hasattr(examples, "__getitem__"):
         return {}
@@ -52,6 +53,8 @@ def rows_digest(examples: Sequence[Any]) -> dict[str, Any]:
         rows.append(row_fingerprint(example))
         if example.get("token_weights") is not None:
             weights.update(json.dumps([i, [float(x) for x in example["token_weights"]]]).encode())
+        if example.get("loss_weights") is not None:  # prompt_loss_weight (absent when off: digests unchanged)
+            weights.update(json.dumps([i, "loss", [float(x) for x in example["loss_weights"]]]).encode())
     return {"rows": len(rows), "fingerprint": f"{data_fingerprint(rows)}-{weights.hexdigest()[:8]}"}
 
 
