@@ -246,7 +246,9 @@ def evaluate_claims(items, *, n_boot: int, seed: int, prior: str | None = None,
     `prior`; only those on `metrics` when given): the measured effect with its interval and the verdict.
     A verdict is *inconclusive* when the metric does not separate (no trained row differs from base beyond
     its interval), and a claim on generation accuracy also when most of a row's answers are surely malformed
-    (its format-failure interval lies above UNREADABLE): then 0 = 0 says nothing about the objectives."""
+    (its format-failure interval lies above UNREADABLE): then 0 = 0 says nothing about the objectives.
+    Every inconclusive verdict names its `rule` (malformed, no_separation, or from the interval: margin,
+    few_items; `stats.inconclusive_reason`) and says why in `reason`; `note` keeps the two override rules."""
     out = []
     claims = CLAIMS + (CONTINUUM_CLAIMS.get(prior, ()) if prior else ())
     separation: dict[str, bool | None] = {}
@@ -256,19 +258,32 @@ def evaluate_claims(items, *, n_boot: int, seed: int, prior: str | None = None,
         e = estimate(items, c.metric, c.row, c.versus, n_boot=n_boot, seed=seed)
         if e is None:
             continue
-        verdict, note = stats.verdict(e, c.kind, c.margin), ""
+        verdict, note, rule = stats.verdict(e, c.kind, c.margin), "", ""
         if c.metric not in separation:
             separation[c.metric] = separates(items, c.metric, n_boot=n_boot, seed=seed)
         if c.metric == "gen_acc":
             malformed = [r for r in (c.row, c.versus)
                          if (f := estimate(items, "format_fail", r, n_boot=n_boot, seed=seed)) and f.lo > UNREADABLE]
             if malformed:
-                verdict = "inconclusive"
+                verdict, rule = "inconclusive", "malformed"
                 note = f"most answers of {' and '.join(malformed)} are malformed"
         if not note and separation[c.metric] is False:
-            verdict, note = "inconclusive", NO_SEPARATION
-        out.append({**asdict(c), "effect": e.to_dict(), "verdict": verdict, "note": note})
+            verdict, note, rule = "inconclusive", NO_SEPARATION, "no_separation"
+        reason = note
+        if not note and verdict == "inconclusive":
+            rule, reason = stats.inconclusive_reason(e, c.kind, c.margin, step=item_step(c.metric, e))
+        out.append({**asdict(c), "effect": e.to_dict(), "verdict": verdict, "note": note, "rule": rule,
+                    "reason": reason})
     return out
+
+
+# metrics whose per-item values are 0/1: one item moves a seed's mean by 1 / items
+BINARY = ("gen_acc", "format_fail", "rank_acc")
+
+
+def item_step(metric: str, e: stats.Estimate) -> float | None:
+    """The change one item makes to the mean of a 0/1 metric (None for continuous metrics)."""
+    return 1.0 / (e.n * e.seeds) if metric in BINARY else None
 
 
 NO_SEPARATION = "metric does not separate: no trained row differs from base beyond its interval"
@@ -289,7 +304,8 @@ def budget_claims(curves: dict[str, dict[str, dict[str, Any]]], base_items: dict
             key = (c["statement"], c["row"], c["versus"], c["metric"])
             entry = by_claim.setdefault(key, {k: c[k] for k in ("source", "statement", "metric", "row", "versus",
                                                                  "kind", "margin")} | {"points": []})
-            entry["points"].append({"step": step, "effect": c["effect"], "verdict": c["verdict"], "note": c["note"]})
+            entry["points"].append({"step": step, "effect": c["effect"], "verdict": c["verdict"], "note": c["note"],
+                                    "reason": c["reason"]})
     out = []
     for entry in by_claim.values():
         verdicts = [p["verdict"] for p in entry["points"]]
@@ -299,13 +315,48 @@ def budget_claims(curves: dict[str, dict[str, dict[str, Any]]], base_items: dict
     return out
 
 
+# -------------------------------------------------------------------------------------- which row won
+# the metrics a row "wins" on, in the order a single answer is read from: the task's own success (generation
+# accuracy), then the teacher-forced preference for the right answer and the fit to held-out demonstrations
+DECISION_METRICS = ("gen_acc", "rank_margin", "heldout_nll")
+
+
+def winner(items, metric: str, *, n_boot: int, seed: int) -> dict[str, Any] | None:
+    """The trained row with the best point estimate on `metric`, with its interval, and its paired difference
+    from the runner-up (oriented so that > 0 favours the winner). `decided`: that interval excludes 0; `tied`:
+    the other rows whose paired difference from the winner does not exclude 0. None with fewer than two
+    trained rows measured."""
+    m = METRIC_BY_KEY[metric]
+    sign = -1.0 if m.better == "lower" else 1.0
+    ests = {r: e for r in items if r != "base" and (e := estimate(items, metric, r, n_boot=n_boot, seed=seed))}
+    if len(ests) < 2:
+        return None
+    order = sorted(ests, key=lambda r: -sign * ests[r].value)  # stable: rows keep their run order on ties
+
+    def lead(other: str) -> stats.Estimate:
+        d = estimate(items, metric, order[0], other, n_boot=n_boot, seed=seed)
+        return stats.Estimate(sign * d.value, *sorted((sign * d.lo, sign * d.hi)), d.n, d.seeds, d.level)
+
+    margin = lead(order[1])
+    tied = [r for r in order[1:] if lead(r).lo <= 0]
+    return {"metric": metric, "row": order[0], "value": ests[order[0]].to_dict(), "runner_up": order[1],
+            "lead": margin.to_dict(), "decided": margin.lo > 0, "tied": tied}
+
+
+def winners(items, *, n_boot: int, seed: int, metrics: tuple[str, ...] = DECISION_METRICS) -> list[dict[str, Any]]:
+    """`winner` on each decision metric that at least two trained rows have."""
+    return [w for m in metrics if (w := winner(items, m, n_boot=n_boot, seed=seed))]
+
+
 def analyze(items: dict[str, dict[str, Any]], *, n_boot: int, seed: int, reference: str = "sft",
             prior: str | None = None) -> dict[str, Any]:
     """Everything the report shows for one task, from the per-item values alone: estimates, paired
-    differences from `reference`, claims. `items[row][key]`: nested lists or arrays [seeds, items]."""
+    differences from `reference`, claims, the row that won each decision metric. `items[row][key]`: nested
+    lists or arrays [seeds, items]."""
     arrays = {r: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for r, d in items.items()}
     return {**summarize(arrays, reference=reference, n_boot=n_boot, seed=seed),
-            "claims": evaluate_claims(arrays, n_boot=n_boot, seed=seed, prior=prior)}
+            "claims": evaluate_claims(arrays, n_boot=n_boot, seed=seed, prior=prior),
+            "winners": winners(arrays, n_boot=n_boot, seed=seed)}
 
 
 def analyze_lab(results: dict[str, Any]) -> dict[str, Any]:

@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 from qtarget import cli
+from qtarget.data.reading import parse_chat_template
 from qtarget.lab.builtin_tasks import BUILTIN_TASKS
 from qtarget.lab.report import claims_table, metric_table, task_view
 from qtarget.lab.precision import PRECISIONS
+from qtarget.lab.row_args import lab_rows, merged_objective_args, parse_row_args
 from qtarget.lab.runner import rerender, run_lab
 from qtarget.lab.settings import OBJECTIVES
 from qtarget.lab.sweep import parse_sweep
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", default=None, help=f"comma-separated objectives (default: {','.join(OBJECTIVES)}); "
                                                       f"any registered one (`qtarget objectives`) trains with its "
                                                       f"registry defaults")
+    p.add_argument("--objective_args", action="append", default=None, metavar="ROW.PARAM=V,...",
+                   help="a row's parameters instead of the lab's (the papers' values) or the registry defaults, "
+                        "e.g. profit.tau=0.2,psft.eps=0.2; repeatable")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per row (same for all)")
     p.add_argument("--batch_size", type=int, default=None, help="demonstrations per optimizer step")
     p.add_argument("--train_examples", type=int, default=None, help="training demonstrations per run")
@@ -82,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "answer; else the answer the response states)")
     user.add_argument("--dataset_split", default="train", help="split of a hub dataset / DatasetDict folder")
     user.add_argument("--dataset_config", default=None, help="hub dataset configuration name")
+    user.add_argument("--chat_template", nargs="?", const="true", default=None, type=parse_chat_template,
+                      metavar="auto|true|false", help="prompt/response rows through the chat template: auto (default) "
+                                                      "decides per format as `qtarget train` does (docs/data.md)")
     user.add_argument("--max_length", type=int, default=None, help="longest training sequence in tokens (user data "
                                                                    "default 512; longer rows are left out)")
     p.add_argument("--report_from", default=None, metavar="RESULTS_JSON",
@@ -113,15 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--objectives cannot be combined with --sweep (a sweep trains sft, the reference, and "
                          "the swept objective)")
     sweep = parse_sweep(args.sweep) if args.sweep else None
+    objective_args = merged_objective_args(parse_row_args(args.objective_args, lab_rows(objectives, sweep), sweep))
     overrides = dict(
         seed=args.seed, seeds=args.seeds, noise=args.noise, objectives=objectives, tasks=lab_tasks, steps=args.steps,
         batch_size=args.batch_size, train_examples=args.train_examples, learning_rate=args.learning_rate,
         train_top_layers=args.train_top_layers, eval_in_domain=args.eval_in_domain, rank_items=args.rank_items,
         ood_texts=args.ood_texts, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, threads=args.threads,
-        sweep=sweep, max_length=args.max_length, precision=args.precision)
+        sweep=sweep, max_length=args.max_length, precision=args.precision, objective_args=objective_args)
     settings, task, teacher, notes = setup_user_lab(
         model=args.model, dataset=args.dataset, preset=preset, overrides=overrides, teacher=args.teacher,
-        answer_column=args.answer_column, split=args.dataset_split, config=args.dataset_config)
+        answer_column=args.answer_column, split=args.dataset_split, config=args.dataset_config,
+        chat_template=args.chat_template)
     for note in notes:
         print(f"qtarget lab: {note}")
     t0 = time.perf_counter()

@@ -53,7 +53,24 @@ def claims_table(results: dict[str, Any]) -> str:
         m = METRIC_BY_KEY[c["metric"]]
         lines.append(f"| {c['source']} | {c['statement']} | {m.title}: {c['row']} − {c['versus']} | "
                      f"{fmt(c['effect'], m.decimals, signed=True)} | **{c['verdict']}**"
-                     + (f" ({c['note']})" if c.get("note") else "") + " |")
+                     + (f" ({why})" if (why := c.get("reason") or c.get("note")) else "") + " |")
+    return "\n".join(lines)
+
+
+def winners_table(results: dict[str, Any]) -> str | None:
+    """Per decision metric: the trained row with the best value, its lead over the runner-up and whether the
+    interval of that lead decides it (`analysis.winners`)."""
+    if not results.get("winners"):
+        return None
+    lines = ["| metric | best row | its value | lead over the runner-up [95 % interval] | decided? |",
+             "|---|---|---:|---:|---|"]
+    for w in results["winners"]:
+        m = METRIC_BY_KEY[w["metric"]]
+        tied = w.get("tied") or []
+        decided = ("yes: the lead's interval excludes 0" if w["decided"] else
+                   "no: not separated from " + ", ".join(tied))
+        lines.append(f"| {m.title} ({m.better} is better) | **{w['row']}** | {fmt(w['value'], m.decimals)} | "
+                     f"{fmt(w['lead'], m.decimals, signed=True)} over {w['runner_up']} | {decided} |")
     return "\n".join(lines)
 
 
@@ -208,8 +225,17 @@ def _task_section(view: dict[str, Any], s: dict[str, Any]) -> list[str]:
                   "it lies entirely on the claimed side (for ≥ / on-par claims: within the stated margin), "
                   "*contradicted* when it lies entirely on the other side, *inconclusive* otherwise — and "
                   "*inconclusive* whenever the metric does not separate (no trained row differs from the base "
-                  "model beyond its interval). At this scale (135M model, CPU steps), not in general.", "",
+                  "model beyond its interval). Every *inconclusive* verdict names the rule behind it: the margin "
+                  "(the interval excludes 0 but not the margin), too few items (the interval still contains the "
+                  "boundary; the items that would decide an effect of this size), a metric that does not separate, "
+                  "or malformed answers. At this scale (135M model, CPU steps), not in general.", "",
                   claims_table(view), ""]
+    won = winners_table(view)
+    if won:
+        lines += ["### Which row won", "",
+                  "Per metric, the trained row with the best value and its paired lead over the next best row "
+                  "(> 0 favours the winner). Decided only when that interval excludes 0; otherwise the rows named "
+                  "are not separated from it at this number of items.", "", won, ""]
     if view.get("budget"):
         lines += ["### Verdicts against the training budget", "",
                   "Every claim on a teacher-forced metric, measured after each learning-curve checkpoint of the "

@@ -12,6 +12,7 @@ own, the seed draw is shared.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -130,3 +131,57 @@ def verdict(est: Estimate, kind: str, margin: float = 0.0) -> str:
     if -margin < lo and hi < margin:
         return "supported"
     return "contradicted" if lo > margin or hi < -margin else "inconclusive"
+
+
+# ------------------------------------------------------------------------------ why inconclusive
+# the rule that leaves a claim without a verdict (analysis.evaluate_claims adds "malformed" and "no_separation")
+RULES = ("margin", "few_items")
+FAR = 10  # beyond this many times the items, "about N items" is no guide: the estimate sits at the boundary
+
+
+def boundaries(kind: str, margin: float = 0.0) -> tuple[float, ...]:
+    """The effect values a claim's interval must clear: 0 (greater / less), −margin (at_least), ±margin (on_par)."""
+    if kind not in CLAIM_KINDS:
+        raise ValueError(f"claim kind must be one of {CLAIM_KINDS}, got {kind!r}")
+    return {"greater": (0.0,), "less": (0.0,), "at_least": (-margin,), "on_par": (-margin, margin)}[kind]
+
+
+def items_needed(est: Estimate, boundary: float) -> int | None:
+    """Items that would shrink the interval (half-width ∝ 1/√n) until it clears `boundary` at the same point
+    estimate; None when the estimate sits on the boundary (no number of items decides it)."""
+    distance = abs(est.value - boundary)
+    if distance == 0:
+        return None
+    return int(math.ceil(est.n * (est.half_width / distance) ** 2))
+
+
+def inconclusive_reason(est: Estimate, kind: str, margin: float = 0.0, *, step: float | None = None
+                        ) -> tuple[str, str]:
+    """(rule, text): why the interval alone gives no verdict; ("", "") when it gives one.
+
+    margin      the interval excludes 0 but contains a margin boundary: only the margin keeps the claim open
+    few_items   the interval contains the boundary: with `step` (the change one item makes to a 0/1 mean)
+                larger than the margin, no interval can resolve it; otherwise the items that would decide an
+                effect of this size (half-width ∝ 1/√n)"""
+    if verdict(est, kind, margin) != "inconclusive":
+        return "", ""
+    interval = f"[{est.lo:+.3f}, {est.hi:+.3f}]"
+    inside = [b for b in boundaries(kind, margin) if est.lo <= b <= est.hi]
+    if (est.lo > 0 or est.hi < 0) and margin > 0:
+        side = "all above" if kind == "at_least" else "all within"
+        bound = f"-{margin:g}" if kind == "at_least" else f"±{margin:g}"
+        return "margin", (f"margin rule: the interval {interval} excludes 0 but contains the margin {bound}; "
+                          f"supported needs it {side} {bound}, contradicted needs it all beyond")
+    if step is not None and 0 < margin < step:
+        return "few_items", (f"too few items: one of the {est.n} items moves the mean by {step:.3f}, more than the "
+                             f"margin {margin:g}, so the interval {interval} cannot clear it")
+    boundary = min(inside, key=lambda b: abs(est.value - b))
+    needed = items_needed(est, boundary)
+    where = "contains 0" if boundary == 0 else f"contains the margin {boundary:+g}"
+    if needed is None:
+        return "few_items", f"the interval {interval} {where} and the estimate sits on it: no number of items decides it"
+    if needed > FAR * est.n:
+        return "few_items", (f"too few items: the interval {interval} {where} and the estimate ({est.value:+.3f}) "
+                             f"sits close to it: more than {FAR}x the {est.n} items would be needed to decide it")
+    return "few_items", (f"too few items: the interval {interval} {where}; at this effect ({est.value:+.3f}) about "
+                         f"{needed} items would decide it (now {est.n})")

@@ -8,7 +8,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from qtarget.profile.advice import BANDS, Advice
+from qtarget.profile.advice import BANDS, LAB, LAB_RUN, LAB_SCALE, Advice
 
 
 def _q(qs: dict[str, float]) -> str:
@@ -67,14 +67,24 @@ def terminal_report(summary: dict[str, Any], advice: Advice | None = None, lab_c
         lines += ["", "what this profile implies (a prior to test, not a result):", "",
                   f"  {advice.placement.text}"]
         for src in advice.placement.sources:
-            lines.append(f"    source: {src.paper}, {src.where}: {src.says}")
-        lines += ["", "objectives worth trying first:"]
-        for i, f in enumerate(advice.recommendations, 1):
+            lines.append(f"    source: {src.text()}")
+        lines += ["", f"objectives worth trying first ({advice.to_dict()['ranking']}):"]
+        for i, r in enumerate(advice.recommendations, 1):
+            f = r.finding
             lines.append(f"  {i}. {f.spec}: {f.reason}")
             for src in f.sources:
-                lines.append(f"     - {src.paper}, {src.where}: {src.says}")
-            lab = advice.to_dict()["recommendations"][i - 1]["lab"]
-            lines.append(f"     - lab: {'; '.join(lab)}")
+                lines.append(f"     - paper: {src.text()}")
+            if r.lab:
+                lines.append(f"     - lab at {LAB_SCALE} ({r.status})" + (f"; {f.lab_how}" if f.lab_how else "") + ":")
+                lines += [f"         {e.text()}" for e in r.lab]
+            else:
+                lines.append(f"     - lab at {LAB_SCALE}: not measured")
+            lines += [f"     - your lab: {y}" for y in r.yours]
+            if r.ranked:
+                lines.append(f"     - {r.ranked}")
+        lines.append(f"  (lab evidence: {LAB}, {LAB_RUN})")
+        if advice.your_lab:
+            lines += ["", "which objective won in your own lab run:"] + [f"  - {y}" for y in advice.your_lab]
         if advice.notes:
             lines += ["", "notes:"] + [f"  - {n}" for n in advice.notes]
         lines += ["", advice.to_dict()["caveat"]]
