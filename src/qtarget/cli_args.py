@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 TRUE_WORDS = ("true", "1", "yes", "y", "on")
@@ -182,3 +184,26 @@ def _takes_value(parser: argparse.ArgumentParser | None, option: str) -> bool:
     if action is None:
         return True  # unknown: the caller's own error names it
     return action.nargs != 0
+
+
+def check_output_path(path: str | os.PathLike | None, flag: str = "--output_dir") -> None:
+    """An output folder that exists as a folder, or can be created: refuse (naming the flag and what to
+    change) a path that is a file, lies under a file, or whose nearest existing folder is not writable.
+    Creates nothing."""
+    if path is None or str(path) == "":
+        return
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file, not a folder: choose a folder path (or move the file)")
+    parent = target
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder; "
+                         f"choose another path")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        what = "is not writable" if parent == target else f"cannot be created: {str(parent)!r} is not writable"
+        raise ValueError(f"{flag} {str(path)!r} {what} by this user; choose a folder you can write to "
+                         f"(or fix its permissions)")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from qtarget.models.smollm2 import smollm2_dir
 from qtarget.models.tokenizers import load_tokenizer as load_offline_tokenizer
@@ -54,6 +54,48 @@ def resolve(name_or_path: str, role: str = "student") -> str:
     if not path.exists() and looks_like_path(str(name_or_path)):
         raise FileNotFoundError(f"{what} {name_or_path!r} does not exist (no such folder)")
     return str(name_or_path)
+
+
+def check_model_folder(name_or_path: str, role: str = "student") -> None:
+    """A local model folder must hold config.json (what transformers reads first): say what to fix
+    instead of the library's words."""
+    path = Path(str(name_or_path)).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        inside = sorted(p.name for p in path.iterdir())[:6]
+        found = f" (it holds {', '.join(inside)}{', ...' if len(inside) == 6 else ''})" if inside else " (it is empty)"
+        raise FileNotFoundError(f"{DESCRIBE.get(role, role)} folder {str(name_or_path)!r} has no config.json{found}: "
+                                f"point it at the folder where the model was saved (model.save_pretrained(DIR) "
+                                f"writes config.json and the weights)")
+
+
+# config keys that bound the sequence length of learned / rotary positions, most specific first
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def position_limit(model_or_config: Any) -> int | None:
+    """The longest sequence a model's config allows (max_position_embeddings, n_positions, ...), or None."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def model_position_limit(model: nn.Module | str | None, role: str = "student") -> int | None:
+    """position_limit of a loaded model, or of a folder's / hub id's config (no weights read); None when
+    the config cannot be read here (the loader says why later)."""
+    if model is None:
+        return None
+    if isinstance(model, nn.Module):
+        return position_limit(model)
+    try:
+        config = AutoConfig.from_pretrained(resolve(model, role))
+    except (OSError, ValueError):
+        return None
+    return position_limit(config)
 
 
 def _from_pretrained(load: Callable[[str], Any], name: str, role: str, kind: str) -> Any:
@@ -112,6 +154,8 @@ def load_model(name_or_path: str, *, role: str = "student", dtype: str | torch.d
     """A causal LM; frozen unless role == "student"."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+    if name_or_path not in ALIASES:
+        check_model_folder(name_or_path, role)
     model = _from_pretrained(lambda src: AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype(dtype)),
                              name_or_path, role, "weights")
     return model if role == "student" else freeze(model)
@@ -149,6 +193,7 @@ def check_source(name: str | None, role: str) -> None:
     if not name or name in ALIASES:
         return
     resolve(name, role)
+    check_model_folder(name, role)
     if hub_offline() and not Path(name).expanduser().exists():
         try:
             cached = try_to_load_from_cache(name, "config.json")

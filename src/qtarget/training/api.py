@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,18 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from qtarget.cli_args import check_output_path
 from qtarget.data import Collator, PreparedData, TokenizeReport, prepare_data
-from qtarget.models.load import check_source, freeze, load_aux_model, load_model, load_tokenizer, torch_dtype
+from qtarget.models.load import (
+    check_source,
+    freeze,
+    load_aux_model,
+    load_model,
+    load_tokenizer,
+    model_position_limit,
+    torch_dtype,
+)
+from qtarget.models.lora import lora_target_argument, resolve_targets
 from qtarget.ops.workspace import release_idle_workspaces
 from qtarget.teacher_cache.manifest import Manifest
 from qtarget.teacher_cache.reader import TeacherCache
@@ -41,6 +52,7 @@ class TrainResult:
 
 def check_requirements(config: QTargetConfig, *, teacher_given: bool = False) -> None:
     """Everything that can be checked before a model loads, including settings that would be ignored."""
+    check_output_path(config.output_dir)
     needs = config.objective_needs
     if "teacher" in needs and not teacher_given and not config.teacher_model and not config.teacher_cache:
         raise ValueError(f"objective {config.objective!r} needs a teacher model (--teacher_model) or a teacher "
@@ -84,11 +96,37 @@ def apply_lora(model: nn.Module, config: QTargetConfig) -> nn.Module:
     """Wrap `model` in a LoRA adapter whose initial weights depend on `config.seed` only: the adapter is
     drawn from a forked RNG seeded with it (the Trainer seeds the global RNG later, too late for this)."""
     lora = LoraConfig(r=int(config.lora_r), lora_alpha=float(config.lora_alpha), lora_dropout=float(config.lora_dropout),
-                      target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
+                      target_modules=lora_target_argument(list(config.lora_target_modules)), task_type="CAUSAL_LM")
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(config.seed))
         return get_peft_model(model, lora)
+
+
+def fit_max_length(config: QTargetConfig, models: list[tuple[Any, str]]) -> None:
+    """Clamp config.max_length (with a warning) to the shortest position limit of the models that read
+    the training sequences (config max_position_embeddings / n_positions), so a long row is cut at the
+    door instead of failing inside the model at some later step."""
+    limits = [(limit, role) for model, role in models
+              if (limit := model_position_limit(model, role) if model is not None else None) is not None]
+    if not limits:
+        return
+    limit, role = min(limits, key=lambda x: x[0])
+    if config.max_length is None or int(config.max_length) > limit:
+        warnings.warn(f"--max_length {config.max_length} is beyond the {role} model's position limit ({limit}, its "
+                      f"config's max_position_embeddings / n_positions): using --max_length {limit}", stacklevel=3)
+        config.max_length = limit
+
+
+def check_lengths(examples: Any, max_length: int | None, where: str) -> None:
+    """Already-tokenised rows no longer than max_length (the models' position limit after fit_max_length)."""
+    if examples is None or max_length is None or not hasattr(examples, "__len__"):
+        return
+    for i in range(len(examples)):
+        n = len(examples[i]["input_ids"])
+        if n > max_length:
+            raise ValueError(f"{where} row {i} has {n} tokens, more than max_length {max_length} (the limit of "
+                             f"the models' positions or --max_length): cut the rows or raise --max_length")
 
 
 def save_yaml(config: QTargetConfig, path: Path) -> None:
@@ -138,11 +176,23 @@ def train(
             raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
         tokenizer.pad_token = tokenizer.eos_token
 
+    needs = config.objective_needs
+    readers = [(model if model is not None else model_name, "student")]  # the models that read the sequences
+    if "teacher" in needs and not config.teacher_cache:
+        readers.append((teacher or config.teacher_model, "teacher"))
+    if "ref" in needs:
+        readers.append((ref or config.ref_model, "ref"))
+    fit_max_length(config, readers)
+    if config.use_lora:  # the targets the model has, in config.yaml and the run's fingerprint
+        config.lora_target_modules = resolve_targets(model if model is not None else model_name,
+                                                     config.lora_target_modules)
     report = None
     source = config.dataset if train_dataset is None else train_dataset
     if _is_tokenized(source):
         train_ds = source
         eval_ds = eval_dataset
+        check_lengths(train_ds, config.max_length, "train_dataset")
+        check_lengths(eval_ds, config.max_length, "eval_dataset")
     else:
         prepared: PreparedData = prepare_data(
             source, tokenizer, max_length=config.max_length, response_only=config.response_only,

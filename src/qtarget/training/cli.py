@@ -18,10 +18,14 @@ import yaml
 from transformers.utils import logging as transformers_logging
 
 from qtarget import cli
+from qtarget.cli_args import parse_bool
+from qtarget.data.reading import parse_chat_template
 from qtarget.training.api import check_requirements, train
 from qtarget.training.config import QTargetConfig, config_fields
 
 CLI_ONLY = {"config", "help", "h"}
+# the keys a first run needs, listed first by --help
+ESSENTIAL = ("model", "dataset", "objective", "objective_args", "output_dir", "max_steps", "learning_rate")
 
 
 def _type_name(f) -> str:
@@ -29,14 +33,7 @@ def _type_name(f) -> str:
 
 
 def _bool(text: Any, key: str) -> bool:
-    if isinstance(text, bool):
-        return text
-    s = str(text).strip().lower()
-    if s in ("1", "true", "yes", "y", "on"):
-        return True
-    if s in ("0", "false", "no", "n", "off"):
-        return False
-    raise ValueError(f"--{key}: expected true or false, got {text!r}")
+    return parse_bool(text, key)
 
 
 def coerce(key: str, value: Any) -> Any:
@@ -47,6 +44,8 @@ def coerce(key: str, value: Any) -> Any:
         return None
     if value is None:
         return None
+    if key == "chat_template":  # auto / true / false (qtarget.data.reading)
+        return parse_chat_template(value, f"--{key}")
     try:
         if t in ("bool", "<class 'bool'>") or t.startswith("bool"):
             return _bool(value, key)
@@ -68,6 +67,11 @@ def coerce(key: str, value: Any) -> Any:
     return value
 
 
+def _help_order(item: tuple[str, Any]) -> tuple[bool, int]:
+    name = item[0]
+    return (name not in ESSENTIAL, ESSENTIAL.index(name) if name in ESSENTIAL else 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="qtarget train", usage="qtarget train [--config YAML] [--KEY VALUE ...]", allow_abbrev=False, argument_default=argparse.SUPPRESS,
@@ -75,17 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a Hugging Face causal LM toward a designed target distribution.\n"
                     "Keys come from --config YAML, then --key value flags (flags win). Without a config file,\n"
                     "--model, --dataset, --objective and --output_dir are enough.")
-    parser.add_argument("--config", help="YAML recipe with any of the keys below.")
+    first = parser.add_argument_group("start here: model, data, objective, output")
+    first.add_argument("--config", help="YAML recipe with any of the keys below.")
     ours = parser.add_argument_group("qtarget keys")
     hf = parser.add_argument_group("transformers.TrainingArguments keys")
     fields = config_fields()
     qt_names = set(QTargetConfig.__annotations__)
-    for name, f in fields.items():
+    for name, f in sorted(fields.items(), key=_help_order):
         help_text = (f.metadata or {}).get("help", "") or ""
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if default is not dataclasses.MISSING:
-            help_text = f"{help_text} [default: {getattr(default, 'value', default)}]".replace("%", "%%")
-        group = ours if name in qt_names else hf
+            help_text = f"{help_text} [default: {getattr(default, 'value', default)}]"
+        help_text = help_text.replace("%%", "%").replace("%", "%%")  # some library helps come escaped already
+        group = first if name in ESSENTIAL else ours if name in qt_names else hf
         kwargs: dict[str, Any] = {"metavar": "VALUE", "help": help_text}
         if "bool" in str(f.type) and "dict" not in str(f.type):
             kwargs.update(nargs="?", const="true", metavar="BOOL")

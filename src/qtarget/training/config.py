@@ -11,8 +11,56 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
+from qtarget.cli_args import check_number
 from qtarget.objectives import get_objective
 from qtarget.ops.sparse_teacher import TAILS
+
+
+# key -> its meaningful range (cli_args.check_number's arguments); None always passes where the key allows it.
+RANGES: dict[str, dict[str, Any]] = {
+    "per_device_train_batch_size": dict(low=1, integer=True),
+    "per_device_eval_batch_size": dict(low=1, integer=True),
+    "gradient_accumulation_steps": dict(low=1, integer=True),
+    "eval_accumulation_steps": dict(low=1, integer=True),
+    "num_train_epochs": dict(low=0),
+    "learning_rate": dict(low=0),
+    "weight_decay": dict(low=0),
+    "adam_beta1": dict(low=0, high=1, high_open=True),
+    "adam_beta2": dict(low=0, high=1, high_open=True),
+    "adam_epsilon": dict(low=0, low_open=True),
+    "max_grad_norm": dict(low=0),
+    "warmup_steps": dict(low=0),
+    "label_smoothing_factor": dict(low=0, high=1, high_open=True),
+    "logging_steps": dict(low=0, low_open=True),
+    "save_steps": dict(low=0, low_open=True),
+    "eval_steps": dict(low=0, low_open=True),
+    "eval_delay": dict(low=0),
+    "save_total_limit": dict(low=1, integer=True),
+    "seed": dict(low=0, integer=True),
+    "data_seed": dict(low=0, integer=True),
+    "dataloader_num_workers": dict(low=0, integer=True),
+    "eval_fraction": dict(low=0, high=1, high_open=True),
+    "max_rows": dict(low=1, integer=True),
+    "max_length": dict(low=2, integer=True),
+    "prompt_loss_weight": dict(low=0),
+    "chunk_size": dict(low=1, integer=True),
+    "psft_updates_per_batch": dict(low=1, integer=True),
+    "lora_r": dict(low=1, integer=True),
+    "lora_alpha": dict(low=0, low_open=True),
+    "lora_dropout": dict(low=0, high=1, high_open=True),
+}
+
+
+def check_ranges(config: Any) -> None:
+    """Every numeric key of `config` inside its meaningful range (RANGES), named by flag."""
+    for key, bounds in RANGES.items():
+        if hasattr(config, key):
+            check_number(key, getattr(config, key), **bounds)
+    steps = config.max_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or (steps < 1 and steps != -1):
+        raise ValueError(f"--max_steps must be an integer >= 1 (or -1: train num_train_epochs), got {steps!r}")
+    if steps == -1 and not config.num_train_epochs > 0:
+        raise ValueError(f"--num_train_epochs must be > 0 when --max_steps is not set, got {config.num_train_epochs!r}")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -38,7 +86,9 @@ class QTargetConfig(TrainingArguments):
     prompt_loss_weight: float = _f(0.0, "Also supervise the tokens outside the response (prompt, system, template), "
                                         "each token's loss weighted by this (the response's by 1), with any objective; "
                                         "the mean is over all supervised tokens (WIT, arXiv 2507.07817). 0 = off.")
-    chat_template: bool = _f(False, "Wrap prompt/response rows as a user and an assistant turn of the chat template.")
+    chat_template: bool | None = _f(None, "Prompt/response rows as a user and an assistant turn of the chat template: "
+                                          "auto (None) decides per format (Alpaca yes, plain prompt/completion no; "
+                                          "docs/data.md), true / false for every pair.")
     strict_rows: bool = _f(False, "Refuse (instead of skip and count) a row whose reply cannot be masked, e.g. one "
                                   "the chat template refuses.")
     packing: bool = _f(False, "Pack several examples per row (position ids restart per example; no cross-example attention).")
@@ -100,28 +150,30 @@ class QTargetConfig(TrainingArguments):
         if isinstance(self.objective_args, str):
             self.objective_args = parse_kv(self.objective_args, "objective_args")
         if not isinstance(self.objective_args, dict):
-            raise ValueError(f"objective_args must be a mapping of parameter names to values, got {self.objective_args!r}")
+            raise ValueError(f"--objective_args must be a mapping of parameter names to values (e.g. eta=0.5,lam=0.1), "
+                             f"got {self.objective_args!r}")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
-        if int(self.psft_updates_per_batch) < 1:
-            raise ValueError(f"psft_updates_per_batch must be >= 1, got {self.psft_updates_per_batch}")
+        check_ranges(self)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
         for key in ("teacher_dtype", "ref_dtype"):
             if getattr(self, key) not in (None, "auto", "float32", "bfloat16", "float16"):
                 raise ValueError(f"{key} must be one of auto, float32, bfloat16, float16; got {getattr(self, key)!r}")
-        if self.max_length is not None and int(self.max_length) < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.packing and self.max_length is None:
             raise ValueError("packing=True needs max_length")
-        if not float(self.prompt_loss_weight) >= 0.0:
-            raise ValueError(f"--prompt_loss_weight must be >= 0, got {self.prompt_loss_weight}")
         if self.prompt_loss_weight and not self.response_only:
             raise ValueError("--prompt_loss_weight needs --response_only true (with response_only false every token "
                              "is already supervised at weight 1)")
         if self.teacher_tail not in TAILS:
             raise ValueError(f"teacher_tail must be one of {', '.join(TAILS)}; got {self.teacher_tail!r}")
-        self.build_objective()  # unknown objective / parameter -> error now, before any model loads
+        try:
+            self.build_objective()  # unknown objective / parameter -> error now, before any model loads
+        except (TypeError, ValueError) as e:
+            if not self.objective_args:
+                raise
+            shown = ",".join(f"{k}={v}" for k, v in self.objective_args.items())
+            raise ValueError(f"--objective_args {shown!r} (objective {self.objective!r}): {e}") from None
         super().__post_init__()
 
     def aux_dtype(self, role: str) -> str:
@@ -165,22 +217,30 @@ def _plain(v: Any) -> Any:
 
 
 def parse_kv(text: str, where: str) -> dict[str, Any]:
-    """'a=1,b=x' (or a YAML/JSON mapping) -> {'a': 1, 'b': 'x'}; values are parsed as YAML scalars."""
-
+    """'a=1,b=x' (or a YAML/JSON mapping) -> {'a': 1, 'b': 'x'}; values are parsed as YAML scalars.
+    A malformed text is a ValueError naming `--where` and the expected form."""
+    form = "key=value pairs separated by commas (e.g. eta=0.5,lam=0.1) or a mapping ({eta: 0.5, lam: 0.1})"
     text = text.strip()
     if not text:
         return {}
     if text.startswith("{"):
-        value = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {text!r}")
+            raise ValueError(f"--{where}: cannot read {text!r}: expected {form}")
         return value
     out = {}
     for part in text.split(","):
-        if "=" not in part:
-            raise ValueError(f"{where}: expected key=value pairs separated by commas, got {part!r}")
-        k, v = part.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v.strip())
+        k, eq, v = part.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"--{where}: cannot read {part.strip()!r} in {text!r}: expected {form}")
+        try:
+            out[k.strip()] = yaml.safe_load(v.strip())
+        except yaml.YAMLError:
+            raise ValueError(f"--{where}: cannot read the value of {k.strip()!r} ({v.strip()!r}): expected {form}; "
+                             f"quote a value that holds a comma") from None
     return out
 
 

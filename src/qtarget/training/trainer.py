@@ -41,6 +41,11 @@ METRIC_KEYS = ("nll", "p_y", "entropy", "gamma", "top1", "clip_frac", "ratio", "
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
+class NonFiniteStop(ValueError):
+    """Training met a non-finite loss or gradient: the run stops before that step's optimizer update
+    (one line through `qtarget.cli`, exit 2; checkpoints already written stay as they are)."""
+
+
 def _local(param: torch.Tensor) -> torch.Tensor:
     """This process's part of a parameter (the local shard of an FSDP2 DTensor; the tensor itself otherwise)."""
     return param.to_local() if hasattr(param, "to_local") else param
@@ -140,6 +145,47 @@ class QTargetTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count.reshape(1)).sum()
         return count
+
+    # ---- non-finite values ------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except ValueError as e:  # the fused engine refuses non-finite inputs (hidden states, weights, logits)
+            if "NaN or" not in str(e) or isinstance(e, NonFiniteStop):
+                raise
+            what = str(e).split(" (pass check_finite", 1)[0].replace("`hidden`", "the model's last hidden states")
+            raise NonFiniteStop(self._stop_message(what, inputs)) from None
+        # one process: stop on the micro-batch's loss (ranks would disagree; with several, the gradient
+        # norm below, reduced over ranks, stops every rank at the same step)
+        if self.args.world_size == 1 and not bool(torch.isfinite(loss)):
+            raise NonFiniteStop(self._stop_message(f"the training loss is {float(loss)}", inputs))
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float64)):
+            raise NonFiniteStop(self._stop_message(f"the gradient norm is {float(grad_norm)} (a finite loss with "
+                                                   f"non-finite gradients)", None))
+        return grad_norm
+
+    def _stop_message(self, what: str, inputs: dict | None) -> str:
+        """One line: the step, what was non-finite, where it came from, and what is kept."""
+        step = self.state.global_step + 1
+        source = ""
+        weights = inputs.get("token_weights") if inputs else None
+        if weights is not None and not bool(torch.isfinite(weights).all()):
+            source = "; the batch's token_weights column holds non-finite values"
+        elif any(not bool(torch.isfinite(_local(p)).all()) for p in self.model.parameters()):
+            source = "; the model's weights already hold non-finite values"
+        elif inputs is not None and what.startswith("the training loss"):
+            source = f"; inputs and weights are finite, so the objective {self.args.objective!r} produced it"
+        out = Path(self.args.output_dir)
+        kept = sorted((p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()),
+                      key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
+        resume = (f"{kept[-1].name} is the last good checkpoint (--resume continues from it)" if kept
+                  else "no checkpoint was saved before it")
+        return (f"non-finite value at step {step}: {what}{source}; stopped before the optimizer update, {resume}; "
+                f"try a lower --learning_rate, --max_grad_norm 1.0, or float32 (--dtype float32)")
 
     # ---- PSFT schedule ----------------------------------------------------------------------
     @torch.no_grad()
