@@ -122,7 +122,11 @@ class QTargetConfig(TrainingArguments):
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: float = _f(32.0, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
-    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names LoRA adapts.")
+    lora_target_modules: list = _f(["auto"], "Module names LoRA adapts. auto: the attention projections the model "
+                                             "has (q/k/v/o_proj on Llama-like models, qkv_proj + o_proj on Phi-3, "
+                                             "query_key_value + dense on Falcon / GPT-NeoX, c_attn + attn.c_proj on "
+                                             "GPT-2, ...); all-linear: every linear layer but the head. A name that "
+                                             "matches no module is refused, listing the model's module names.")
     # --- outputs ---
     plot: bool = _f(True, "Write curves.png (loss, nll, p_y, entropy, gamma, ...) at the end.")
     resume: str | None = _f(None, "Resume: 'last' (newest checkpoint in output_dir) or a checkpoint folder. Refused "
