@@ -17,6 +17,7 @@ of the row) or a list with one weight per supervised token of the row, in order.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -138,14 +139,25 @@ def _expand_weights(value: Any, n_supervised: int, index: int) -> list[float]:
         raise ValueError(f"row {index}: column 'token_weights' must be a number or a list of numbers, "
                          f"got {type(value).__name__}")
     if isinstance(value, (int, float)):
-        return [float(value)] * n_supervised
+        return _finite_weights([float(value)], index) * n_supervised
     if len(value) != n_supervised:
         raise ValueError(f"row {index}: column 'token_weights' has {len(value)} values but the row has "
                          f"{n_supervised} supervised tokens (one weight per supervised token, eos included)")
     try:
-        return [float(v) for v in value]
+        weights = [float(v) for v in value]
     except (TypeError, ValueError) as e:
         raise ValueError(f"row {index}: column 'token_weights' must hold numbers: {e}") from None
+    return _finite_weights(weights, index)
+
+
+def _finite_weights(weights: list[float], index: int) -> list[float]:
+    """Token weights are finite and >= 0 (a NaN, inf or negative weight would train on garbage)."""
+    for j, w in enumerate(weights):
+        if not math.isfinite(w) or w < 0:
+            where = f"value {j} is" if len(weights) > 1 else "the value is"
+            raise ValueError(f"row {index}: column 'token_weights': {where} {w!r}; weights must be finite "
+                             f"numbers >= 0")
+    return weights
 
 
 def tokenize_rows(tokenizer, rows, options: TokenizeOptions, *, fmt: str | None = None) -> tuple[list[dict], TokenizeReport]:
