@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig
 
 from qtarget import cli
-from qtarget.cli_args import parse_bool
+from qtarget.cli_args import add_bool_flag, parse_bool
 from qtarget.data import prepare_data
 from qtarget.teacher_cache.build import build_cache
 from qtarget.teacher_cache.engines import ENGINES, SERVERS, VLLMLocal
@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument(f"--{name}", metavar="VALUE", help=help_text)
     ours = parser.add_argument_group("cache options")
     for name, (_, default, help_text) in CACHE_OPTIONS.items():
-        ours.add_argument(f"--{name}", metavar="VALUE", help=f"{help_text} [default: {default}]")
+        if name == "resume":  # `--resume`, `--resume true|false`
+            add_bool_flag(ours, name, default=argparse.SUPPRESS, help=f"{help_text} [default: {default}]")
+        else:
+            ours.add_argument(f"--{name}", metavar="VALUE", help=f"{help_text} [default: {default}]")
     engines = parser.add_argument_group("teacher engine")
     for name, (_, default, help_text) in ENGINE_OPTIONS.items():
         engines.add_argument(f"--{name}", metavar="VALUE", help=f"{help_text} [default: {default}]")

@@ -186,8 +186,8 @@ class Pool:
                     if state["left"] == 0:
                         finished.set()
 
-        threads = [threading.Thread(target=worker, args=(ep,), daemon=True)
-                   for ep in self.live() for _ in range(self.per_endpoint)]
+        threads = [threading.Thread(target=worker, args=(ep,), daemon=True)  # interleaved: spread from the start
+                   for _ in range(self.per_endpoint) for ep in self.live()]
         for t in threads:
             t.start()
         try:
