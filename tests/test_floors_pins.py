@@ -1,6 +1,8 @@
-"""The floors scripts/test_floors.sh tests are the floors pyproject.toml promises: every direct dependency's
-lower bound is pinned, at that exact version, in constraints-floors.txt (trl, of the [test] extra, in
-constraints-floors-trl.txt), and the pins both stages share agree."""
+"""The floors scripts/test_floors.sh tests are the floors pyproject.toml promises, layer by layer: every lower
+bound of the torch-only core is pinned, at that exact version, in constraints-floors-core.txt; the 'patch'
+extra's in constraints-floors-patch.txt; the Hugging Face stack's ('hf' and 'plots' extras, sympy of 'eval') in
+constraints-floors.txt (trl, of the [test] extra, in constraints-floors-trl.txt); and the pins two files share
+agree."""
 from __future__ import annotations
 
 import re
@@ -35,23 +37,49 @@ def floors(requirements: list[str]) -> dict[str, Version]:
     return out
 
 
+def extra(project: dict, name: str) -> list[str]:
+    """An extra's requirements, without the references to other extras (qtarget[...])."""
+    return [d for d in project["optional-dependencies"][name] if canonicalize_name(Requirement(d).name) != "qtarget"]
+
+
+def layers(project: dict) -> dict[str, list[str]]:
+    """floors file -> the requirements whose lower bounds it pins."""
+    sympy = [d for d in extra(project, "eval") if Requirement(d).name == "sympy"]
+    return {"constraints-floors-core.txt": project["dependencies"],
+            "constraints-floors-patch.txt": extra(project, "patch"),
+            "constraints-floors.txt": extra(project, "hf") + extra(project, "plots") + sympy}
+
+
 def test_every_dependency_floor_is_the_pinned_floor():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for file, requirements in layers(project).items():
+        pinned = pins(file)
+        for name, floor in floors(requirements).items():
+            assert name in pinned, f"{name}>={floor} is not pinned in {file}"
+            assert pinned[name] == floor, f"pyproject.toml says {name}>={floor}, {file} tests {pinned[name]}"
     core, trl = pins("constraints-floors.txt"), pins("constraints-floors-trl.txt")
-    for name, floor in floors(project["dependencies"]).items():
-        assert name in core, f"{name}>={floor} is not pinned in constraints-floors.txt"
-        assert core[name] == floor, f"pyproject.toml says {name}>={floor}, constraints-floors.txt tests {core[name]}"
     test_trl = floors([d for d in project["optional-dependencies"]["test"] if Requirement(d).name == "trl"])
     assert trl["trl"] == test_trl["trl"], f"the [test] extra says trl>={test_trl['trl']}, the floors test {trl['trl']}"
     for name, version in trl.items():  # stage trl keeps qtarget's own floors
         if name in core:
             assert version == core[name], f"constraints-floors-trl.txt pins {name}=={version}, " \
                                           f"constraints-floors.txt {core[name]}"
+    for name, version in pins("constraints-floors-core.txt").items():  # every stage installs the core's floors
+        if name in core:
+            assert version == core[name], f"constraints-floors-core.txt pins {name}=={version}, " \
+                                          f"constraints-floors.txt {core[name]}"
+
+
+def test_the_core_needs_torch_numpy_and_safetensors_alone():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert sorted(canonicalize_name(Requirement(d).name) for d in project["dependencies"]) == \
+        ["numpy", "safetensors", "torch"]
 
 
 def test_the_development_pins_lie_inside_the_promised_range():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    ranges = {canonicalize_name(Requirement(d).name): Requirement(d).specifier for d in project["dependencies"]}
+    requirements = project["dependencies"] + extra(project, "hf") + extra(project, "eval")
+    ranges = {canonicalize_name(Requirement(d).name): Requirement(d).specifier for d in requirements}
     for name, version in pins("constraints.txt").items():
         if name in ranges:
             assert version in ranges[name], f"constraints.txt pins {name}=={version}, outside {ranges[name]}"

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 
+from qtarget.extras import as_missing_extra
+
 __version__ = "0.1.0"
 
 # Public name -> module. Loaded on first use: `import qtarget` (and so `qtarget --help`) does not
@@ -32,9 +34,20 @@ _PUBLIC = {
 __all__ = ["__version__", *_PUBLIC]
 
 
+# what the names outside the torch-only core need (qtarget.extras)
+_EXTRAS = {"patch": "patch", "check_answer": "eval"}
+
+
 def __getattr__(name: str):
     if name in _PUBLIC:
-        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        try:
+            module = importlib.import_module(_PUBLIC[name])
+        except ImportError as e:  # a missing optional dependency: one line naming the extra
+            missing = as_missing_extra(e, f"qtarget.{name}", _EXTRAS.get(name))
+            if missing is None:
+                raise
+            raise missing from e
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'qtarget' has no attribute {name!r}")

@@ -11,15 +11,19 @@ import importlib
 import os
 import sys
 
-import yaml
-
 from qtarget import __version__
 from qtarget.cli_args import join_negative_values
+from qtarget.extras import missing_extra_hint
+
+try:  # the torch-only core has no YAML reader (the 'hf' extra brings one)
+    from yaml import YAMLError
+except ImportError:
+    YAMLError = ValueError
 
 # Exceptions that mean "the input is wrong" (their messages name the argument, field or row): a bad
 # value, a missing file, a folder or hub id that cannot be read (OSError, ConnectionError included),
 # a YAML file that does not parse. QTARGET_TRACEBACK=1 shows the traceback instead.
-USER_ERRORS = (ValueError, OSError, yaml.YAMLError)
+USER_ERRORS = (ValueError, OSError, YAMLError)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -51,6 +55,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("qtarget.profile.cli", "the prior profile of a model on your data and the objectives to try first"),
 }
 
+# the extra each command needs beyond the torch-only core (inspect and objectives need none; inspect's
+# --plot needs 'plots', named by the missing module)
+EXTRAS = {"lab": "lab", "train": "hf", "eval": "eval", "teacher-cache": "hf", "profile": "hf"}
+
 
 def _usage() -> str:
     lines = ["usage: qtarget <command> [options]", "", "commands:"]
@@ -76,9 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target = SUBCOMMANDS[name][0]
     module_name, _, func = target.partition(":")
-    module = importlib.import_module(module_name)
     try:
+        module = importlib.import_module(module_name)
         return int(getattr(module, func or "main")(argv[1:]) or 0)
+    except ImportError as e:  # an optional dependency is missing: name the extra that installs it
+        hint = missing_extra_hint(e, EXTRAS.get(name))
+        if hint is None or os.environ.get("QTARGET_TRACEBACK"):
+            raise
+        print(f"qtarget {name}: error: {hint}", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:  # bad input: one clear line, exit status 2 (no traceback)
         if os.environ.get("QTARGET_TRACEBACK"):
             raise

@@ -7,13 +7,22 @@
 """
 from __future__ import annotations
 
-from qtarget.models.smollm2 import load_smollm2, smollm2_dir
-from qtarget.models.sources import gpt2_bpe_files, smollm2_gguf_path
-from qtarget.models.tiny import tiny_causal_lm
-from qtarget.models.tokenizers import TOKENIZER_NAMES, load_tokenizer
+import importlib
 
-__all__ = [
-    "TOKENIZER_NAMES", "load_tokenizer", "tiny_causal_lm", "smollm2_dir", "load_smollm2",
-    "smollm2_gguf_path", "gpt2_bpe_files",
-]
+# Loaded on first use: `qtarget.models.head` (the LM head as a value, torch only) is part of the
+# torch-only core, and importing it must not import transformers through this package.
+_EXPORTS = {
+    "load_smollm2": "smollm2", "smollm2_dir": "smollm2", "gpt2_bpe_files": "sources",
+    "smollm2_gguf_path": "sources", "tiny_causal_lm": "tiny", "TOKENIZER_NAMES": "tokenizers",
+    "load_tokenizer": "tokenizers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"qtarget.models.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qtarget.models' has no attribute {name!r}")
 

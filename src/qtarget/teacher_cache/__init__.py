@@ -7,10 +7,24 @@ with no teacher in memory. See docs/teacher_cache.md for the schema and the tail
     TeacherCache("cache/")                                              # reader (validated on open)
     qtarget train ... --teacher_cache DIR [--teacher_tail student]     # training from the cache
 """
-from qtarget.teacher_cache.build import build_cache, cache_folder, teacher_topk_rows
-from qtarget.teacher_cache.manifest import DATA_KEYS, Manifest, SplitInfo
-from qtarget.teacher_cache.reader import BATCH_KEYS, CachedRow, MissingRowError, TeacherCache
-from qtarget.teacher_cache.storage import CorruptShardError
+from __future__ import annotations
 
-__all__ = ["build_cache", "cache_folder", "teacher_topk_rows", "TeacherCache", "CachedRow", "Manifest", "SplitInfo", "DATA_KEYS",
-           "BATCH_KEYS", "MissingRowError", "CorruptShardError"]
+import importlib
+
+# Loaded on first use: the reader (TeacherCache) is part of the torch-only core; the builder runs a
+# Hugging Face model (the 'hf' extra).
+_EXPORTS = {
+    "build_cache": "build", "cache_folder": "build", "teacher_topk_rows": "build",
+    "DATA_KEYS": "manifest", "Manifest": "manifest", "SplitInfo": "manifest",
+    "BATCH_KEYS": "reader", "CachedRow": "reader", "MissingRowError": "reader", "TeacherCache": "reader",
+    "CorruptShardError": "storage",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"qtarget.teacher_cache.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qtarget.teacher_cache' has no attribute {name!r}")

@@ -8,9 +8,19 @@
 """
 from __future__ import annotations
 
-from qtarget.training.api import TrainResult, check_requirements, train
-from qtarget.training.config import QTargetConfig
-from qtarget.training.trainer import QTargetTrainer
+import importlib
 
-__all__ = ["QTargetConfig", "QTargetTrainer", "train", "TrainResult", "check_requirements"]
+# Loaded on first use: `qtarget.training.patch` needs transformers alone (the 'patch' extra, >= 5.6),
+# the trainer the whole 'hf' extra.
+_EXPORTS = {"QTargetConfig": "config", "QTargetTrainer": "trainer", "train": "api", "TrainResult": "api",
+            "check_requirements": "api"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"qtarget.training.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qtarget.training' has no attribute {name!r}")
 
