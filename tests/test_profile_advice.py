@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qtarget.cli import main as qtarget_main
 from qtarget.lab.cli import build_parser as lab_parser
 from qtarget.lab.row_args import merged_objective_args, parse_row_args
 from qtarget.lab.settings import ROW_OBJECTIVE, settings_for
+from qtarget.lab.stats import paired_difference
 from qtarget.objectives.registry import get_objective
 from qtarget.profile.advice import (
     BANDS,
@@ -29,6 +31,8 @@ from qtarget.profile.advice import (
     place,
 )
 from qtarget.profile.compute import TokenProfile
+from qtarget.profile.lab_results import read_lab_results
+from qtarget.profile.report import terminal_report
 from qtarget.profile.summary import summarize
 
 LAB_RESULTS = Path(__file__).resolve().parents[1] / LAB_RUN / "results.json"
@@ -252,3 +256,71 @@ def test_the_round_trip_catches_a_command_without_the_parameters():
     runs, _ = trained_rows(lab_command("smollm2", "d.jsonl", advice.lab_objectives))
     (profit,) = [args for row, _, args in runs if row == "profit"]
     assert get_objective("profit", **profit).params["tau"] != advice.lab_args["profit"]["tau"] == 0.2
+
+
+# ------------------------------------------------------------------------- the user's own lab results
+def planted_lab_results(folder: Path) -> dict:
+    """A results.json as `qtarget lab` writes it, with planted per-item values: prob answers right wherever
+    sft does and more (it wins generation accuracy beyond its interval); profit was trained at τ = 0.1 (not
+    what the advice names); dft is worse than sft."""
+    rng = np.random.default_rng(4)
+    n = 200
+    sft = (rng.random(n) < 0.4).astype(float)
+    prob = np.maximum(sft, (rng.random(n) < 0.4).astype(float))
+    dft = sft * (rng.random(n) < 0.5)
+    profit = sft.copy()
+
+    def row(correct, nll):
+        return {"gen.correct": [correct.tolist()], "gen.no_answer": [[0.0] * n],
+                "rank.nll": [rng.normal(nll, 0.2, 64).tolist()]}
+
+    items = {"base": row(np.zeros(n), 2.0), "sft": row(sft, 1.0), "prob": row(prob, 1.1), "profit": row(profit, 1.05),
+             "dft": row(dft, 1.4)}
+    rows = {"base": {"objective": None, "args": {}}, "sft": {"objective": "sft", "args": {}},
+            "prob": {"objective": "prob", "args": {"alpha": 1.0}}, "profit": {"objective": "profit", "args": {}},
+            "dft": {"objective": "dft", "args": {}}}
+    results = {"settings": {"n_boot": 1000, "seed": 0}, "model": {"name": "planted"}, "tasks": ["user:d.jsonl"],
+               "per_task": {"user:d.jsonl": {"items": items, "rows": rows}}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    return {"sft": sft, "prob": prob, "dft": dft, "profit": profit}
+
+
+def test_lab_results_say_which_objective_won_and_rank_the_advice(tmp_path):
+    arrays = planted_lab_results(tmp_path / "lab")
+    outcome = read_lab_results(tmp_path / "lab")
+    (task,) = outcome.tasks
+    gen = next(w for w in task.winners if w["metric"] == "gen_acc")
+    assert gen["row"] == "prob" and gen["value"]["value"] == pytest.approx(arrays["prob"].mean())
+    runner = gen["runner_up"]
+    assert runner in ("sft", "profit")
+    ref = paired_difference(arrays["prob"], arrays[runner], n_boot=1000, seed=0)
+    assert (gen["lead"]["value"], gen["lead"]["lo"], gen["lead"]["hi"]) == pytest.approx((ref.value, ref.lo, ref.hi))
+    assert gen["decided"] and ref.lo > 0
+    assert any(line.startswith("task user:d.jsonl, in-domain accuracy (generation) (higher is better): prob won "
+                               f"with {arrays['prob'].mean():.3f}") and "decided" in line for line in outcome.lines())
+    # the advice: prob (the winner) first; profit was trained with other parameters, so it is not measured;
+    # sft and dft lost beyond their intervals
+    advice = advise(planted_summary(rng_beta(12, 1.5)), lab_results=outcome)
+    assert objectives(advice) == ["prob", "profit", "sft", "dft"]
+    by = {r.objective: r for r in advice.recommendations}
+    assert by["prob"].your_tier == 0 and any(y.endswith("won") for y in by["prob"].yours)
+    d = paired_difference(arrays["prob"], arrays["sft"], n_boot=1000, seed=0)
+    assert f"prob − sft: {d.value:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]" in " ".join(by["prob"].yours)
+    assert by["profit"].your_tier == 1 and by["profit"].yours == [f"not trained in {tmp_path / 'lab'}"]
+    assert by["sft"].your_tier == 2 and "lost to the winner on your own lab results" in by["sft"].ranked
+    assert by["dft"].your_tier == 2 and any("behind the winner prob" in y for y in by["dft"].yours)
+    assert advice.your_lab == outcome.lines() and advice.to_dict()["your_lab"] == outcome.lines()
+    text = terminal_report(planted_summary(rng_beta(12, 1.5)), advice)
+    assert "which objective won in your own lab run:" in text and "prob won with" in text
+
+
+def test_lab_results_refuse_a_folder_without_results(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="--lab_results .*no results.json"):
+        read_lab_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"settings": {}}')
+    with pytest.raises(ValueError, match="--lab_results .*not a results.json written by `qtarget lab`"):
+        read_lab_results(tmp_path)
+    rc = qtarget_main(["profile", "--model", "tiny", "--dataset", "d.jsonl", "--lab_results", str(tmp_path / "no")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--lab_results" in err[0] and "no results.json" in err[0]
