@@ -62,7 +62,7 @@ def served_cache(tmp_path_factory, teacher, data):
 def assert_same_cache(a: Path, b: Path, data, atol=1e-5):
     """Same rows and positions; same top-k ids apart from exact ties; log-probs and tails within atol."""
     ca, cb = TeacherCache(a), TeacherCache(b)
-    for split, rows in (("train", data.train), ("eval", data.eval)):
+    for split, rows in (("train", data.train), ("eval", data.eval or [])):
         for i in range(len(rows)):
             ra, rb = ca.row(split, i), cb.row(split, i)
             assert torch.equal(ra.positions, rb.positions)
