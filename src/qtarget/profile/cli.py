@@ -23,6 +23,7 @@ from qtarget.models.load import load_aux_model, load_model, load_tokenizer, torc
 from qtarget.models.head import head_rows
 from qtarget.profile.advice import advise, lab_command
 from qtarget.profile.compute import profile_examples
+from qtarget.profile.lab_results import read_lab_results
 from qtarget.profile.report import plot_histogram, terminal_report, write_json
 from qtarget.profile.summary import summarize
 from qtarget.teacher_cache.reader import TeacherCache
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
                    help=f"rows to profile, drawn at random with --seed (default {DEFAULT_LIMIT}; 0 = all)")
     p.add_argument("--output_dir", default=None, help="write profile.json, profile.md and p_y_histogram.png here")
+    p.add_argument("--lab_results", default=None, metavar="DIR",
+                   help="the output folder of a `qtarget lab` run on this data: the advice then says which objective "
+                        "won there, with its interval, and ranks by it")
     p.add_argument("--max_length", type=int, default=1024, help="truncate examples to this many tokens")
     p.add_argument("--chat_template", action="store_true", help="wrap prompt/response rows in the chat template")
     p.add_argument("--all_tokens", action="store_true", help="supervise prompt tokens too (response_only=False)")
@@ -137,6 +141,7 @@ def load_sample(args: argparse.Namespace, tokenizer) -> tuple[list[dict], list[i
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
+    lab_outcome = read_lab_results(args.lab_results) if args.lab_results else None
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(args.model)
@@ -159,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
     summary = summarize(profile, tokenizer, dataset_rows=dataset_rows)
     has_teacher = teacher is not None or cache is not None
-    advice = advise(summary, has_teacher=has_teacher)
-    cmd = lab_command(args.model, args.dataset, advice.lab_objectives, teacher=args.teacher)
+    advice = advise(summary, has_teacher=has_teacher, lab_results=lab_outcome)
+    cmd = lab_command(args.model, args.dataset, advice.lab_objectives, teacher=args.teacher,
+                      objective_args=advice.lab_args)
     if args.teacher_cache and "target_sft" in advice.lab_objectives:
         advice.notes.append("the lab trains target_sft from a live teacher (it builds its own top-64 cache per run): "
                             "add --teacher MODEL to the command below to use the cached teacher's model, else the lab "
