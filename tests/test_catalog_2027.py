@@ -11,6 +11,7 @@ import torch
 
 import qtarget
 import qtarget.lab.cli as lab_cli
+from qtarget.cli import main
 from objective_formulas import make_case
 from qtarget.ops import fused_token_loss
 
@@ -164,3 +165,13 @@ def test_gibbs_rule_parameter_is_checked_and_gift_needs_the_reference():
     z, y, _ = _soft_case(7)
     with pytest.raises(ValueError, match=r"objective 'gift' needs `ref_logits`"):
         qtarget.token_loss("gift", z, y)
+
+
+def test_inspect_takes_the_new_parameters(capsys):
+    argv = ["inspect", "gift", "sed_sft", "talr", "target", "--beta", "5", "--smooth", "0.1", "--scale", "0.5",
+            "--floor", "0.05", "--gamma", "gibbs", "--gain", "5", "--gamma_from", "reference", "--residual", "reference"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    for shown in ("gift(beta=5.0, smooth=0.1)", "sed_sft(scale=0.5, k=2, tau=0.95)", "talr(tau=1.0, floor=0.05)",
+                  "gibbs(gain=5.0)@reference"):
+        assert shown in text

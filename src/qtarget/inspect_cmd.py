@@ -19,7 +19,8 @@ from qtarget.objectives.registry import RULE_PARAMETERS, objective_doc, rule_par
 
 PARAM_FLAGS = {"lam": float, "alpha": float, "tau": float, "k": int, "eps": float, "beta": float,
                "temperature": float, "eta": float, "q": float, "side": str,
-               "gamma_from": str, "gamma_min": float, "gamma_max": float}
+               "gamma_from": str, "gamma_min": float, "gamma_max": float, "gain": float, "smooth": float,
+               "scale": float, "floor": float}
 TOKENS = ["the", "answer", "is", "4", "5", "four", "=", "so", "therefore", "\\boxed", "we", "get",
           "2+2", "sum", "total", "."]
 
