@@ -142,7 +142,7 @@ PLAIN_CASES = {
 def test_prompt_response_formats_supervise_the_response_and_eos(tok, case):
     name, tokenizer = tok
     row, prompt, response = PLAIN_CASES[case]
-    _, ex = one(tokenizer, row)
+    _, ex = one(tokenizer, row, chat_template=False)  # Alpaca rows go through the template by default
     assert decode(tokenizer, ex["input_ids"]) == prompt + response + EOS[name]
     assert supervised_runs(tokenizer, ex) == [response + EOS[name]]
     n_prompt = ex["labels"].index(next(t for t in ex["labels"] if t != IGNORE_INDEX))
@@ -154,7 +154,7 @@ def test_prompt_response_formats_through_the_chat_template(tok, case):
     name, tokenizer = tok
     row, _, response = PLAIN_CASES[case]
     _, ex = one(tokenizer, row, chat_template=True)
-    user = row.get("prompt") or f"{row['instruction']}\n\n{row['input']}"
+    user = row.get("prompt") or f"{row['instruction']}\n{row['input']}"  # joined as LLaMA-Factory joins them
     turns = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
     assert decode(tokenizer, ex["input_ids"]) == tokenizer.apply_chat_template(turns, tokenize=False)
     assert supervised_runs(tokenizer, ex) == [response + END_OF_TURN[name]]

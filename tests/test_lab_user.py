@@ -51,13 +51,13 @@ def test_corrupt_replaces_the_last_answer_occurrence_only():
     assert corrupt("It is seven.", "7", rng) is None and corrupt("ok", None, rng) is None
 
 
-def test_split_is_disjoint_and_noise_is_planted_as_asked(tmp_path):
+def test_split_is_disjoint_and_noise_is_planted_as_asked(tmp_path, smollm2_tokenizer):
     pairs, instruction = load_pairs(write_jsonl(arithmetic_rows(60), tmp_path / "d.jsonl"))
     settings = settings_for("tiny", noise=0.5, train_examples=20)
     split = plan_split(pairs, settings, own_teacher=True)
     parts = [split.ranking, split.generation, split.teacher, split.pool]
     assert sum(map(len, parts)) == 60 and len(set().union(*map(set, parts))) == 60
-    task = user_task(settings, pairs, instruction, split, name="d.jsonl")
+    task = user_task(settings, pairs, instruction, split, name="d.jsonl", tokenizer=smollm2_tokenizer)
     assert {item["id"] for item in task.ranking} == {f"row{pairs[i].index}" for i in split.ranking}
     for item in task.ranking:  # the correct demonstration first, distinct length-matched distractors
         assert len(set(item["candidates"])) == 1 + settings.rank_distractors

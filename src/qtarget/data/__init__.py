@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from qtarget.data.collate import Collator, pack_examples
+from qtarget.data.reading import parse_chat_template, prompt_prefix
 from qtarget.data.sources import load_rows, write_jsonl
 from qtarget.data.tokenize import (
     IGNORE_INDEX,
@@ -28,7 +29,8 @@ from qtarget.data.tokenize import (
 
 __all__ = ["load_rows", "write_jsonl", "prepare_data", "PreparedData", "ExampleDataset", "Collator",
            "pack_examples", "TokenizeOptions", "TokenizeReport", "tokenize_row", "tokenize_rows",
-           "detect_format", "UntokenizableRow", "IGNORE_INDEX", "split_examples"]
+           "detect_format", "UntokenizableRow", "IGNORE_INDEX", "split_examples", "parse_chat_template",
+           "prompt_prefix"]
 
 
 class ExampleDataset(torch.utils.data.Dataset):
@@ -73,7 +75,7 @@ def prepare_data(
     *,
     max_length: int | None = 1024,
     response_only: bool = True,
-    chat_template: bool = False,
+    chat_template: bool | str | None = None,
     packing: bool = False,
     eval_fraction: float = 0.0,
     eval_source: Any = None,
@@ -84,7 +86,8 @@ def prepare_data(
     strict_rows: bool = False,
     prompt_loss_weight: float = 0.0,
 ) -> PreparedData:
-    """Load, tokenise, split and (optionally) pack a dataset. See `qtarget.data.tokenize` for formats.
+    """Load, tokenise, split and (optionally) pack a dataset. See `qtarget.data.tokenize` for formats and
+    `qtarget.data.reading` for `chat_template` (None / "auto": decided per format, the default of every command).
 
     The eval split comes from `eval_source` when given, else `eval_fraction` of the rows. Packing is
     applied to each split separately."""
@@ -93,7 +96,8 @@ def prepare_data(
         rows = rows.select(range(min(int(max_rows), len(rows))))
     if len(rows) == 0:
         raise ValueError(f"dataset {source!r} has no rows")
-    options = TokenizeOptions(max_length=max_length, response_only=response_only, chat_template=chat_template,
+    options = TokenizeOptions(max_length=max_length, response_only=response_only,
+                              chat_template=parse_chat_template(chat_template),
                               strict_rows=strict_rows, prompt_loss_weight=prompt_loss_weight)
     examples, report = tokenize_rows(tokenizer, rows, options)
     if eval_source is not None:

@@ -34,6 +34,9 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an 
                  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+# Formats whose prompt/response pairs go through the tokenizer's chat template by default (LLaMA-Factory
+# templates Alpaca rows with the model's template; TRL does not template a plain-string prompt/completion).
+TEMPLATED_BY_DEFAULT = ("alpaca",)
 
 
 @dataclass
@@ -143,8 +146,9 @@ def chat_turns(turns: Any, index: int, column: str, *, sharegpt: bool = False) -
 
 def normalize_row(row: Mapping[str, Any], fmt: str, index: int, *, chat_template: bool = False
                   ) -> Conversation | PromptResponse | Text:
-    """One raw row of format `fmt` -> what the tokeniser needs. With `chat_template`, prompt/response
-    pairs (prompt_response, standard prompt_completion, alpaca) become a user and an assistant turn."""
+    """One raw row of format `fmt` -> what the tokeniser needs. With `chat_template` (resolved per format by
+    `qtarget.data.reading.templates_pairs`), prompt/response pairs (prompt_response, standard
+    prompt_completion, alpaca: instruction + "\\n" + input) become a user and an assistant turn."""
     if fmt in ("messages", "conversations"):
         messages = chat_turns(row.get(fmt), index, fmt, sharegpt=fmt == "conversations")
         if not any(m["role"] == "assistant" for m in messages):
@@ -167,7 +171,7 @@ def normalize_row(row: Mapping[str, Any], fmt: str, index: int, *, chat_template
             raise ValueError(f"row {index}: column 'input' must be str, got {type(extra).__name__}")
         output = require(row, "output", index)
         if chat_template:
-            pair = PromptResponse(instruction + (f"\n\n{extra}" if extra.strip() else ""), output)
+            pair = PromptResponse(instruction + (f"\n{extra}" if extra.strip() else ""), output)  # LLaMA-Factory
         elif extra.strip():
             pair = PromptResponse(ALPACA_PROMPT.format(instruction=instruction, input=extra), output)
         else:

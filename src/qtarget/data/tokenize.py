@@ -4,8 +4,10 @@ Row formats are detected from the columns (`qtarget.data.formats`: messages, con
 prompt + completion (TRL), prompt + response, Alpaca, text):
 - conversations go through the tokenizer's chat template; with `response_only`, only the assistant
   turns (or a TRL completion) are supervised, located by character spans (`qtarget.data.chat`);
-- prompt/response pairs are `prompt + response + eos`, prompt and response tokenised apart (or, with
-  `chat_template=True`, a user turn and an assistant turn through the chat template);
+- prompt/response pairs are `prompt + response + eos`, prompt and response tokenised apart, or a user
+  turn and an assistant turn through the chat template: `chat_template` None (auto, the default) decides
+  per format (`qtarget.data.reading`: Alpaca rows are templated when the tokenizer has a template, plain
+  prompt/completion and prompt/response rows are not), True / False for every pair;
 - `text`: every token supervised, `+ eos`.
 
 A row that is well formed but cannot be tokenised with its reply masked (the template refuses it, is
@@ -23,6 +25,7 @@ from typing import Any, Mapping
 
 from qtarget.data.chat import UntokenizableRow, supervised_spans, tokenize_spans
 from qtarget.data.formats import FORMATS, Conversation, PromptResponse, detect_format, normalize_row
+from qtarget.data.reading import describe_reading, parse_chat_template, templates_pairs
 
 IGNORE_INDEX = -100
 __all__ = ["IGNORE_INDEX", "FORMATS", "TokenizeOptions", "TokenizeReport", "UntokenizableRow", "detect_format",
@@ -33,7 +36,7 @@ __all__ = ["IGNORE_INDEX", "FORMATS", "TokenizeOptions", "TokenizeReport", "Unto
 class TokenizeOptions:
     max_length: int | None = 1024
     response_only: bool = True
-    chat_template: bool = False  # apply the chat template to prompt/response rows too
+    chat_template: bool | None = None  # prompt/response rows through the chat template: None = per format
     add_eos: bool = True
     strict_rows: bool = False  # a row that cannot be tokenised is an error instead of skipped
     # > 0: the tokens outside the response (prompt, system, template) are supervised too, their loss
@@ -63,10 +66,16 @@ class TokenizeReport:
     supervised_tokens: int = 0
     tokens: int = 0
     format: str = ""
+    templated_rows: int = 0  # examples rendered through the tokenizer's chat template
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def reading(self) -> str:
+        """Which format and which template the rows were read with."""
+        return describe_reading(self.format, self.templated_rows, self.examples)
+
     def summary(self) -> str:
-        text = (f"{self.rows} rows ({self.format}) -> {self.examples} examples, {self.tokens} tokens "
+        text = (f"{self.rows} rows ({self.reading}) -> {self.examples} examples, {self.tokens} tokens "
                 f"({self.supervised_tokens} supervised); {self.truncated} truncated to max_length, "
                 f"{self.dropped_no_supervised} dropped with no supervised token left")
         if self.skipped_untokenizable:
@@ -82,26 +91,27 @@ def _ids(tokenizer, text: str, *, special: bool) -> list[int]:
 
 
 def _example_ids(tokenizer, row: Mapping[str, Any], fmt: str, options: TokenizeOptions, index: int
-                 ) -> tuple[list[int], list[bool], bool]:
-    """(ids, supervised mask, split at the boundary) of one row."""
-    item = normalize_row(row, fmt, index, chat_template=options.chat_template)
+                 ) -> tuple[list[int], list[bool], bool, bool]:
+    """(ids, supervised mask, split at the boundary, through the chat template) of one row."""
+    templated = templates_pairs(fmt, parse_chat_template(options.chat_template), tokenizer)
+    item = normalize_row(row, fmt, index, chat_template=templated)
     if isinstance(item, Conversation):
         text, spans = supervised_spans(tokenizer, item, index, response_only=options.response_only)
-        return tokenize_spans(tokenizer, text, spans, index)
+        return (*tokenize_spans(tokenizer, text, spans, index), True)
     eos = [tokenizer.eos_token_id] if options.add_eos and tokenizer.eos_token_id is not None else []
     if isinstance(item, PromptResponse):  # tokenised apart: no token crosses the boundary
         p_ids = _ids(tokenizer, item.prompt, special=True)
         r_ids = _ids(tokenizer, item.response, special=False) + eos
-        return p_ids + r_ids, [not options.response_only] * len(p_ids) + [True] * len(r_ids), False
+        return p_ids + r_ids, [not options.response_only] * len(p_ids) + [True] * len(r_ids), False, False
     ids = _ids(tokenizer, item.text, special=True) + eos
-    return ids, [True] * len(ids), False
+    return ids, [True] * len(ids), False, False
 
 
 def tokenize_row(tokenizer, row: Mapping[str, Any], fmt: str, options: TokenizeOptions, index: int = 0) -> dict | None:
-    """One raw row -> {"input_ids", "labels"[, "token_weights"], "truncated", "split"}; None if no
+    """One raw row -> {"input_ids", "labels"[, "token_weights"], "truncated", "split", "templated"}; None if no
     supervised token is left after truncation. Raises ValueError for a malformed row and
     UntokenizableRow (a ValueError) for a row whose reply cannot be masked."""
-    ids, mask, split = _example_ids(tokenizer, row, fmt, options, index)
+    ids, mask, split, templated = _example_ids(tokenizer, row, fmt, options, index)
 
     weights = None
     if "token_weights" in row and row["token_weights"] is not None:
@@ -123,6 +133,7 @@ def tokenize_row(tokenizer, row: Mapping[str, Any], fmt: str, options: TokenizeO
         "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)],
         "truncated": truncated,
         "split": split,
+        "templated": templated,
     }
     if weights is not None:
         full_w, it = [], iter(weights)
@@ -179,6 +190,7 @@ def tokenize_rows(tokenizer, rows, options: TokenizeOptions, *, fmt: str | None 
         if ex is None:
             report.dropped_no_supervised += 1
             continue
+        report.templated_rows += int(ex.pop("templated"))
         report.truncated += int(ex.pop("truncated"))
         report.split_at_boundary += int(ex.pop("split"))
         report.tokens += len(ex["input_ids"])

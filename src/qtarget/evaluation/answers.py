@@ -32,7 +32,7 @@ from sympy.parsing.sympy_parser import (
 Backend = Literal["auto", "math_verify", "sympy"]
 
 __all__ = [
-    "check_answer", "extract_answer", "extract_boxed", "extract_choice", "gold_candidates",
+    "check_answer", "extract_answer", "extract_boxed", "stated_answer", "answer_form", "ANSWER_FORMS", "extract_choice", "gold_candidates",
     "normalize_answer", "parse_number", "answers_equivalent", "math_verify_available",
 ]
 
@@ -104,23 +104,48 @@ def extract_answer(response: str) -> str | None:
     """
     if not isinstance(response, str):
         raise TypeError(f"response must be a str, got {type(response).__name__}")
-    boxed = extract_boxed(response)
-    if boxed is not None:
-        return boxed
+    for form in ANSWER_FORMS:
+        found = stated_answer(response, form)
+        if found is not None:
+            return found
+    return _last_number(response)
+
+
+# The forms in which a response can state its final answer, in the order `extract_answer` reads them.
+ANSWER_FORMS = ("boxed", "hashes", "answer_is")
+FORM_TEXT = {"boxed": "\\boxed{X}", "hashes": "'#### X'", "answer_is": "'The answer is X'"}
+
+
+def _hashes_answer(response: str) -> str | None:
     hashes = re.findall(r"####\s*(.+)", response)
-    if hashes:
-        return _strip_sentence(hashes[-1])
-    # the last "answer is X" whose X looks like a value (has a digit, or is at most three words)
+    return _strip_sentence(hashes[-1]) or None if hashes else None
+
+
+def _phrase_answer(response: str) -> str | None:
+    """The last "answer is X" / "Answer: X" whose X looks like a value (a digit, or at most three words)."""
     phrases = [p for p in map(_strip_sentence, _ANSWER_PHRASE_RE.findall(response))
                if p and (re.search(r"\d", p) or len(p.split()) <= 3) and "boxed" not in p]
-    if phrases:
-        phrase = phrases[-1]
-        dollars = re.fullmatch(r"\$([^$]+)\$", phrase)
-        if dollars:  # "the answer is $\frac{1}{2}$"
-            return dollars.group(1).strip()
-        if phrase:
-            return phrase
-    return _last_number(response)
+    if not phrases:
+        return None
+    dollars = re.fullmatch(r"\$([^$]+)\$", phrases[-1])
+    return dollars.group(1).strip() if dollars else phrases[-1]  # "the answer is $\frac{1}{2}$"
+
+
+def stated_answer(response: str, form: str) -> str | None:
+    """The final answer `response` states in `form` (one of ANSWER_FORMS), or None when it states none
+    in that form; never the last-number fallback."""
+    if form == "boxed":
+        return extract_boxed(response)
+    if form == "hashes":
+        return _hashes_answer(response)
+    if form == "answer_is":
+        return _phrase_answer(response)
+    raise ValueError(f"unknown answer form {form!r}; one of {', '.join(ANSWER_FORMS)}")
+
+
+def answer_form(response: str) -> str | None:
+    """The form in which `response` states its final answer (the first of ANSWER_FORMS it uses), or None."""
+    return next((f for f in ANSWER_FORMS if stated_answer(response, f) is not None), None)
 
 
 _CHOICE_RE = r"\(?\s*([A-E])\s*\)?"

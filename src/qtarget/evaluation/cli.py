@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from qtarget import cli
+from qtarget.data.reading import parse_chat_template
 from qtarget.evaluation.benchmarks import HubUnavailableError, load_benchmarks
+from qtarget.evaluation.data_file import data_problems
 from qtarget.evaluation.generation import VLLMGenerator, vllm_available
 from qtarget.evaluation.runner import evaluate
 from qtarget.models.load import load_model, load_tokenizer, resolve
@@ -29,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", default="gsm8k_100",
                    help="comma-separated: gsm8k_100, champ, arith, arith:N, math500, aime24, amc23, "
                         "minerva_math, olympiadbench, gpqa_diamond, or path.jsonl (question/answer fields)")
+    p.add_argument("--dataset", default=None, help="evaluate on a training data file instead (any format of `qtarget "
+                                                   "train`), each row prompted with the tokens training puts before "
+                                                   "its reply; gold = --answer_column or the answer the reply states")
+    p.add_argument("--answer_column", default="answer", help="with --dataset: the column of each row's final answer")
+    p.add_argument("--chat_template", nargs="?", const="true", default=None, type=parse_chat_template,
+                   metavar="auto|true|false", help="with --dataset: prompt/response rows through the chat template; "
+                                                   "auto (default) decides per format as `qtarget train` does")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     p.add_argument("--samples", type=int, default=1, help="samples per problem (n of pass@k / avg@n)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -68,15 +77,22 @@ def main(argv: list[str]) -> int:
     """Bad input raises ValueError / FileNotFoundError; `qtarget.cli` prints it as one line, exit 2."""
     args = build_parser().parse_args(argv)
     check_args(args)
-    try:
-        problems = load_benchmarks(args.benchmarks, limit=args.limit, seed=args.seed)
-    except (HubUnavailableError, ModuleNotFoundError) as e:  # the benchmark asked for cannot be reached here
-        raise ValueError(str(e)) from e
+    problems = []
+    if args.dataset is None:
+        try:
+            problems = load_benchmarks(args.benchmarks, limit=args.limit, seed=args.seed)
+        except (HubUnavailableError, ModuleNotFoundError) as e:  # the benchmark asked for cannot be reached here
+            raise ValueError(str(e)) from e
     if args.threads:
         torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir or Path("eval_out") / Path(args.model.rstrip("/")).name)
     # a missing folder or an unreachable hub id is a one-line error naming --tokenizer / --model
     tokenizer = load_tokenizer(args.tokenizer, role="tokenizer") if args.tokenizer else load_tokenizer(args.model)
+    if args.dataset is not None:  # read as `qtarget train` reads it (qtarget.data.reading)
+        problems, data_line = data_problems(args.dataset, tokenizer, answer_column=args.answer_column,
+                                            chat_template=args.chat_template)
+        problems = problems[:args.limit] if args.limit else problems
+        print(f"[qtarget] eval data: {data_line}", file=sys.stderr)
 
     generator = None
     model = None

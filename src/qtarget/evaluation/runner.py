@@ -173,8 +173,10 @@ def evaluate(
         cfg_path.write_text(json.dumps(config, indent=2) + "\n")
 
     # ---- plan: (problem, sample_idx), longest prompt first, in fixed batches
+    # a problem read from a data file carries the tokens training puts before its reply (meta["prompt_ids"])
     prompt_cache = {
-        p.id: prompt_ids(tokenizer, p, style=style, instruction=instruction, system_prompt=system_prompt)
+        p.id: list(p.meta["prompt_ids"]) if p.meta.get("prompt_ids") else
+        prompt_ids(tokenizer, p, style=style, instruction=instruction, system_prompt=system_prompt)
         for p in problems
     }
     plan = [(p, s) for p in problems for s in range(samples)]

@@ -35,7 +35,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("gen_acc", "in-domain accuracy (generation)", 3, "higher",
            "greedy answers to held-out problems whose stated final answer is right"),
     Metric("format_fail", "format failures", 3, "lower",
-           "share of greedy answers that never state 'The answer is N' (counted apart from wrong answers)"),
+           "share of greedy answers that state no final answer in the task's form ('The answer is N' on the "
+           "built-in tasks; on your data the form its demonstrations use), counted apart from wrong answers"),
     Metric("rank_acc", "answer ranking accuracy", 3, "higher",
            "held-out problems where the correct demonstration has a higher total log-prob than every "
            "corrupted one"),

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from qtarget import cli
+from qtarget.data.reading import parse_chat_template
 from qtarget.lab.builtin_tasks import BUILTIN_TASKS
 from qtarget.lab.report import claims_table, metric_table, task_view
 from qtarget.lab.precision import PRECISIONS
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "answer; else the answer the response states)")
     user.add_argument("--dataset_split", default="train", help="split of a hub dataset / DatasetDict folder")
     user.add_argument("--dataset_config", default=None, help="hub dataset configuration name")
+    user.add_argument("--chat_template", nargs="?", const="true", default=None, type=parse_chat_template,
+                      metavar="auto|true|false", help="prompt/response rows through the chat template: auto (default) "
+                                                      "decides per format as `qtarget train` does (docs/data.md)")
     user.add_argument("--max_length", type=int, default=None, help="longest training sequence in tokens (user data "
                                                                    "default 512; longer rows are left out)")
     p.add_argument("--report_from", default=None, metavar="RESULTS_JSON",
@@ -126,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep=sweep, max_length=args.max_length, precision=args.precision, objective_args=objective_args)
     settings, task, teacher, notes = setup_user_lab(
         model=args.model, dataset=args.dataset, preset=preset, overrides=overrides, teacher=args.teacher,
-        answer_column=args.answer_column, split=args.dataset_split, config=args.dataset_config)
+        answer_column=args.answer_column, split=args.dataset_split, config=args.dataset_config,
+        chat_template=args.chat_template)
     for note in notes:
         print(f"qtarget lab: {note}")
     t0 = time.perf_counter()

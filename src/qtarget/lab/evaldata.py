@@ -20,10 +20,12 @@ from qtarget.lab.task import LabTask
 from qtarget.lab.trunk import TrunkLookup
 
 
-def tokenize(tokenizer, rows: list[dict], max_length: int, instruction: str | None) -> list[dict]:
+def tokenize(tokenizer, rows: list[dict], max_length: int, instruction: str | None, *, template: bool = True
+             ) -> list[dict]:
     """prompt/response rows -> tokenised chat examples (system = the task's instruction, user = question,
-    assistant = response; only the response is supervised)."""
-    return [chat_sequence(tokenizer, r["prompt"], r["response"], max_length, instruction=instruction) for r in rows]
+    assistant = response; only the response is supervised); `template` False: prompt + response + eos."""
+    return [chat_sequence(tokenizer, r["prompt"], r["response"], max_length, instruction=instruction,
+                          template=template) for r in rows]
 
 
 def contrast(row: dict) -> str | None:
@@ -43,9 +45,10 @@ class EvalData:
         self.n_candidates = task.n_candidates
         self.train_rows = {s: task.demonstrations(s, settings.train_examples, settings.noise)
                            for s in settings_seeds(settings)}
-        ml, instruction = settings.max_length, task.instruction
-        self.train_examples = {s: tokenize(tokenizer, rows, ml, instruction) for s, rows in self.train_rows.items()}
-        rank_seqs = [chat_sequence(tokenizer, it["prompt"], c, ml, instruction=instruction)
+        ml, instruction, tpl = settings.max_length, task.instruction, task.chat_template
+        self.train_examples = {s: tokenize(tokenizer, rows, ml, instruction, template=tpl)
+                               for s, rows in self.train_rows.items()}
+        rank_seqs = [chat_sequence(tokenizer, it["prompt"], c, ml, instruction=instruction, template=tpl)
                      for it in task.ranking for c in it["candidates"]]
         ood_seqs = [text_sequence(tokenizer, t, settings.ood_max_tokens) for t in task.ood]
         # per seed, the demonstrations measured for noise fit (those with noise metadata): index, kind, tokens
@@ -57,7 +60,8 @@ class EvalData:
             self.measured[s] = [i for i, r in enumerate(rows) if contrast(r) is not None]
             self.kinds[s] = [rows[i]["noise"] for i in self.measured[s]]
             self.changed[s] = [changed_tokens(self.train_examples[s][i], chat_sequence(
-                tokenizer, rows[i]["prompt"], contrast(rows[i]), ml, instruction=instruction)) for i in self.measured[s]]
+                tokenizer, rows[i]["prompt"], contrast(rows[i]), ml, instruction=instruction, template=tpl))
+                for i in self.measured[s]]
         kw = dict(pad_token_id=tokenizer.pad_token_id, split=split, batch_size=settings.score_batch_size)
         self.scorers = {"rank": Scorer(base, rank_seqs, **kw), "ood": Scorer(base, ood_seqs, **kw)}
         for s, examples in self.train_examples.items():

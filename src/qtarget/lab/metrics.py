@@ -160,12 +160,19 @@ def _top_forward(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, spl
 
 
 # ------------------------------------------------------------------------------------ sequences
-def chat_sequence(tokenizer, prompt: str, response: str, max_length: int, *, instruction: str | None) -> dict:
+def chat_sequence(tokenizer, prompt: str, response: str, max_length: int, *, instruction: str | None,
+                  template: bool = True) -> dict:
     """The lab's chat format (system = the task's instruction, none when None; user = prompt, assistant =
-    response; only the response and its end-of-turn are scored), exactly as in training."""
-    system = [] if instruction is None else [{"role": "system", "content": instruction}]
-    chat = {"messages": [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
-    (example,), report = tokenize_rows(tokenizer, [chat], TokenizeOptions(max_length=max_length))
+    response; only the response and its end-of-turn are scored), exactly as in training; `template` False
+    (a task read from plain prompt/completion rows): prompt + response + eos, as `qtarget train` reads them."""
+    if template:
+        system = [] if instruction is None else [{"role": "system", "content": instruction}]
+        row = {"messages": [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+    elif instruction is not None:
+        raise ValueError("a task read without the chat template has no system turn (instruction must be None)")
+    else:
+        row = {"prompt": prompt, "completion": response}
+    (example,), report = tokenize_rows(tokenizer, [row], TokenizeOptions(max_length=max_length, chat_template=template))
     if report.truncated:
         raise ValueError(f"a lab sequence exceeds max_length={max_length}; raise --max_length")
     return {"input_ids": list(example["input_ids"]), "labels": list(example["labels"])}
@@ -250,17 +257,22 @@ def generation_items(model: nn.Module, tokenizer, task: LabTask, *, max_new_toke
                      seed: int) -> dict[str, Any]:
     """Greedy answers to `task.generation` through `qtarget.evaluation.evaluate`, graded by the stated final
     answer (`task.parse_answer`). Per problem: correct (stated answer right), no_answer (no stated answer: a
-    format failure, apart from a wrong answer), cut (hit max_new_tokens); plus the responses."""
+    format failure, apart from a wrong answer; absent when the task has no answer form, `task.answer_form` None),
+    cut (hit max_new_tokens); plus the responses. A problem with `meta["prompt_ids"]` is prompted with exactly
+    those tokens (a task read from your data: the tokens training puts before the reply)."""
     problems = task.generation
     res = evaluate(model, tokenizer, list(problems), samples=1, temperature=0.0, max_new_tokens=max_new_tokens,
                    batch_size=batch_size, seed=seed, progress=False, instruction="", system_prompt=task.instruction,
                    prompt_style="chat", model_name="lab")
     by_id = {r["problem_id"]: r for r in res.records}
     stated = [task.parse_answer(by_id[p.id]["response"]) for p in problems]
-    return {
+    out = {
         "correct": np.array([s == p.answer for s, p in zip(stated, problems)], dtype=np.float64),
         "no_answer": np.array([s is None for s in stated], dtype=np.float64),
         "cut": np.array([bool(by_id[p.id]["cut"]) for p in problems], dtype=np.float64),
         "tokens": np.array([by_id[p.id]["num_tokens"] for p in problems], dtype=np.float64),
         "responses": [by_id[p.id]["response"] for p in problems],
     }
+    if task.answer_form is None:  # no form to fail: the metric is absent (task.format_note says why)
+        del out["no_answer"]
+    return out

@@ -231,7 +231,8 @@ class TaskRun:
             values.update({f"gen.{k}": v for k, v in gen.items()})
             record(items.setdefault(name, {}), values)
             note = (f"[{task.name}] {name + ('' if seed is None else f' (seed {seed})'):>24}: gen acc "
-                    f"{gen['correct'].mean():.3f} (no answer {gen['no_answer'].mean():.3f}), ranking "
+                    f"{gen['correct'].mean():.3f} (no answer "
+                    f"{gen['no_answer'].mean() if 'no_answer' in gen else float('nan'):.3f}), ranking "
                     f"{values['rank.correct'].mean():.3f} (margin {values['rank.margin'].mean():+.2f}), entropy "
                     f"{values['rank.entropy'].mean():.3f}, OOD NLL {values['ood.nll'].mean():.3f}")
             if "noise.corrupt" in values:
@@ -286,7 +287,8 @@ class TaskRun:
         self.bar.phase(f"[{task.name}] teacher for target_sft")
 
         def make_teacher_examples(n: int, seed: int) -> list[dict]:
-            return tokenize(self.tokenizer, task.demonstrations(seed, n, 0.0), settings.max_length, task.instruction)
+            return tokenize(self.tokenizer, task.demonstrations(seed, n, 0.0), settings.max_length, task.instruction,
+                            template=task.chat_template)
 
         teacher, info = obtain_teacher(
             settings, self.base, self.tokenizer, task, model_id=self.model_info["model_id"],

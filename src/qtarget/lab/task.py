@@ -32,6 +32,13 @@ Fields (all plain data, except the two functions):
   model does not already reject (else answer ranking sits at its ceiling and separates nothing).
 - `ood`: out-of-domain paragraphs (plain text) for forgetting.
 - `example`: `{"prompt", "response"}`, one clean demonstration shown in the report.
+- `chat_template`: True (the built-in tasks): every sequence is a chat through the tokenizer's template; False
+  (your plain prompt/completion rows, read as `qtarget train` reads them): prompt + response + eos, and the
+  generation problems carry their prompt tokens (`Problem.meta["prompt_ids"]`).
+- `answer_form`: the form in which a response states its final answer (`qtarget.evaluation.answers.ANSWER_FORMS`:
+  "answer_is", "boxed", "hashes"); a response that states none in that form is a format failure. None: the
+  demonstrations state no answer in a recognisable form, so format failures are not measured and
+  `format_note` says why.
 
 A task's prior profile (how probable its demonstration tokens already are under the base model) is not a
 field: the runner measures it from the base model's token scores (`qtarget.lab.metrics.prior_profile`).
@@ -59,6 +66,9 @@ class LabTask:
     ranking: tuple[dict[str, Any], ...]
     ood: tuple[str, ...]
     example: dict[str, str]
+    chat_template: bool = True
+    answer_form: str | None = "answer_is"
+    format_note: str = ""
 
     def __post_init__(self) -> None:
         for field_name in ("generation", "ranking", "ood"):

@@ -4,17 +4,23 @@
     split = plan_split(pairs, settings, own_teacher=True)         # disjoint held-out, generation, teacher, training rows
     task = user_task(settings, pairs, instruction, split, name="train.jsonl")
 
-Rows become (prompt, response) pairs through the data path of `qtarget train` (`qtarget.data.formats`; a
-multi-turn chat contributes its last user/assistant exchange). The rows are shuffled once (settings.seed)
-and cut into disjoint parts:
+Rows become (prompt, response) pairs through the data path of `qtarget train` (`qtarget.data.formats`, with
+the same chat-template default, `qtarget.data.reading`: chat and Alpaca rows go through the tokenizer's
+template, plain-string prompt/completion rows do not, and the lab then scores, trains and prompts them as
+`prompt + response + eos` exactly as `qtarget train` does; a multi-turn chat contributes its last
+user/assistant exchange). The rows are shuffled once (settings.seed) and cut into disjoint parts:
 
 - held-out (`ranking`): each demonstration against `rank_distractors` distractors; the correct one gives the
   held-out NLL and entropy. A distractor is the demonstration with its final answer replaced by a wrong
   number when the row has a numeric answer inside its response (length-matched), else another held-out
   row's response;
 - generation: held-out rows with a checkable answer — an `answer` column (`--answer_column`), or a final
-  answer the response states in the form `qtarget eval` reads (\\boxed{}, '#### X', 'The answer is X');
-  graded by `qtarget.evaluation.answers` (extract_answer, then normalize_answer on both sides);
+  answer the response states in the form `qtarget eval` reads (\\boxed{}, '#### X', 'The answer is X'),
+  prompted with exactly the tokens training puts before the reply. The answer form is learned from the
+  demonstrations (`answer_form_of`): the form at least half of them state their answer in. A response is a
+  format failure when it states no answer in that form, and is graded by the answer it states there; when
+  the demonstrations state no answer in a recognisable form, format failures are not measured (the report
+  says why) and accuracy takes `extract_answer`'s reading, down to the last number of the response;
 - teacher: rows for the target_sft teacher the lab trains itself (SFT of the base model), only when no
   teacher is given;
 - training pool: the rest; seed s trains on `train_examples` rows drawn from it with seed s.
@@ -38,8 +44,9 @@ from transformers import AutoConfig
 
 from qtarget.data import load_rows
 from qtarget.data.formats import Conversation, detect_format, normalize_row
+from qtarget.data.reading import describe_reading, prompt_prefix, templates_pairs
 from qtarget.evaluation import Problem
-from qtarget.evaluation.answers import extract_answer, normalize_answer
+from qtarget.evaluation.answers import ANSWER_FORMS, FORM_TEXT, answer_form, extract_answer, normalize_answer, stated_answer
 from qtarget.lab.metrics import chat_sequence
 from qtarget.lab.ood_text import ood_texts
 from qtarget.lab.settings import PRESETS, LabSettings, settings_for
@@ -48,7 +55,6 @@ from qtarget.lab.teacher import TEACHER_DATA_SEED
 from qtarget.models.load import load_aux_model, load_tokenizer, resolve
 
 USER_EVAL_SEED = 9_100_000  # stream of the user task's held-out choices (apart from the built-in task's)
-MARKED_ANSWER = re.compile(r"\\boxed|####|answer\s*(?:is|:)", re.IGNORECASE)
 NUMBER = r"-?\d+(?:\.\d+)?"
 
 
@@ -58,6 +64,7 @@ class Pair:
     prompt: str
     response: str
     answer: str | None  # normalised, None when the row carries no checkable answer
+    templated: bool = True  # read through the chat template (False: prompt + response + eos)
 
 
 def _last_exchange(conv: Conversation, index: int) -> tuple[str | None, str, str]:
@@ -73,17 +80,36 @@ def _last_exchange(conv: Conversation, index: int) -> tuple[str | None, str, str
 def _answer_of(row: dict, response: str, column: str | None) -> str | None:
     if column and row.get(column) is not None and str(row[column]).strip():
         return normalize_answer(str(row[column]))
-    if MARKED_ANSWER.search(response):
-        found = extract_answer(response)
-        return None if found is None else normalize_answer(found)
-    return None
+    form = answer_form(response)
+    return None if form is None else normalize_answer(stated_answer(response, form))
+
+
+def answer_form_of(pairs: Sequence[Pair]) -> tuple[str | None, str]:
+    """(the form the demonstrations state their final answer in, or None; one sentence for the report).
+    The form is the most common one (ANSWER_FORMS) when at least half of the demonstrations use it."""
+    counts = {f: 0 for f in ANSWER_FORMS}
+    for p in pairs:
+        form = answer_form(p.response)
+        if form is not None:
+            counts[form] += 1
+    top = max(ANSWER_FORMS, key=lambda f: counts[f])  # ties: the order extract_answer reads them
+    n = len(pairs)
+    if counts[top] > 0 and 2 * counts[top] >= n:
+        return top, (f"format failure = a response that states no final answer as {FORM_TEXT[top]}, the form "
+                     f"{counts[top]} of {n} demonstrations use")
+    stated = sum(counts.values())
+    return None, (f"format failures not measured: {stated} of {n} demonstrations state their final answer in a "
+                  f"recognisable form ({', '.join(FORM_TEXT.values())}), and no form is used by half of them; "
+                  f"accuracy reads a response's answer as `qtarget eval` does, down to its last number")
 
 
 def load_pairs(source: Any, *, split: str = "train", name: str | None = None,
-               answer_column: str | None = "answer") -> tuple[list[Pair], str | None]:
+               answer_column: str | None = "answer", tokenizer: Any = None,
+               chat_template: bool | None = None) -> tuple[list[Pair], str | None]:
     """(pairs, shared instruction). The instruction is the rows' system turn when every row has the same
     one (the lab then uses it as the task's system turn); otherwise each row's system turn, if any, is put
-    before its prompt."""
+    before its prompt. `chat_template` (None: per format) and `tokenizer` decide, as for `qtarget train`,
+    which pairs are read through the chat template (`Pair.templated`)."""
     rows = load_rows(source, split=split, name=name)
     if len(rows) == 0:
         raise ValueError(f"dataset {source!r} has no rows")
@@ -91,18 +117,25 @@ def load_pairs(source: Any, *, split: str = "train", name: str | None = None,
     if fmt == "text":
         raise ValueError(f"dataset {source!r} has plain `text` rows: the lab needs demonstrations with a prompt "
                          f"(chat messages, prompt/response, prompt/completion or alpaca rows)")
+    templated = templates_pairs(fmt, chat_template, tokenizer)
     raw = []
     for i, row in enumerate(rows):
-        conv = normalize_row(row, fmt, i, chat_template=True)
-        system, prompt, response = _last_exchange(conv, i)
-        raw.append((i, row, system, prompt, response))
-    systems = {s for _, _, s, _, _ in raw}
+        item = normalize_row(row, fmt, i, chat_template=templated)
+        if isinstance(item, Conversation):
+            system, prompt, response = _last_exchange(item, i)
+        else:  # a plain prompt/response pair: no system turn
+            system, prompt, response = None, item.prompt, item.response
+        raw.append((i, row, system, prompt, response, isinstance(item, Conversation)))
+    if len({r[5] for r in raw}) > 1:
+        raise ValueError(f"dataset {source!r} mixes rows read through the chat template with plain ones (prompt/"
+                         f"completion as message lists and as strings): the lab needs one reading for every row")
+    systems = {r[2] for r in raw}
     shared = systems.pop() if len(systems) == 1 else None
     pairs = []
-    for i, row, system, prompt, response in raw:
+    for i, row, system, prompt, response, conv in raw:
         if system is not None and shared is None:
             prompt = f"{system}\n\n{prompt}"
-        pairs.append(Pair(i, prompt, response, _answer_of(row, response, answer_column)))
+        pairs.append(Pair(i, prompt, response, _answer_of(row, response, answer_column), templated=conv))
     return pairs, shared
 
 
@@ -186,18 +219,39 @@ def _ranking_item(pairs: Sequence[Pair], idx: Sequence[int], k: int, n_distracto
 
 
 def _version(pairs: Sequence[Pair], split: Split) -> str:
-    body = json.dumps([[p.prompt, p.response, p.answer] for p in pairs] + [split.teacher], sort_keys=True)
+    body = json.dumps([[p.prompt, p.response, p.answer, p.templated] for p in pairs] + [split.teacher], sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
+def generation_prompt(tokenizer, pair: Pair, instruction: str | None, max_length: int) -> list[int]:
+    """The tokens training puts before `pair`'s reply: what the model is prompted with to answer it."""
+    return prompt_prefix(chat_sequence(tokenizer, pair.prompt, pair.response, max_length,
+                                       instruction=instruction if pair.templated else None, template=pair.templated))
+
+
 def user_task(settings: LabSettings, pairs: Sequence[Pair], instruction: str | None, split: Split, *,
-              name: str) -> LabTask:
-    """The LabTask of the user's rows (see the module docstring)."""
+              name: str, tokenizer: Any = None) -> LabTask:
+    """The LabTask of the user's rows (see the module docstring). With `tokenizer`, each generation problem
+    carries its prompt tokens (`meta["prompt_ids"]`: the tokens training puts before the reply); without
+    one, generation renders the prompt through the chat template (chat rows only)."""
+    templated = {p.templated for p in pairs}
+    if len(templated) != 1:
+        raise ValueError("the pairs mix rows read through the chat template with plain ones")
+    chat = templated.pop()
+    if not chat and tokenizer is None:
+        raise ValueError("a task of plain prompt/completion rows needs the tokenizer for its generation prompts")
     eval_rng = random.Random(f"user-ranking:{settings.seed}")
     ranking = tuple(_ranking_item(pairs, split.ranking, k, settings.rank_distractors, eval_rng)
                     for k in range(len(split.ranking)))
     generation = tuple(Problem(id=f"row{pairs[i].index}", question=pairs[i].prompt, answer=pairs[i].answer,
-                               source=name) for i in split.generation)
+                               source=name, meta={} if tokenizer is None else {"prompt_ids": generation_prompt(
+                                   tokenizer, pairs[i], instruction, settings.max_length)})
+                       for i in split.generation)
+    form, format_note = answer_form_of(pairs)
+
+    def parse_answer(response: str) -> str | None:
+        found = extract_answer(response) if form is None else stated_answer(response, form)
+        return None if found is None else normalize_answer(found)
 
     def demonstrations(seed: int, n: int, noise: float) -> list[dict[str, Any]]:
         if seed == TEACHER_DATA_SEED:  # the target_sft teacher's own part: clean, never a student's row
@@ -229,16 +283,19 @@ def user_task(settings: LabSettings, pairs: Sequence[Pair], instruction: str | N
         name=f"user:{name}", version=_version(pairs, split),
         description=(f"your demonstrations ({name}: {len(pairs)} rows; {len(split.ranking)} held out for NLL, "
                      f"entropy and answer ranking, {len(split.generation)} for generation, "
-                     f"{len(split.teacher)} for the target_sft teacher, {len(split.pool)} in the training pool)"),
+                     f"{len(split.teacher)} for the target_sft teacher, {len(split.pool)} in the training pool; "
+                     f"read {'through the chat template' if chat else 'without a chat template: prompt + response + eos'}"
+                     f"; {format_note})"),
         noise_description=(f"planted by the lab: the numeric final answer inside a response replaced by a wrong "
                            f"number ({n_corruptible} of {len(split.pool)} training-pool rows can be corrupted)"),
         instruction=instruction,
         demonstrations=demonstrations,
         generation=generation,
-        parse_answer=lambda response: None if (a := extract_answer(response)) is None else normalize_answer(a),
+        parse_answer=parse_answer,
         ranking=ranking,
         ood=tuple(ood_texts(settings.ood_texts, USER_EVAL_SEED + settings.seed)),
         example={"prompt": first.prompt, "response": first.response},
+        chat_template=chat, answer_form=form, format_note=format_note,
     )
 
 
@@ -265,11 +322,12 @@ def scaled_defaults(model: str) -> dict[str, Any]:
 
 
 def drop_long(pairs: Sequence[Pair], tokenizer, max_length: int, instruction: str | None) -> tuple[list[Pair], int]:
-    """The pairs whose chat sequence fits `max_length` tokens, and how many did not."""
+    """The pairs whose sequence fits `max_length` tokens, and how many did not."""
     kept = []
     for p in pairs:
         try:
-            chat_sequence(tokenizer, p.prompt, p.response, max_length, instruction=instruction)
+            chat_sequence(tokenizer, p.prompt, p.response, max_length,
+                          instruction=instruction if p.templated else None, template=p.templated)
         except ValueError:
             continue
         kept.append(p)
@@ -280,7 +338,8 @@ def drop_long(pairs: Sequence[Pair], tokenizer, max_length: int, instruction: st
 
 def setup_user_lab(*, model: str | None, dataset: str | None, preset: str, overrides: dict[str, Any],
                    teacher: str | None = None, answer_column: str | None = "answer", split: str = "train",
-                   config: str | None = None) -> tuple[LabSettings, LabTask | None, tuple | None, list[str]]:
+                   config: str | None = None, chat_template: bool | None = None
+                   ) -> tuple[LabSettings, LabTask | None, tuple | None, list[str]]:
     """(settings, task or None for the built-in task, (teacher model, info) or None, notes) for
     `qtarget lab --model M [--dataset D] [--teacher T]`. Flags the user gave win over the scaled defaults."""
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -301,7 +360,10 @@ def setup_user_lab(*, model: str | None, dataset: str | None, preset: str, overr
     values.update(USER_DEFAULTS)
     settings = settings_for(preset, **{**values, **given, "model": model_name})
     tokenizer = load_tokenizer("smollm2" if model_name == "tiny" else model_name)
-    pairs, instruction = load_pairs(dataset, split=split, name=config, answer_column=answer_column)
+    pairs, instruction = load_pairs(dataset, split=split, name=config, answer_column=answer_column,
+                                    tokenizer=tokenizer, chat_template=chat_template)
+    fmt = detect_format(load_rows(dataset, split=split, name=config).column_names)
+    notes.append(f"data: {len(pairs)} rows ({describe_reading(fmt, sum(p.templated for p in pairs), len(pairs))})")
     pairs, dropped = drop_long(pairs, tokenizer, settings.max_length, instruction)
     if dropped:
         notes.append(f"{dropped} rows longer than --max_length {settings.max_length} tokens left out")
@@ -315,7 +377,7 @@ def setup_user_lab(*, model: str | None, dataset: str | None, preset: str, overr
         sized["teacher_examples"] = len(plan.teacher)
     sized.update({k: v for k, v in given.items() if k == "max_new_tokens"})
     settings = dataclasses.replace(settings, **sized)
-    task = user_task(settings, pairs, instruction, plan, name=Path(str(dataset)).name)
+    task = user_task(settings, pairs, instruction, plan, name=Path(str(dataset)).name, tokenizer=tokenizer)
     return settings, task, _given_teacher(teacher, settings, model_name), notes + plan.notes
 
 

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qtarget import cli
-from qtarget.data import load_rows, prepare_data
+from qtarget.data import load_rows, parse_chat_template, prepare_data
 from qtarget.models.load import load_aux_model, load_model, load_tokenizer, torch_dtype
 from qtarget.models.head import head_rows
 from qtarget.profile.advice import advise, lab_command
@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the output folder of a `qtarget lab` run on this data: the advice then says which objective "
                         "won there, with its interval, and ranks by it")
     p.add_argument("--max_length", type=int, default=1024, help="truncate examples to this many tokens")
-    p.add_argument("--chat_template", action="store_true", help="wrap prompt/response rows in the chat template")
+    p.add_argument("--chat_template", nargs="?", const="true", default=None, type=parse_chat_template,
+                   metavar="auto|true|false", help="prompt/response rows through the chat template: auto (default) "
+                                                   "decides per format as every command does (docs/data.md)")
     p.add_argument("--all_tokens", action="store_true", help="supervise prompt tokens too (response_only=False)")
     p.add_argument("--dataset_split", default="train", help="split of a hub dataset / DatasetDict folder")
     p.add_argument("--dataset_config", default=None, help="hub dataset configuration name")
