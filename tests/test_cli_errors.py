@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import datasets
 import pytest
@@ -45,6 +46,7 @@ def files(tmp_path_factory, smollm2_tokenizer):
     model.save_pretrained(d / "model")
     tok.save_pretrained(d / "model")
     model.save_pretrained(d / "model_notok")
+    tok.save_pretrained(d / "tokenizer_only")  # a folder with a tokenizer and no config.json
     chat_tok = copy.deepcopy(smollm2_tokenizer)
     chat_tok.chat_template = ALTERNATING
     tiny_causal_lm(chat_tok, hidden_size=16, num_layers=1, num_heads=2, seed=0).save_pretrained(d / "chat_model")
@@ -73,6 +75,10 @@ def files(tmp_path_factory, smollm2_tokenizer):
     f["chat_refused"] = _jsonl(d / "chat_refused.jsonl", [_chat("q0", "a0"), _chat("q1", "a1"), {"messages": [
         {"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}])
     f["weights"] = _jsonl(d / "weights.jsonl", [{"prompt": "p", "response": " a b", "token_weights": [1.0]}])
+    weighted = [{**row, "token_weights": 1.0} for row in toy_rows(8)]
+    f["weights_ok"] = _jsonl(d / "weights_ok.jsonl", weighted)
+    f["weights_nan"] = _jsonl(d / "weights_nan.jsonl", weighted[:3] + [{**weighted[3], "token_weights": float("nan")}])
+    f["weights_neg"] = _jsonl(d / "weights_neg.jsonl", weighted[:1] + [{**weighted[1], "token_weights": -0.5}])
     f["list_yaml"] = str(d / "list.yaml")
     (d / "list.yaml").write_text("- objective\n- dft\n")
     f["bad_yaml"] = str(d / "bad.yaml")
@@ -207,7 +213,107 @@ CASES = {
                                          r"argument --top_k: expected one argument"),
     # other commands
     "inspect unknown objective": (["inspect", "dtf"], r"unknown objective 'dtf' \(did you mean dft\?\)"),
+    # ranges, named by flag (negative numbers written as -1e-3 included)
+    "learning rate negative": (["train", *MODEL, *DATA, *TRAIN, "--learning_rate", "-1e-3"],
+                               r"--learning_rate must be >= 0, got -0.001"),
+    "learning rate nan": (["train", *MODEL, *DATA, *TRAIN, "--learning_rate", "nan"],
+                          r"--learning_rate must be a finite number, got nan"),
+    "batch size zero": (["train", *MODEL, *DATA, *TRAIN, "--per_device_train_batch_size", "0"],
+                        r"--per_device_train_batch_size must be an integer >= 1|--per_device_train_batch_size must be >= 1, got 0"),
+    "accumulation zero": (["train", *MODEL, *DATA, *TRAIN, "--gradient_accumulation_steps", "0"],
+                          r"--gradient_accumulation_steps must be >= 1, got 0"),
+    "max_steps zero": (["train", *MODEL, *DATA, *TRAIN[:-4], "--max_steps", "0", *TRAIN[-2:]],
+                       r"--max_steps must be an integer >= 1 \(or -1: train num_train_epochs\), got 0"),
+    "warmup negative": (["train", *MODEL, *DATA, *TRAIN, "--warmup_steps", "-2"], r"--warmup_steps must be >= 0, got -2"),
+    "lora dropout one": (["train", *MODEL, *DATA, *TRAIN, "--use_lora", "--lora_dropout", "1"],
+                         r"--lora_dropout must be in \[0, 1\), got 1.0"),
+    "max_length one": (["train", *MODEL, *DATA, *TRAIN[:-2], "--max_length", "1"], r"--max_length must be >= 2, got 1"),
+    "objective_args form": (["train", *MODEL, *DATA, *TRAIN, "--objective", "psft", "--objective_args", "eps"],
+                            r"--objective_args: cannot read 'eps' in 'eps': expected key=value pairs"),
+    "objective_args value": (["train", *MODEL, *DATA, *TRAIN, "--objective", "psft", "--objective_args", "eps=[0.2"],
+                             r"--objective_args: cannot read the value of 'eps' \('\[0.2'\)"),
+    "objective_args unknown parameter": (["train", *MODEL, *DATA, *TRAIN, "--objective", "psft", "--objective_args",
+                                          "eta=0.2"], r"--objective_args 'eta=0.2' \(objective 'psft'\).*unknown parameter"),
+    "lora target matches nothing": (["train", *MODEL, *DATA, *TRAIN, "--use_lora", "--lora_target_modules", "c_attn"],
+                                    r"--lora_target_modules: 'c_attn' match\(es\) no module of LlamaForCausalLM .*its "
+                                    r"module names are: .*q_proj"),
+    "eval temperature negative": (["eval", *MODEL, "--benchmarks", "arith:2", "--temperature", "-1e-3",
+                                   "--output_dir", "{out}"], r"--temperature must be >= 0, got -0.001"),
+    "eval seed negative": (["eval", *MODEL, "--benchmarks", "arith:2", "--seed", "-1", "--output_dir", "{out}"],
+                           r"--seed must be >= 0, got -1"),
+    "profile limit negative": (["profile", *MODEL, *DATA, "--limit", "-1", "--output_dir", "{out}"],
+                               r"--limit must be >= 0, got -1"),
+    "profile memory budget negative": (["profile", *MODEL, *DATA, "--memory_budget_mb", "-1e-3", "--output_dir",
+                                        "{out}"], r"--memory_budget_mb must be > 0, got -0.001"),
+    "lab learning rate negative": (["lab", "--tiny", "--learning_rate", "-1e-3", "--output_dir", "{out}"],
+                                   r"argument --learning_rate: must be > 0, got -0.001"),
+    "lab boolean flag": (["lab", "--tiny", "maybe", "--output_dir", "{out}"],
+                         r"argument --tiny: expected true or false, got 'maybe'"),
+    # per-token data
+    "token weight nan": (["train", *MODEL, "--dataset", "{weights_nan}", *TRAIN, "--objective", "token_weighted"],
+                         r"row 3: column 'token_weights': the value is nan; weights must be finite numbers >= 0"),
+    "token weight negative": (["train", *MODEL, "--dataset", "{weights_neg}", *TRAIN, "--objective", "token_weighted"],
+                              r"row 1: column 'token_weights': the value is -0.5"),
+    # messages that say what to fix
+    "model folder without config.json": (["train", "--model", "{d}/tokenizer_only", *DATA, *TRAIN],
+                                         r"model \(--model\) folder '.*tokenizer_only' has no config.json \(it holds "
+                                         r".*tokenizer.*\): point it at the folder where the model was saved"),
+    "eval model folder without config.json": (["eval", "--model", "{d}/tokenizer_only", "--benchmarks", "arith:2",
+                                               "--output_dir", "{out}"], r"has no config.json"),
+    "output folder is a file": (["train", *MODEL, *DATA, *TRAIN, "--output_dir", "{out}/notes.txt"],
+                                r"--output_dir '.*notes.txt' is a file, not a folder: choose a folder path"),
+    "output folder under a file": (["train", *MODEL, *DATA, *TRAIN, "--output_dir", "{out}/notes.txt/run"],
+                                   r"--output_dir '.*notes.txt/run' cannot be created: '.*notes.txt' is a file"),
+    "eval output folder is a file": (["eval", *MODEL, "--benchmarks", "arith:2", "--output_dir", "{out}/notes.txt"],
+                                     r"--output_dir '.*notes.txt' is a file"),
+    "profile output folder is a file": (["profile", *MODEL, *DATA, "--output_dir", "{out}/notes.txt"],
+                                        r"--output_dir '.*notes.txt' is a file"),
+    "lab output folder is a file": (["lab", "--tiny", "--output_dir", "{out}/notes.txt"],
+                                    r"--output_dir '.*notes.txt' is a file"),
 }
+
+# case -> (flag, fixed value): the same command with that flag's value fixed runs in the same folder
+FIXES = {
+    "learning rate negative": ("--learning_rate", "1e-3"),
+    "learning rate nan": ("--learning_rate", "1e-3"),
+    "batch size zero": ("--per_device_train_batch_size", "2"),
+    "accumulation zero": ("--gradient_accumulation_steps", "2"),
+    "max_steps zero": ("--max_steps", "1"),
+    "warmup negative": ("--warmup_steps", "0"),
+    "lora dropout one": ("--lora_dropout", "0.1"),
+    "max_length one": ("--max_length", "48"),
+    "objective_args form": ("--objective_args", "eps=0.2"),
+    "objective_args value": ("--objective_args", "eps=0.2"),
+    "objective_args unknown parameter": ("--objective_args", "eps=0.2"),
+    "lora target matches nothing": ("--lora_target_modules", "q_proj,v_proj"),
+    "eval temperature negative": ("--temperature", "0"),
+    "eval seed negative": ("--seed", "1"),
+    "profile limit negative": ("--limit", "4"),
+    "profile memory budget negative": ("--memory_budget_mb", "64"),
+    "token weight nan": ("--dataset", "{weights_ok}"),
+    "token weight negative": ("--dataset", "{weights_ok}"),
+    "model folder without config.json": ("--model", "{d}/model"),
+    "eval model folder without config.json": ("--model", "{d}/model"),
+    "output folder is a file": ("--output_dir", "{out}/run"),
+    "output folder under a file": ("--output_dir", "{out}/run"),
+    "eval output folder is a file": ("--output_dir", "{out}/run"),
+    "profile output folder is a file": ("--output_dir", "{out}/run"),
+}
+FAST = {"train": ["--save_strategy", "no", "--plot", "false"], "eval": ["--max_new_tokens", "4", "--no_progress"],
+        "profile": ["--limit", "4", "--no_progress"]}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes (folders as empty entries)."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"") for p in sorted(folder.rglob("*"))}
+
+
+def _run(argv: list[str], capfd) -> tuple[int, str]:
+    capfd.readouterr()
+    rc = qtarget_main(argv)
+    return rc, capfd.readouterr().err
 
 
 def test_the_table_is_large():
@@ -218,11 +324,13 @@ def test_the_table_is_large():
 def test_bad_input_is_one_line_exit_2_and_leaves_no_run(case, files, tmp_path, capfd):
     argv, pattern = CASES[case]
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("a file of the user's, which a refused run must leave alone\n")
+    before = snapshot(out)
     values = {**files, "out": str(out)}
     argv = [a.format(**values) for a in argv]
-    capfd.readouterr()
-    rc = qtarget_main(argv)
-    err = capfd.readouterr().err
+    rc, err = _run(argv, capfd)
+    assert snapshot(out) == before  # the folder is byte-identical: nothing written, nothing removed
     assert rc == 2, err
     assert "Traceback" not in err
     lines = err.splitlines()
@@ -244,3 +352,27 @@ def test_a_teacher_folder_without_tokenizer_files_warns_and_trains(files, tmp_pa
     assert any("cannot load the teacher" in m and "its folder has no tokenizer files" in m
                and "only its LM-head size is checked" in m for m in messages), messages
     assert (tmp_path / "o" / "config.yaml").exists()
+
+
+def test_every_fix_names_a_case():
+    assert set(FIXES) <= set(CASES)
+
+
+@pytest.mark.parametrize("case", list(FIXES))
+def test_the_refused_command_with_the_value_fixed_runs_in_the_same_folder(case, files, tmp_path, capfd):
+    """The refusal left nothing behind that would refuse the corrected rerun."""
+    argv, _ = CASES[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept\n")
+    values = {**files, "out": str(out)}
+    refused = [a.format(**values) for a in argv]
+    flag, value = FIXES[case]
+    at = max(i for i, a in enumerate(argv) if a == flag) + 1  # the last occurrence is the one argparse keeps
+    fixed = [(value if i == at else a).format(**values) for i, a in enumerate(argv)] + FAST.get(argv[0], [])
+    rc, err = _run(refused, capfd)
+    assert rc == 2, err
+    rc, err = _run(fixed, capfd)
+    assert rc == 0, err
+    assert "Traceback" not in err
+    assert (out / "notes.txt").read_text() == "kept\n"

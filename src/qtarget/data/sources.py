@@ -50,14 +50,19 @@ def load_rows(source: Any, *, split: str = "train", name: str | None = None) -> 
             raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
         if path.stat().st_size == 0:
             raise ValueError(f"dataset file {str(path)!r} is empty")
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"dataset file {str(path)!r} cannot be read by this user (permission denied): "
+                                  f"make it readable (chmod +r) or pass a copy you can read")
         builder = FILE_BUILDERS[path.suffix.lower()]
         quiet = datasets.are_progress_bars_disabled()
         datasets.disable_progress_bars()  # a bar per small local file is noise (and precedes any error)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # noqa: BLE001 - datasets wraps parse errors in its own classes
-            raise ValueError(f"dataset file {str(path)!r} cannot be read as {path.suffix.lower()[1:]}: "
-                             f"{_cause(e)}") from None
+            expected = {".jsonl": "one JSON object per line", ".json": "a JSON list of objects or JSON lines",
+                        ".csv": "comma-separated columns with a header row", ".parquet": "a Parquet file"}
+            raise ValueError(f"dataset file {str(path)!r} cannot be read as {path.suffix.lower()[1:]} (expected "
+                             f"{expected.get(path.suffix.lower(), 'rows')}): {_cause(e)}") from None
         finally:
             if not quiet:
                 datasets.enable_progress_bars()

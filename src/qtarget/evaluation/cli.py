@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from qtarget import cli
+from qtarget.cli_args import add_bool_flag, check_number, check_output_path
 from qtarget.data.reading import parse_chat_template
 from qtarget.evaluation.benchmarks import HubUnavailableError, load_benchmarks
 from qtarget.evaluation.data_file import data_problems
@@ -55,9 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output_dir", default=None, help="default: eval_out/<model name>")
-    p.add_argument("--regrade", action="store_true",
-                   help="re-check responses already in --output_dir with the current answer checker")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_bool_flag(p, "regrade", help="re-check responses already in --output_dir with the current answer checker")
+    add_bool_flag(p, "no_progress", help="no progress bar")
     return p
 
 
@@ -67,8 +67,8 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < low:
             raise ValueError(f"--{name} must be >= {low}, got {value}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    check_number("seed", args.seed, 0, integer=True)
+    check_number("temperature", args.temperature, 0)
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
 
@@ -86,6 +86,7 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir or Path("eval_out") / Path(args.model.rstrip("/")).name)
+    check_output_path(output_dir)
     # a missing folder or an unreachable hub id is a one-line error naming --tokenizer / --model
     tokenizer = load_tokenizer(args.tokenizer, role="tokenizer") if args.tokenizer else load_tokenizer(args.model)
     if args.dataset is not None:  # read as `qtarget train` reads it (qtarget.data.reading)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from qtarget import cli
+from qtarget.cli_args import add_bool_flag, check_output_path, integer, nonneg_int, positive_float
 from qtarget.data.reading import parse_chat_template
 from qtarget.lab.builtin_tasks import BUILTIN_TASKS
 from qtarget.lab.report import claims_table, metric_table, task_view
@@ -26,16 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "with sft, dft, psft, asft and target_sft on procedural arithmetic word problems with noisy "
                     "demonstrations, then measure per item: generation accuracy (format failures apart), answer "
                     "ranking, noise fit on the corrupted training tokens, forgetting (NLL change on out-of-domain "
-                    "text) and held-out entropy; every number with a 95 %% bootstrap interval, every objective's "
+                    "text) and held-out entropy; every number with a 95 % bootstrap interval, every objective's "
                     "paired difference from SFT, and a claims table with computed verdicts. Writes report.md, PNG "
                     "plots, results.json (per-item values) and results.csv.")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller run: 16 steps, fewer evaluation items (about 5.5 "
+    add_bool_flag(size, "quick", help="smaller run: 16 steps, fewer evaluation items (about 5.5 "
                                                           "minutes on 2 CPU cores once the model and teachers are "
                                                           "cached)")
-    size.add_argument("--long", action="store_true", help="the default run over 3 training seeds (intervals then "
+    add_bool_flag(size, "long", help="the default run over 3 training seeds (intervals then "
                                                          "resample seeds too)")
-    size.add_argument("--tiny", action="store_true", help="random 2-layer model, toy sizes: checks the pipeline "
+    add_bool_flag(size, "tiny", help="random 2-layer model, toy sizes: checks the pipeline "
                                                          "(numbers are meaningless)")
     p.add_argument("--output_dir", default="lab_output", help="where report.md, *.png, results.json and "
                                                              "results.csv go (default: ./lab_output)")
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train one objective at several values of a parameter, e.g. eta=0,0.25,0.5,0.75,1 or "
                         "psft.eps=0.1,0.2,0.28; repeat for a grid of one objective (target.gamma=p_y,1 "
                         "--sweep target.residual=student,uniform); sft is trained too, as the reference")
-    p.add_argument("--seed", type=int, default=None, help="base seed (data, training, evaluation); default 0")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="base seed (data, training, evaluation); default 0")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per row (intervals then resample seeds "
                                                           "too); default 1")
     p.add_argument("--noise", type=float, default=None, help="share of demonstrations with a corrupted step or a "
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per row (same for all)")
     p.add_argument("--batch_size", type=int, default=None, help="demonstrations per optimizer step")
     p.add_argument("--train_examples", type=int, default=None, help="training demonstrations per run")
-    p.add_argument("--learning_rate", type=float, default=None, help="AdamW learning rate (same for all)")
+    p.add_argument("--learning_rate", type=positive_float, default=None, help="AdamW learning rate (same for all)")
     p.add_argument("--train_top_layers", type=int, default=None,
                    help="train only the top k decoder layers (+ final norm); 0 = all layers")
     p.add_argument("--eval_in_domain", type=int, default=None, help="held-out problems answered by generation")
@@ -72,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="matrix products in bf16 (torch.autocast; float32 weights, optimizer and loss math) or "
                         "fp32, the same for the base model and every row; default bf16")
-    p.add_argument("--no_teacher_cache", action="store_true", help="train the target_sft teacher again and do "
+    add_bool_flag(p, "no_teacher_cache", help="train the target_sft teacher again and do "
                                                                   "not read or write its cache")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_bool_flag(p, "no_progress", help="no progress bar")
     user = p.add_argument_group("your model and data (default: SmolLM2 on the built-in arithmetic task)")
     user.add_argument("--model", default=None, help="a model folder (or smollm2 / tiny); training defaults "
                                                     "(--train_top_layers, --batch_size, --learning_rate) scale to its size")
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_argument("--chat_template", nargs="?", const="true", default=None, type=parse_chat_template,
                       metavar="auto|true|false", help="prompt/response rows through the chat template: auto (default) "
                                                       "decides per format as `qtarget train` does (docs/data.md)")
-    user.add_argument("--max_length", type=int, default=None, help="longest training sequence in tokens (user data "
+    user.add_argument("--max_length", type=integer(2), default=None, help="longest training sequence in tokens (user data "
                                                                    "default 512; longer rows are left out)")
     p.add_argument("--report_from", default=None, metavar="RESULTS_JSON",
                    help="run no model: recompute every interval, difference and claim from this results.json's "
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_output_path(args.output_dir)
     if args.report_from:
         if not Path(args.report_from).is_file():
             raise FileNotFoundError(f"--report_from: no such file {args.report_from!r}")

@@ -11,6 +11,7 @@ import argparse
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from qtarget import cli
+from qtarget.cli_args import add_bool_flag, check_number, check_output_path
 from qtarget.data import load_rows, parse_chat_template, prepare_data
-from qtarget.models.load import load_aux_model, load_model, load_tokenizer, torch_dtype
+from qtarget.models.load import load_aux_model, load_model, load_tokenizer, model_position_limit, torch_dtype
 from qtarget.models.head import head_rows
 from qtarget.profile.advice import advise, lab_command
 from qtarget.profile.compute import profile_examples
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat_template", nargs="?", const="true", default=None, type=parse_chat_template,
                    metavar="auto|true|false", help="prompt/response rows through the chat template: auto (default) "
                                                    "decides per format as every command does (docs/data.md)")
-    p.add_argument("--all_tokens", action="store_true", help="supervise prompt tokens too (response_only=False)")
+    add_bool_flag(p, "all_tokens", help="supervise prompt tokens too (response_only=False)")
     p.add_argument("--dataset_split", default="train", help="split of a hub dataset / DatasetDict folder")
     p.add_argument("--dataset_config", default=None, help="hub dataset configuration name")
     p.add_argument("--batch_size", type=int, default=8, help="examples per forward pass")
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory_budget_mb", type=float, default=None,
                    help="memory for one chunk of [rows, V] logits (default: $QTARGET_FUSED_BUDGET_MB or 1024)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row sample")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_bool_flag(p, "no_progress", help="no progress bar")
     return p
 
 
@@ -99,11 +101,22 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 2:
         raise ValueError(f"--max_length must be >= 2, got {args.max_length}")
-    if args.memory_budget_mb is not None and args.memory_budget_mb <= 0:
-        raise ValueError(f"--memory_budget_mb must be > 0, got {args.memory_budget_mb}")
+    check_number("memory_budget_mb", args.memory_budget_mb, 0, low_open=True)
+    check_number("limit", args.limit, 0, integer=True)
+    check_number("seed", args.seed, 0, integer=True)
+    check_output_path(args.output_dir)
     torch_dtype(args.dtype)
     if args.teacher_cache and not Path(args.teacher_cache).is_dir():
         raise FileNotFoundError(f"--teacher_cache: no such folder {args.teacher_cache!r}")
+
+
+def fit_max_length(args: argparse.Namespace) -> None:
+    """--max_length no longer than the model's position limit (clamped with a warning), as `qtarget train` does."""
+    limit = model_position_limit(args.model)
+    if limit is not None and (args.max_length is None or args.max_length > limit):
+        warnings.warn(f"--max_length {args.max_length} is beyond the model's position limit ({limit}, its config's "
+                      f"max_position_embeddings / n_positions): using --max_length {limit}", stacklevel=2)
+        args.max_length = limit
 
 
 def load_sample(args: argparse.Namespace, tokenizer) -> tuple[list[dict], list[int] | None, Any, str, list[int] | None]:
@@ -147,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(args.model)
+    fit_max_length(args)
     examples, cache_rows, cache, data_line, dataset_rows = load_sample(args, tokenizer)
     model = load_model(args.model, role="base", dtype=args.dtype).to(device)
     teacher = None
