@@ -33,10 +33,40 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse's hook
         raise ValueError(f"{message} (`{self.prog} --help` lists the options)")
 
+    def format_help(self) -> str:
+        essentials_first(self)
+        return super().format_help()
+
     def parse_known_args(self, args=None, namespace=None):
         """`--flag -1e-3` reaches the flag (argparse alone takes `-1e-3` for an option): see cli_args."""
         args = sys.argv[1:] if args is None else args
         return super().parse_known_args(join_negative_values(args, self), namespace)
+
+
+# the flags a first run needs, listed first by every command's --help (in this order)
+ESSENTIAL = ("config", "model", "dataset", "objective", "objectives", "objective_args", "benchmarks", "teacher_model",
+             "output_dir")
+ESSENTIAL_TITLE = "start here: model, data, objective, output"
+
+
+def essentials_first(parser: argparse.ArgumentParser) -> None:
+    """Move the ESSENTIAL flags a parser has into one argument group shown first (after positionals)."""
+    if getattr(parser, "_essentials_arranged", False):
+        return
+    parser._essentials_arranged = True
+    chosen = [a for name in ESSENTIAL for a in parser._actions if a.dest == name and a.option_strings]
+    if not chosen:
+        return
+    group = next((g for g in parser._action_groups if g.title == ESSENTIAL_TITLE), None)
+    for other in parser._action_groups:
+        if other is not group:
+            other._group_actions[:] = [a for a in other._group_actions if a not in chosen]
+    if group is None:
+        group = parser.add_argument_group(ESSENTIAL_TITLE)
+    rest = [a for a in group._group_actions if a not in chosen]
+    group._group_actions[:] = chosen + rest
+    parser._action_groups.remove(group)
+    parser._action_groups.insert(1, group)  # after the positionals, before options
 
 
 def one_line(error: BaseException) -> str:

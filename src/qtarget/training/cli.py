@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a Hugging Face causal LM toward a designed target distribution.\n"
                     "Keys come from --config YAML, then --key value flags (flags win). Without a config file,\n"
                     "--model, --dataset, --objective and --output_dir are enough.")
-    first = parser.add_argument_group("start here: model, data, objective, output")
+    first = parser.add_argument_group(cli.ESSENTIAL_TITLE)
     first.add_argument("--config", help="YAML recipe with any of the keys below.")
     ours = parser.add_argument_group("qtarget keys")
     hf = parser.add_argument_group("transformers.TrainingArguments keys")
