@@ -17,6 +17,13 @@ say() { echo "[setup_llamafactory $(date -u +%H:%M:%S)] $*" >&2; }
 say "torch first (constraints.txt: the CPU build), then LLaMA-Factory 0.9.5 with its own pins, into $VENV"
 $PIP install -c constraints.txt torch
 $PIP install -c constraints.txt "llamafactory==0.9.5" "pytest>=8"
+# PyPI's torchvision 0.28 (a CUDA build) does not load against the CPU torch ("operator torchvision::nms does
+# not exist", raised through every transformers model import): removed; transformers then skips its image
+# processors. torchaudio has no release for torch 2.13 (PyPI's newest is 2.11.1) and its compiled extension
+# does not load against it, but LLaMA-Factory imports torchaudio at module level (data/mm_plugin.py, used for
+# audio inputs only): its compiled libraries are removed so that it imports as pure Python.
+$PIP uninstall -y torchvision
+rm -f "$VENV"/lib/python3*/site-packages/torchaudio/lib/*.so
 say "qtarget from this checkout, editable, without dependencies (its core needs torch, safetensors, pyyaml)"
 $PIP install --no-deps -e .
 rm -f "$VENV"/.qtarget-llamafactory-*

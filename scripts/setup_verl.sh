@@ -16,7 +16,9 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 say() { echo "[setup_verl $(date -u +%H:%M:%S)] $*" >&2; }
 say "torch first (constraints.txt: the CPU build), then verl 0.9.1 with its own pins, into $VENV"
 $PIP install -c constraints.txt torch
-$PIP install -c constraints.txt "verl==0.9.1" "pytest>=8"
+# uvicorn and fastapi: verl.trainer.sft_trainer imports them (through verl.checkpoint_engine) but only verl's
+# heavy [verl-core] extra lists them
+$PIP install -c constraints.txt "verl==0.9.1" uvicorn fastapi "pytest>=8"
 say "qtarget's core from this checkout, editable, without dependencies"
 $PIP install --no-deps -e .
 rm -f "$VENV"/.qtarget-verl-*

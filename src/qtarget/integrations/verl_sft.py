@@ -13,6 +13,7 @@ change: after verl builds its engine and installs its `sft_loss`, the loss is re
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import hydra
@@ -47,8 +48,7 @@ class QTargetSFTTrainer(sft_trainer.SFTTrainer):
 
 
 def run_sft(config: Any) -> None:
-    name, params = objective_from_config(config)
-    VerlLoss(name, **params)  # a bad objective or parameter fails here, before any process group or file
+    """verl's run_sft with QTargetSFTTrainer."""
     initialize_global_process_group()
     trainer = QTargetSFTTrainer(config=config)
     trainer.fit()
@@ -58,6 +58,12 @@ def run_sft(config: Any) -> None:
 @hydra.main(config_path=CONFIG_DIR, config_name="sft_trainer_engine", version_base=None)
 def main(config: Any) -> None:
     auto_set_device(config)
+    try:
+        name, params = objective_from_config(config)
+        VerlLoss(name, **params)
+    except ValueError as e:  # one line, exit 2 (as qtarget's CLI), before verl starts anything
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     run_sft(config)
 
 

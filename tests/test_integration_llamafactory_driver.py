@@ -1,0 +1,57 @@
+"""Run in the LLaMA-Factory venv (scripts/setup_llamafactory.sh) by tests/test_integration_llamafactory.py;
+not a test module itself.
+
+`python tests/test_integration_llamafactory_driver.py WORK` runs, in one process, LLaMA-Factory training
+runs on the config WORK/lf.yaml: `qtarget.integrations.llamafactory` with dft and with target_sft (teacher
+WORK/teacher), and LLaMA-Factory's own `use_dft_loss` run without qtarget. It writes WORK/lf_results.json:
+per run, the logged per-step losses and the output folder (where LLaMA-Factory saved the trained model).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def log_losses(output_dir: str) -> list[float]:
+    with open(os.path.join(output_dir, "trainer_state.json")) as f:
+        history = json.load(f)["log_history"]
+    return [row["loss"] for row in history if "loss" in row]
+
+
+def main(work: str) -> None:
+    from omegaconf import OmegaConf
+    from llamafactory.train.tuner import run_exp
+
+    from qtarget.integrations import llamafactory as launcher
+
+    base = OmegaConf.to_container(OmegaConf.load(os.path.join(work, "lf.yaml")))
+    results = {}
+    runs = {
+        "qtarget_dft": (["--objective", "dft"], {}),
+        "qtarget_target_sft": (["--objective", "target_sft", "--objective_args", "eta=0.5",
+                                "--teacher", os.path.join(work, "teacher")], {}),
+        "llamafactory_use_dft_loss": (None, {"use_dft_loss": True}),
+    }
+    for name, (flags, extra) in runs.items():
+        out = os.path.join(work, "lf_" + name)
+        overrides = [f"output_dir={out}"]
+        if flags is None:  # LLaMA-Factory alone, its own DFT loss
+            args = {**base, **extra, "output_dir": out}
+            run_exp(args=args)
+            patched = None
+        else:
+            lf_args, settings = launcher.parse_command_line([os.path.join(work, "lf.yaml"), *flags, *overrides])
+            callback = launcher.run(lf_args, settings)
+            patched = type(callback.patched).__name__
+        results[name] = {"losses": log_losses(out), "output_dir": out, "patched": patched}
+    import transformers
+    import llamafactory
+
+    results["versions"] = {"transformers": transformers.__version__, "llamafactory": llamafactory.__version__}
+    with open(os.path.join(work, "lf_results.json"), "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
