@@ -27,10 +27,16 @@ def test_thresholded_beyond_log_both_sides(name, side, q):
     res.loss.backward()
     zf, yf, auxf = flat_supervised(z, y, aux)
     m = y != -100
-    torch.testing.assert_close(res.per_token[m].double(), expected_loss(name, params, zf, yf, auxf),
+    # a token exactly at the threshold (two logits spiked to +50: p_y = 0.5 in exact arithmetic) is kept or
+    # dropped by the last bit of float32 rounding, which differs between CPUs: compare every other token
+    # (q = 0 and q = 1 are the ends every probability rounds consistently to, tested as they are)
+    py = torch.softmax(zf, -1).gather(-1, yf.unsqueeze(-1)).squeeze(-1)
+    off = ((py - q).abs() > 1e-6) | (q in (0.0, 1.0))
+    assert off.sum() >= m.sum() - 1
+    torch.testing.assert_close(res.per_token[m].double()[off], expected_loss(name, params, zf, yf, auxf)[off],
                                rtol=1e-4, atol=1e-5)
     Q, _ = expected_target(name, params, zf, yf, auxf)
-    torch.testing.assert_close(zz.grad[m].double(), torch.softmax(zf, -1) - Q, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(zz.grad[m].double()[off], (torch.softmax(zf, -1) - Q)[off], rtol=1e-4, atol=1e-6)
 
 
 def test_thresholds_at_the_extremes():
