@@ -249,6 +249,16 @@ CASES = {
                                    r"argument --learning_rate: must be > 0, got -0.001"),
     "lab boolean flag": (["lab", "--tiny", "maybe", "--output_dir", "{out}"],
                          r"argument --tiny: expected true or false, got 'maybe'"),
+    "teacher-cache top_k zero": (["teacher-cache", *MODEL, "--teacher_model", "{d}/model", *DATA, "--output_dir",
+                                  "{out}", "--top_k", "0"], r"--top_k must be >= 1, got 0"),
+    "teacher-cache max_length negative": (["teacher-cache", *MODEL, "--teacher_model", "{d}/model", *DATA,
+                                           "--output_dir", "{out}", "--max_length", "-1e3"],
+                                          r"--max_length must be >= 2, got -1000"),
+    "teacher-cache temperature nan": (["teacher-cache", *MODEL, "--teacher_model", "{d}/model", *DATA,
+                                       "--output_dir", "{out}", "--temperature", "nan"],
+                                      r"--temperature must be a finite number, got nan"),
+    "teacher-cache output folder is a file": (["teacher-cache", *MODEL, "--teacher_model", "{d}/model", *DATA,
+                                               "--output_dir", "{out}/notes.txt"], r"--output_dir '.*notes.txt' is a file"),
     # per-token data
     "token weight nan": (["train", *MODEL, "--dataset", "{weights_nan}", *TRAIN, "--objective", "token_weighted"],
                          r"row 3: column 'token_weights': the value is nan; weights must be finite numbers >= 0"),
@@ -290,6 +300,10 @@ FIXES = {
     "eval seed negative": ("--seed", "1"),
     "profile limit negative": ("--limit", "4"),
     "profile memory budget negative": ("--memory_budget_mb", "64"),
+    "teacher-cache top_k zero": ("--top_k", "4"),
+    "teacher-cache max_length negative": ("--max_length", "48"),
+    "teacher-cache temperature nan": ("--temperature", "1"),
+    "teacher-cache output folder is a file": ("--output_dir", "{out}/cache"),
     "token weight nan": ("--dataset", "{weights_ok}"),
     "token weight negative": ("--dataset", "{weights_ok}"),
     "model folder without config.json": ("--model", "{d}/model"),
@@ -300,7 +314,7 @@ FIXES = {
     "profile output folder is a file": ("--output_dir", "{out}/run"),
 }
 FAST = {"train": ["--save_strategy", "no", "--plot", "false"], "eval": ["--max_new_tokens", "4", "--no_progress"],
-        "profile": ["--limit", "4", "--no_progress"]}
+        "profile": ["--limit", "4", "--no_progress"], "teacher-cache": ["--progress", "false"]}
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,23 @@ import torch
 from transformers import AutoConfig
 
 from qtarget import cli
-from qtarget.cli_args import add_bool_flag, parse_bool
+from qtarget.cli_args import add_bool_flag, check_number, check_output_path, parse_bool
 from qtarget.data import prepare_data
 from qtarget.teacher_cache.build import build_cache
 from qtarget.teacher_cache.engines import ENGINES, SERVERS, VLLMLocal
 from qtarget.teacher_cache.manifest import DATA_KEYS
 from qtarget.teacher_cache.schema import LOGPROB_DTYPES
-from qtarget.models.load import check_same_vocabulary, load_aux_tokenizer, load_model, load_tokenizer, resolve
+from qtarget.models.load import (
+    check_same_vocabulary,
+    check_source,
+    load_aux_tokenizer,
+    load_model,
+    load_tokenizer,
+    model_position_limit,
+    resolve,
+)
 from qtarget.training.cli import coerce, read_yaml_mapping
-from qtarget.training.config import config_fields
+from qtarget.training.config import RANGES, config_fields
 
 # keys shared with `qtarget train` (same meaning, same parsing)
 TRAIN_KEYS = ("model", "teacher_model", "dtype") + DATA_KEYS
@@ -134,7 +143,38 @@ def load_options(argv: list[str]) -> dict[str, Any]:
             raise ValueError(f"--{key} must be {'>= ' + str(low) if low in (0, 1) else '> 0'}, got {out[key]}")
     if out["logprob_dtype"] not in LOGPROB_DTYPES:
         raise ValueError(f"--logprob_dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {out['logprob_dtype']!r}")
+    check_ranges(out)
     return out
+
+
+def check_ranges(out: dict[str, Any]) -> None:
+    """The numeric keys in range (the data keys as `qtarget train` checks them), the output folder
+    creatable, and the model folders there, before any data or model loads."""
+    for key in TRAIN_KEYS:
+        if key in RANGES:
+            check_number(key, out[key], **RANGES[key])
+    for key, low, low_open in (("top_k", 1, False), ("batch_size", 1, False), ("rows_per_shard", 1, False),
+                               ("temperature", 0, True)):
+        check_number(key, out[key], low, low_open=low_open, integer=key != "temperature")
+    check_output_path(out["output_dir"])
+    check_source(out["model"], "student")
+    if out["engine"] in ("hf", "vllm"):
+        check_source(out["teacher_model"], "teacher")
+
+
+def fit_max_length(opts: dict[str, Any]) -> None:
+    """--max_length no longer than the student's and the (local) teacher's position limit, clamped with a
+    warning as `qtarget train` clamps it (so the cache and the training run read the same rows)."""
+    roles = [("model", "student")] + ([("teacher_model", "teacher")] if opts["engine"] in ("hf", "vllm") else [])
+    limits = [(limit, role) for key, role in roles
+              if (limit := model_position_limit(opts[key], role)) is not None]
+    if not limits:
+        return
+    limit, role = min(limits)
+    if opts["max_length"] is None or opts["max_length"] > limit:
+        warnings.warn(f"--max_length {opts['max_length']} is beyond the {role} model's position limit ({limit}, its "
+                      f"config's max_position_embeddings / n_positions): using --max_length {limit}", stacklevel=2)
+        opts["max_length"] = limit
 
 
 def student_vocab_size(name: str) -> int:
@@ -157,6 +197,7 @@ def make_engine(opts: dict[str, Any]):
 
 def run(opts: dict[str, Any]):
     tokenizer = load_tokenizer(opts["model"])
+    fit_max_length(opts)
     data = prepare_data(opts["dataset"], tokenizer, max_length=opts["max_length"], response_only=opts["response_only"],
                         chat_template=opts["chat_template"], packing=opts["packing"],
                         eval_fraction=opts["eval_fraction"], eval_source=opts["eval_dataset"], seed=opts["seed"],
