@@ -32,7 +32,7 @@ def test_thresholded_beyond_log_both_sides(name, side, q):
     # (q = 0 and q = 1 are the ends every probability rounds consistently to, tested as they are)
     py = torch.softmax(zf, -1).gather(-1, yf.unsqueeze(-1)).squeeze(-1)
     off = ((py - q).abs() > 1e-6) | (q in (0.0, 1.0))
-    assert off.sum() >= m.sum() - 1
+    assert off.sum() >= m.sum() - 2  # the two tied tokens of this case, no more
     torch.testing.assert_close(res.per_token[m].double()[off], expected_loss(name, params, zf, yf, auxf)[off],
                                rtol=1e-4, atol=1e-5)
     Q, _ = expected_target(name, params, zf, yf, auxf)
