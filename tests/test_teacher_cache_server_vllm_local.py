@@ -77,7 +77,7 @@ def test_vllm_engine_adapter_builds_the_hf_cache(tmp_path, monkeypatch):
     teacher = tiny_causal_lm(tokenizer(), hidden_size=48, num_layers=1, num_heads=2, seed=7)
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer().save_pretrained(tmp_path / "teacher")
-    base = [*common, "--teacher_model", str(tmp_path / "teacher"), "--dtype", "float32"]
+    base = [*common, "--teacher_model", str(tmp_path / "teacher"), "--dtype", "float32", "--logprob_dtype", "float32"]
     assert qtarget_main(["teacher-cache", *base, "--output_dir", str(tmp_path / "hf")]) == 0
     assert qtarget_main(["teacher-cache", *base, "--engine", "vllm", "--output_dir", str(tmp_path / "vllm")]) == 0
     assert calls["llm"]["logprobs_mode"] == "raw_logprobs" and calls["llm"]["enable_prefix_caching"] is False
@@ -97,7 +97,7 @@ def test_real_vllm_engine_matches_hf(tmp_path):  # pragma: no cover - GPU only
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer().save_pretrained(tmp_path / "teacher")
     data = prepare_data(toy_rows(14), tokenizer(), max_length=64, eval_fraction=0.2, seed=3)
-    args = dict(top_k=K, rows_per_shard=4, eval_examples=data.eval, progress=False)
+    args = dict(top_k=K, rows_per_shard=4, eval_examples=data.eval, progress=False, logprob_dtype="float32")
     build_cache(teacher.cuda(), tokenizer(), data.train, tmp_path / "hf", **args)
     engine = VLLMLocal(str(tmp_path / "teacher"), top_k=K, dtype="float32", gpu_memory_utilization=0.3,
                        enforce_eager=True)

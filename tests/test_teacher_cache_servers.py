@@ -38,7 +38,8 @@ def teacher():
 
 
 def build(folder, engine, data, **kw):
-    args = dict(top_k=K, rows_per_shard=4, batch_size=3, eval_examples=data.eval, progress=False)
+    args = dict(top_k=K, rows_per_shard=4, batch_size=3, eval_examples=data.eval, progress=False,
+                logprob_dtype="float32")  # compared at 1e-5: stored as computed
     args.update(kw)
     return build_cache(engine, tokenizer(), data.train, folder, **args)
 

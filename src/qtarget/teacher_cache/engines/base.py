@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -78,14 +79,20 @@ class Engine:
     def topk_rows(self, rows: Sequence[Mapping[str, Any]], *, top_k: int, temperature: float, vocab_size: int,
                   progress: Progress | None = None, where: Callable[[int], str] = lambda i: f"row {i}") -> TopKRows:
         answers = self.prompt_topk([list(map(int, r["input_ids"])) for r in rows], top_k, progress)
-        parts = []
+        counts, positions, entries, names = [], [], [], []
         for i, (row, answer) in enumerate(zip(rows, answers)):
             sent = [int(t) for t in row["input_ids"]]
             check_echo(sent, answer, f"{self.name}: {where(i)}")
             pos = supervised_positions(row["labels"])
-            parts.append((pos, [select_topk(answer.entries[t], top_k, vocab_size, f"{where(i)} position {t}",
-                                            self.name) for t in pos]))
-        return assemble(parts, top_k, vocab_size)
+            counts.append(len(pos))
+            positions += pos
+            entries += [answer.entries[t] for t in pos]
+            names += [(i, t) for t in pos]
+        ids, logprobs = select_many(entries, top_k, vocab_size,
+                                    lambda j: f"{self.name}: {where(names[j][0])} position {names[j][1]}")
+        return TopKRows(counts, torch.tensor(positions, dtype=torch.int64), torch.from_numpy(ids),
+                        torch.from_numpy(logprobs).to(torch.float32),
+                        log_tail_of(torch.from_numpy(logprobs), top_k, vocab_size))
 
 
 class EngineError(ValueError):
@@ -114,20 +121,57 @@ def check_echo(sent: Sequence[int], answer: PromptTopK, what: str) -> None:
 def select_topk(entry: Entry, top_k: int, vocab_size: int, what: str, engine: str) -> tuple[list[int], list[float]]:
     """The k most probable of one position's entries (vLLM adds the prompt token with its rank when it is
     outside the top-k, so there may be k + 1): ids and log-probs, sorted by log-prob (then rank)."""
+    what = f"{engine}: {what}" if engine else what
     if entry is None:
-        raise EngineError(f"{engine}: {what}: the engine returned no log-probs for a supervised position")
+        raise EngineError(f"{what}: the engine returned no log-probs for a supervised position")
     ids = [e[0] for e in entry]
     if len(set(ids)) != len(ids):
-        raise EngineError(f"{engine}: {what}: the engine returned a token id twice")
+        raise EngineError(f"{what}: the engine returned a token id twice")
     if len(entry) < top_k:
-        raise EngineError(f"{engine}: {what}: the engine returned {len(entry)} log-probs, fewer than top_k = {top_k}: "
+        raise EngineError(f"{what}: the engine returned {len(entry)} log-probs, fewer than top_k = {top_k}: "
                           f"the server caps them (vLLM: start it with --max-logprobs {top_k} or more) or lower --top_k")
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
-        raise EngineError(f"{engine}: {what}: the engine returned token id {bad[0]}, outside the student's vocabulary "
+        raise EngineError(f"{what}: the engine returned token id {bad[0]}, outside the student's vocabulary "
                           f"[0, {vocab_size}): the served model is not the student's tokenizer's")
     ranked = sorted(entry, key=lambda e: (-e[1], e[2] if e[2] is not None else 0, e[0]))[:top_k]
     return [e[0] for e in ranked], [e[1] for e in ranked]
+
+
+def select_many(entries: Sequence[Entry], top_k: int, vocab_size: int, what: Callable[[int], str]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """`select_topk` over many positions at once (numpy; the client's cost per token matters when a server
+    answers thousands of tokens a second): ids [m, k] int64 and log-probs [m, k] float64, in the same
+    order as `select_topk`. Any position that breaks a rule is handed to `select_topk` for its message."""
+    m = len(entries)
+    if m == 0:
+        return np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float64)
+    if any(e is None for e in entries):
+        j = next(j for j, e in enumerate(entries) if e is None)
+        select_topk(entries[j], top_k, vocab_size, what(j), "")
+    widths = np.fromiter((len(e) for e in entries), np.int64, m)
+    if int(widths.min()) < top_k:
+        select_topk(entries[int(widths.argmin())], top_k, vocab_size, what(int(widths.argmin())), "")
+    flat = [x for e in entries for x in e]
+    n = len(flat)
+    flat_ids = np.fromiter((x[0] for x in flat), np.int64, n)
+    flat_lp = np.fromiter((x[1] for x in flat), np.float64, n)
+    flat_rank = np.fromiter((0 if x[2] is None else x[2] for x in flat), np.int64, n)
+    W = int(widths.max())
+    row = np.repeat(np.arange(m), widths)
+    col = np.arange(n) - np.repeat(np.cumsum(widths) - widths, widths)
+    ids = np.broadcast_to(-2 - np.arange(W), (m, W)).copy()  # padding: distinct negative ids
+    lp = np.full((m, W), -np.inf)
+    rank = np.full((m, W), np.iinfo(np.int64).max)
+    ids[row, col], lp[row, col], rank[row, col] = flat_ids, flat_lp, flat_rank
+    bad = (flat_ids < 0) | (flat_ids >= vocab_size)
+    ordered = np.sort(ids, axis=1)
+    duplicate = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+    if bad.any() or duplicate.any():
+        j = int(row[bad.argmax()]) if bad.any() else int(duplicate.argmax())
+        select_topk(entries[j], top_k, vocab_size, what(j), "")
+    order = np.lexsort((ids, rank, -lp), axis=-1)[:, :top_k]  # by log-prob, then rank, then id
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(lp, order, 1)
 
 
 def log_tail_of(logprobs: Tensor, top_k: int, vocab_size: int) -> Tensor:
@@ -138,12 +182,3 @@ def log_tail_of(logprobs: Tensor, top_k: int, vocab_size: int) -> Tensor:
     if top_k >= vocab_size:
         tail = torch.full_like(mass, -math.inf)
     return tail.to(torch.float32)
-
-
-def assemble(parts: Sequence[tuple[list[int], list[tuple[list[int], list[float]]]]], top_k: int,
-             vocab_size: int) -> TopKRows:
-    counts = [len(pos) for pos, _ in parts]
-    positions = torch.tensor([t for pos, _ in parts for t in pos], dtype=torch.int64)
-    ids = torch.tensor([e[0] for _, es in parts for e in es], dtype=torch.int64).reshape(-1, top_k)
-    logprobs = torch.tensor([e[1] for _, es in parts for e in es], dtype=torch.float64).reshape(-1, top_k)
-    return TopKRows(counts, positions, ids, logprobs.to(torch.float32), log_tail_of(logprobs, top_k, vocab_size))
