@@ -240,3 +240,14 @@ def test_verl_venv_refuses_a_full_distribution_objective_in_one_line():
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert proc.returncode != 0 and "needs `teacher_logits`" in proc.stderr
+
+
+@pytest.mark.verl
+@verl_venv
+def test_entry_point_installs_the_objective_from_verls_own_config():
+    """verl's hydra config with +qtarget overrides; QTargetSFTTrainer replaces verl's sft_loss through the
+    same set_loss_fn hook (verl's TrainingWorker recorded: its trainer needs NCCL and a GPU engine)."""
+    out = run_driver("entry")
+    assert out["objective_from_config"] == ["prob", {"alpha": 0.5}]
+    assert out["set_loss_fn_calls"] == ["sft_loss", "VerlLoss"] and out["final_is_installed"]
+    assert out["final_loss"] == "VerlLoss(prob(alpha=0.5))"

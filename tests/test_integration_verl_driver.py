@@ -162,9 +162,49 @@ def worker(rank, rendezvous, out_path):
         dist.destroy_process_group()
 
 
+def entry_point():
+    """The verl_sft entry point without a GPU: verl's own hydra config composed with +qtarget overrides, and
+    QTargetSFTTrainer._build_engine run with verl's TrainingWorker replaced by a recorder (verl's trainer
+    initialises NCCL and its engines are registered for cuda/npu only). Returns what was installed."""
+    from unittest import mock
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from qtarget.integrations import verl_sft
+
+    with initialize_config_dir(config_dir=verl_sft.CONFIG_DIR, version_base=None):
+        config = compose(config_name="sft_trainer_engine",
+                         overrides=["+qtarget.objective=prob", "+qtarget.alpha=0.5"])
+    installed = {}
+
+    class RecordingWorker:
+        def __init__(self, config):
+            self.engine = "engine"
+
+        def set_loss_fn(self, loss_fn):
+            installed.setdefault("calls", []).append(loss_fn)
+
+    trainer = object.__new__(verl_sft.QTargetSFTTrainer)
+    trainer.config = config
+    trainer.model_config = trainer.engine_config = trainer.optimizer_config = None
+    trainer.checkpoint_config = trainer.profiler_config = None
+    with mock.patch("verl.trainer.sft_trainer.TrainingWorker", RecordingWorker), \
+            mock.patch("verl.workers.engine_workers.TrainingWorkerConfig", lambda **kw: kw):
+        trainer._build_engine()
+    calls = installed["calls"]
+    return {"objective_from_config": list(verl_sft.objective_from_config(config)),
+            "set_loss_fn_calls": [type(c).__name__ if not hasattr(c, "func") else c.func.__name__ for c in calls],
+            "final_loss": repr(trainer.loss_fn), "final_is_installed": calls[-1] is trainer.loss_fn,
+            "qtarget_group": OmegaConf.to_container(config.qtarget)}
+
+
 def main(argv):
+    if argv[:1] == ["entry"]:
+        print(json.dumps(entry_point()))
+        return
     if argv[:1] != ["engine"]:
-        raise SystemExit("usage: test_integration_verl_driver.py engine")
+        raise SystemExit("usage: test_integration_verl_driver.py engine|entry")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         mp.spawn(worker, args=(os.path.join(tmp, "rdzv"), out), nprocs=WORLD, join=True)
