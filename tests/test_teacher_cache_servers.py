@@ -253,3 +253,40 @@ def test_cli_resume_without_a_cache_and_a_dead_endpoint_are_one_line(tmp_path, c
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "every endpoint failed" in err[0] and dead in err[0], err
     assert not (tmp_path / "c").exists()
+
+
+def test_select_many_equals_the_per_position_rule_and_the_tail_formula():
+    """Many positions at once (numpy) = `select_topk` one by one (Python sort by log-prob, rank, id), with
+    ties, missing ranks (SGLang), k + 1 entries (vLLM) and string-parsed ids; the tail = log(1 - sum p)."""
+    import math
+    import random
+
+    from qtarget.teacher_cache.engines.base import log_tail_of, select_many, select_topk
+
+    rng, k, V = random.Random(1), 4, 50
+    entries = []
+    for j in range(200):
+        n = k + rng.randrange(0, 3)
+        ids = rng.sample(range(V), n)
+        lps = [round(-rng.random() * 3, 1) for _ in ids]  # rounded: many exact ties
+        ranks = [None] * n if j % 3 == 0 else [rng.randrange(1, 9) for _ in ids]
+        entries.append(list(zip(ids, lps, ranks)))
+    ids, lps = select_many(entries, k, V, str)
+    for j, e in enumerate(entries):
+        want_ids, want_lps = select_topk(e, k, V, "x", "e")
+        assert ids[j].tolist() == want_ids and lps[j].tolist() == want_lps
+    tail = log_tail_of(torch.from_numpy(lps), k, V)
+    for j in range(len(entries)):
+        mass = sum(math.exp(v) for v in lps[j].tolist())
+        want = math.log(1 - mass) if mass < 1 else -math.inf
+        assert (tail[j].item() == want == -math.inf) or abs(tail[j].item() - want) < 1e-6
+    with pytest.raises(ValueError, match=r"position 7.*token id 99, outside"):
+        bad = [list(e) for e in entries]
+        bad[7][0] = (99, -1.0, 1)
+        select_many(bad, k, V, lambda j: f"position {j}")
+    with pytest.raises(ValueError, match=r"position 3.*a token id twice"):
+        bad = [list(e) for e in entries]
+        bad[3][1] = (bad[3][0][0], -2.0, 2)
+        select_many(bad, k, V, lambda j: f"position {j}")
+    with pytest.raises(ValueError, match=r"position 5.*returned 2 log-probs, fewer than top_k = 4"):
+        select_many(entries[:5] + [entries[5][:2]], k, V, lambda j: f"position {j}")
