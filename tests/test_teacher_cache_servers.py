@@ -135,6 +135,13 @@ def test_a_dead_endpoint_is_dropped_while_another_lives(tmp_path, teacher, data,
         build(tmp_path, VLLMServer([dead, server.url], **FAST), data)
     assert f"endpoint {dead} dropped" in capsys.readouterr().err
     same_bytes(served_cache, tmp_path)
+    # one that answers its model info and then no scoring request (dies during the preflight)
+    with FakeTeacherServer(teacher, tokenizer(), faults=Faults(die_after=0)) as mute, \
+            FakeTeacherServer(teacher, tokenizer()) as server:
+        build(tmp_path / "again", VLLMServer([mute.url, server.url], **FAST), data)
+        assert mute.answered == 0 and mute.scoring >= FAST["max_retries"]
+    assert f"endpoint {mute.url} dropped" in capsys.readouterr().err
+    same_bytes(served_cache, tmp_path / "again")
 
 
 def test_all_endpoints_failing_stops_with_one_line_and_resumes(tmp_path, teacher, data, served_cache):

@@ -3,7 +3,7 @@ hours. Each check ends in a one-line error:
 
 - the tokenizer: the engine tokenises a probe text (ordinary words, non-ASCII, tokens spread over the
   whole vocabulary and every special token) to the student's ids, with and without special tokens;
-- the prompt: a probe row's ids come back as sent (no BOS added or dropped) with one entry per token;
+- the prompt: the shortest row's ids come back as sent (no BOS added or dropped) with one entry per token;
 - k: every position returns at least k log-probs (vLLM's --max-logprobs cap);
 - the vocabulary: every returned id lies in [0, V);
 - the rows: temperature, packing and length fit the engine (`Engine.check_rows`).
@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qtarget.teacher_cache.engines.base import Engine, EngineError, check_echo, select_topk
+from qtarget.teacher_cache.engines.http import EndpointsDown
 
-PROBE_TOKENS = 48  # ids of the first row sent as the probe prompt
 SPREAD = 96  # vocabulary entries spread over [0, V) in the probe text
 
 
@@ -48,13 +48,22 @@ def check_tokenizer(engine: Engine, tokenizer, label: str) -> None:
 def preflight(engine: Engine, tokenizer, rows: Sequence[Mapping[str, Any]], *, top_k: int, temperature: float,
               vocab_size: int) -> None:
     engine.check_rows(rows, top_k, temperature)
-    probe = next((list(map(int, r["input_ids"][:PROBE_TOKENS])) for r in rows if len(r["input_ids"]) >= 2), None)
+    # the probe is a whole row (the shortest), never a prefix: a teacher that serves only the rows it was
+    # built for (the lab's trunk-shared teacher looks rows up by their full ids) answers it like any row
+    candidates = [r for r in rows if len(r["input_ids"]) >= 2]
+    probe = (list(map(int, min(candidates, key=lambda r: len(r["input_ids"]))["input_ids"])) if candidates else None)
     views = engine.probes() if hasattr(engine, "probes") else [(engine.name, engine)]
     for label, view in views:
-        check_tokenizer(view, tokenizer, label)
-        if probe is None:
+        try:
+            check_tokenizer(view, tokenizer, label)
+            if probe is None:
+                continue
+            [answer] = view.prompt_topk([probe], top_k)
+        except EndpointsDown:  # this endpoint died (and was dropped); the others are checked
             continue
-        [answer] = view.prompt_topk([probe], top_k)
         check_echo(probe, answer, f"{label}: the probe prompt")
         for t in range(1, len(probe)):
             select_topk(answer.entries[t], top_k, vocab_size, f"the probe prompt, position {t}", label)
+    pool = getattr(engine, "pool", None)
+    if pool is not None and not pool.live():
+        raise pool.down_error()
