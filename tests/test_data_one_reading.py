@@ -6,6 +6,8 @@ ecosystem's convention, written out independently: TRL does not template a plain
 (user turn = instruction + "\\n" + input), conversational rows always go through the template."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from qtarget.data import IGNORE_INDEX, prepare_data, write_jsonl
@@ -212,3 +214,17 @@ def test_chat_template_bad_value_names_the_flag():
     with pytest.raises(ValueError, match="--chat_template"):
         coerce("chat_template", "maybe")
     assert coerce("chat_template", "auto") is None and coerce("chat_template", "true") is True
+
+
+def test_eval_dataset_flag_runs_on_a_training_file(tmp_path, model_folder, capsys):
+    """`qtarget eval --dataset FILE`: the rows of a training file, graded against their answer column."""
+    from qtarget.cli import main as qtarget_main
+
+    path = str(write_jsonl(_rows("pc_strings")[:5], tmp_path / "pc.jsonl"))
+    out = tmp_path / "eval"
+    rc = qtarget_main(["eval", "--model", str(model_folder), "--dataset", path, "--limit", "3", "--max_new_tokens", "2",
+                       "--output_dir", str(out), "--no_progress"])
+    assert rc == 0
+    assert "eval data: 5 rows (prompt_completion, no chat template) -> 5 problems" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in records] == [str(r["answer"]) for r in _rows("pc_strings")[:3]]
