@@ -179,9 +179,9 @@ def train(
     needs = config.objective_needs
     readers = [(model if model is not None else model_name, "student")]  # the models that read the sequences
     if "teacher" in needs and not config.teacher_cache:
-        readers.append((teacher or config.teacher_model, "teacher"))
+        readers.append((teacher if teacher is not None else config.teacher_model, "teacher"))
     if "ref" in needs:
-        readers.append((ref or config.ref_model, "ref"))
+        readers.append((ref if ref is not None else config.ref_model, "ref"))
     fit_max_length(config, readers)
     if config.use_lora:  # the targets the model has, in config.yaml and the run's fingerprint
         config.lora_target_modules = resolve_targets(model if model is not None else model_name,
