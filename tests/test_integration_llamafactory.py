@@ -167,8 +167,8 @@ def qtarget_train(work: Path, objective: str, **kw):
     return [row["loss"] for row in result.history if "loss" in row], work / f"qt_{objective}" / "final"
 
 
-def max_weight_diff(a: Path, b: Path) -> float:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+def max_weight_diff(a: Path, b: Path, name: str = "model.safetensors") -> float:
+    wa, wb = load_file(str(a / name)), load_file(str(b / name))
     assert wa.keys() == wb.keys()
     return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
 
@@ -198,11 +198,14 @@ def test_launcher_run_equals_qtarget_train(lf_runs, objective, run, kw):
 
 @pytest.mark.llamafactory
 @lf_venv
-def test_launcher_dft_equals_llamafactory_use_dft_loss(lf_runs):
+@pytest.mark.parametrize("suffix,weights", [("", "model.safetensors"), ("_lora", "adapter_model.safetensors")])
+def test_launcher_dft_equals_llamafactory_use_dft_loss(lf_runs, suffix, weights):
     _, results = lf_runs
-    ours, theirs = results["qtarget_dft"], results["llamafactory_use_dft_loss"]
-    assert theirs["patched"] is None and len(theirs["losses"]) == STEPS
+    ours, theirs = results["qtarget_dft" + suffix], results["llamafactory_use_dft_loss" + suffix]
+    assert theirs["patched"] is None and len(theirs["losses"]) == STEPS and ours["patched"] is not None
     assert ours["losses"] == pytest.approx(theirs["losses"], rel=2e-5), (ours["losses"], theirs["losses"])
-    diff = max_weight_diff(Path(ours["output_dir"]), Path(theirs["output_dir"]))
-    print(f"dft: launcher {ours['losses']}, use_dft_loss {theirs['losses']}, max |weight difference| {diff:.3g}")
+    assert abs(ours["losses"][-1] - ours["losses"][0]) > 1e-3  # the three steps trained
+    diff = max_weight_diff(Path(ours["output_dir"]), Path(theirs["output_dir"]), weights)
+    print(f"dft{suffix}: launcher {ours['losses']}, use_dft_loss {theirs['losses']}, max |weight difference| "
+          f"{diff:.3g}")
     assert diff < 1e-5

@@ -3,7 +3,7 @@ not a test module itself.
 
 `python tests/test_integration_llamafactory_driver.py WORK` runs, in one process, LLaMA-Factory training
 runs on the config WORK/lf.yaml: `qtarget.integrations.llamafactory` with dft and with target_sft (teacher
-WORK/teacher), and LLaMA-Factory's own `use_dft_loss` run without qtarget. It writes WORK/lf_results.json:
+WORK/teacher), and LLaMA-Factory's own `use_dft_loss` run without qtarget; dft both ways again with LoRA. It writes WORK/lf_results.json:
 per run, the logged per-step losses and the output folder (where LLaMA-Factory saved the trained model).
 """
 from __future__ import annotations
@@ -27,15 +27,19 @@ def main(work: str) -> None:
 
     base = OmegaConf.to_container(OmegaConf.load(os.path.join(work, "lf.yaml")))
     results = {}
+    # LoRA starts at the model itself (B = 0): a larger step so that 3 steps move the loss
+    lora = {"finetuning_type": "lora", "lora_rank": 4, "lora_target": "all", "learning_rate": 20.0}
     runs = {
         "qtarget_dft": (["--objective", "dft"], {}),
         "qtarget_target_sft": (["--objective", "target_sft", "--objective_args", "eta=0.5",
                                 "--teacher", os.path.join(work, "teacher")], {}),
         "llamafactory_use_dft_loss": (None, {"use_dft_loss": True}),
+        "qtarget_dft_lora": (["--objective", "dft"], lora),
+        "llamafactory_use_dft_loss_lora": (None, {"use_dft_loss": True, **lora}),
     }
     for name, (flags, extra) in runs.items():
         out = os.path.join(work, "lf_" + name)
-        overrides = [f"output_dir={out}"]
+        overrides = [f"output_dir={out}"] + [f"{k}={v}" for k, v in extra.items()]
         if flags is None:  # LLaMA-Factory alone, its own DFT loss
             args = {**base, **extra, "output_dir": out}
             run_exp(args=args)
