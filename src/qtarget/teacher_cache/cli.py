@@ -81,10 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         f = fields[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_text = f"{(f.metadata or {}).get('help', '')} [default: {default}]".replace("%", "%%")
-        group.add_argument(f"--{name}", metavar="VALUE", help=help_text)
+        kinds = {"metavar": "VALUE"}
+        if str(f.type).replace("typing.", "") in ("<class 'bool'>", "bool", "bool | None"):  # --key, --key true|false
+            kinds = {"nargs": "?", "const": "true", "metavar": "BOOL"}
+        group.add_argument(f"--{name}", help=help_text, **kinds)
     ours = parser.add_argument_group("cache options")
     for name, (_, default, help_text) in CACHE_OPTIONS.items():
-        if name == "resume":  # `--resume`, `--resume true|false`
+        if name in ("resume", "progress"):  # `--resume`, `--resume true|false`
             add_bool_flag(ours, name, default=argparse.SUPPRESS, help=f"{help_text} [default: {default}]")
         else:
             ours.add_argument(f"--{name}", metavar="VALUE", help=f"{help_text} [default: {default}]")
