@@ -53,7 +53,8 @@ def teacher():
 
 
 def build(folder, teacher, data, **kw):
-    args = dict(top_k=K, rows_per_shard=4, batch_size=3, eval_examples=data.eval, progress=False)
+    args = dict(top_k=K, rows_per_shard=4, batch_size=3, eval_examples=data.eval, progress=False,
+                logprob_dtype="float32")  # stored as computed: compared with the live teacher exactly
     args.update(kw)
     return build_cache(teacher, tokenizer(), data.train, folder, **args)
 
@@ -139,7 +140,7 @@ KILLED_BUILD = textwrap.dedent("""
     data = prepare_data(toy_rows(14), tokenizer(), max_length=64, eval_fraction=0.2, seed=3)
     teacher = tiny_causal_lm(tokenizer(), hidden_size=48, num_layers=1, num_heads=2, seed=7)
     build_cache(teacher, tokenizer(), data.train, {out!r}, top_k={k}, rows_per_shard=4, batch_size=3,
-                eval_examples=data.eval, progress=False)
+                eval_examples=data.eval, progress=False, logprob_dtype="float32")
 """)
 
 
@@ -297,7 +298,8 @@ def test_cli_builds_the_same_cache_as_the_api(tmp_path, teacher):
     teacher.save_pretrained(tmp_path / "teacher")
     argv = ["--teacher_model", str(tmp_path / "teacher"), "--model", str(tmp_path / "student"),
             "--dataset", str(tmp_path / "data.jsonl"), "--output_dir", str(tmp_path / "cli"), "--top_k", "5",
-            "--max_length", "48", "--rows_per_shard", "3", "--progress", "false", "--dtype", "float32"]
+            "--max_length", "48", "--rows_per_shard", "3", "--progress", "false", "--dtype", "float32",
+            "--logprob_dtype", "float32"]
     assert main(argv) == 0
     m = Manifest.load(tmp_path / "cli")
     assert m.top_k == 5 and m.settings["max_length"] == 48 and m.student == str(tmp_path / "student")
@@ -315,7 +317,7 @@ def test_cli_builds_the_same_cache_as_the_api(tmp_path, teacher):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cli").rglob("*.safetensors")}
     assert main(["--config", str(tmp_path / "recipe.yaml"), "--top_k", "5", "--rows_per_shard", "3",
-                 "--progress", "false"]) == 0  # same manifest: nothing left to build
+                 "--progress", "false", "--logprob_dtype", "float32"]) == 0  # same manifest: nothing left to build
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "cli").rglob("*.safetensors")}
     assert qtarget_main(["teacher-cache", "--model", "x"]) == 2  # missing keys: a usage error, not a traceback
 

@@ -137,7 +137,7 @@ def finetune(settings: LabSettings, base: nn.Module, tokenizer, train_examples: 
             if on_trunk:
                 stack.enter_context(TopOnly(fast_teacher, trunk, split))
             build_cache(fast_teacher, tokenizer, train_examples, folder, top_k=TEACHER_TOP_K,
-                        vocab_size=head_rows(base), progress=False)
+                        vocab_size=head_rows(base), progress=False, logprob_dtype="float32")  # caches kept as before
         del fast_teacher
         config.teacher_cache, config.teacher_tail = str(folder), TEACHER_TAIL
         cache_info = {"top_k": TEACHER_TOP_K, "tail": TEACHER_TAIL, "seconds": time.perf_counter() - t0,

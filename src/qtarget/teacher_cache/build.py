@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from qtarget.teacher_cache.engines import Engine, EndpointsDown, HFEngine, preflight, teacher_topk_rows
 from qtarget.teacher_cache.manifest import Manifest, SplitInfo, describe, teacher_identity
 from qtarget.teacher_cache.schema import (
+    DEFAULT_ENCODING,
+    ENCODINGS,
     LOGPROB_DTYPES,
     data_fingerprint,
     id_dtype,
@@ -97,7 +99,7 @@ def build_cache(
     student: str | None = None,
     batch_size: int = 8,
     rows_per_shard: int = 512,
-    logprob_dtype: str = "float32",
+    logprob_dtype: str = DEFAULT_ENCODING,
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = True,
@@ -119,8 +121,8 @@ def build_cache(
     """
     if not len(examples):
         raise ValueError("no examples to cache")
-    if logprob_dtype not in LOGPROB_DTYPES:
-        raise ValueError(f"logprob_dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {logprob_dtype!r}")
+    if logprob_dtype not in ENCODINGS:
+        raise ValueError(f"logprob_dtype must be one of {', '.join(ENCODINGS)}, got {logprob_dtype!r}")
     if int(batch_size) < 1 or int(rows_per_shard) < 1:
         raise ValueError(f"batch_size and rows_per_shard must be >= 1, got {batch_size} and {rows_per_shard}")
     vocab_size = int(vocab_size or len(tokenizer))
@@ -199,9 +201,9 @@ def _build_shards(engine: Engine, splits: Mapping[str, list], root: Path, manife
             rows = splits[split][shard * R:(shard + 1) * R]
             tensors = _shard_tensors(engine, rows, shard * R, top_k=manifest.top_k, temperature=manifest.temperature,
                                      vocab_size=manifest.vocab_size,
-                                     logprob_dtype=LOGPROB_DTYPES[manifest.logprob_dtype], bar=bar,
+                                     logprob_dtype=LOGPROB_DTYPES.get(manifest.logprob_dtype, torch.float32), bar=bar,
                                      where=lambda i, split=split: f"{split} row {i}")
-            write_shard(root, split, shard, tensors, digest)
+            write_shard(root, split, shard, tensors, digest, encoding=manifest.encoding)
             written += 1
     except EndpointsDown as e:
         raise EndpointsDown(f"{e}. {written} of this process's {n_mine} shards are complete in {root}: start the "

@@ -32,7 +32,7 @@ from qtarget.data import prepare_data
 from qtarget.teacher_cache.build import build_cache
 from qtarget.teacher_cache.engines import ENGINES, SERVERS, VLLMLocal
 from qtarget.teacher_cache.manifest import DATA_KEYS
-from qtarget.teacher_cache.schema import LOGPROB_DTYPES
+from qtarget.teacher_cache.schema import DEFAULT_ENCODING, ENCODINGS
 from qtarget.models.load import (
     check_same_vocabulary,
     check_source,
@@ -53,7 +53,8 @@ CACHE_OPTIONS = {
     "temperature": (float, 1.0, "pi_T = softmax(teacher logits / temperature)."),
     "batch_size": (int, 8, "Rows per teacher forward."),
     "rows_per_shard": (int, 512, "Rows per shard file (the unit of resumption and of work per process)."),
-    "logprob_dtype": (str, "float32", f"Storage dtype of the log-probs: {', '.join(LOGPROB_DTYPES)}."),
+    "logprob_dtype": (str, DEFAULT_ENCODING, f"How the log-probs are stored: {', '.join(ENCODINGS)} (compact: ~1/3 of "
+                                             f"float32's bytes, loss and gradient within 1e-3; docs/teacher_cache.md)."),
     "device": (str, None, "Teacher device (default: cuda:LOCAL_RANK when CUDA is available, else cpu)."),
     "progress": (str, "true", "Show a progress bar (true/false)."),
     "resume": (str, "false", "Continue the cache in --output_dir (true/false); an error when there is none. A re-run "
@@ -144,8 +145,8 @@ def load_options(argv: list[str]) -> dict[str, Any]:
     for key, low in (("concurrency", 1), ("max_retries", 1), ("request_timeout", 1e-9), ("retry_backoff", 0)):
         if out[key] < low:
             raise ValueError(f"--{key} must be {'>= ' + str(low) if low in (0, 1) else '> 0'}, got {out[key]}")
-    if out["logprob_dtype"] not in LOGPROB_DTYPES:
-        raise ValueError(f"--logprob_dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {out['logprob_dtype']!r}")
+    if out["logprob_dtype"] not in ENCODINGS:
+        raise ValueError(f"--logprob_dtype must be one of {', '.join(ENCODINGS)}, got {out['logprob_dtype']!r}")
     check_ranges(out)
     return out
 

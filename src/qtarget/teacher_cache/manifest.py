@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qtarget.teacher_cache.schema import FORMAT, MANIFEST, VERSION
+from qtarget.teacher_cache import encoding as compact
+from qtarget.teacher_cache.schema import COMPACT, ENCODINGS, FORMAT, MANIFEST, VERSIONS, format_version
 
 # QTargetConfig keys that decide the tokenised training rows (`prepare_data`'s arguments).
 DATA_KEYS = ("dataset", "dataset_config", "dataset_split", "max_rows", "eval_dataset", "eval_fraction",
@@ -50,21 +51,35 @@ class Manifest:
     student: str | None = None  # informational: the model whose tokenizer defined the tokens
     # informational: the engine that ran the teacher (name, version, request settings); absent: hf
     engine: dict[str, Any] = field(default_factory=dict)
+    # how shards store the top-k: the compact encoding's parameters (format version 2); empty for version 1
+    encoding: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
-    version: int = VERSION
+    version: int | None = None  # format_version(logprob_dtype) when not given
+
+    def __post_init__(self) -> None:
+        if self.version is None:
+            self.version = format_version(self.logprob_dtype)
+        if self.logprob_dtype == COMPACT and not self.encoding:
+            self.encoding = compact.spec(self.vocab_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["encoding"]:
+            del d["encoding"]  # a version-1 manifest reads (and digests) as before
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> "Manifest":
         if data.get("format") != FORMAT:
             raise ValueError(f"{where}: not a qtarget teacher cache (format {data.get('format')!r}, expected {FORMAT!r})")
-        if int(data.get("version", -1)) != VERSION:
+        if data.get("version") not in VERSIONS:
             raise ValueError(f"{where}: teacher cache format version {data.get('version')} is not supported "
-                             f"(this qtarget reads version {VERSION})")
+                             f"(this qtarget reads versions {', '.join(map(str, VERSIONS))})")
+        if data.get("logprob_dtype") in ENCODINGS and data["version"] != format_version(data["logprob_dtype"]):
+            raise ValueError(f"{where}: logprob_dtype {data['logprob_dtype']!r} is stored by format version "
+                             f"{format_version(data['logprob_dtype'])}, the manifest says version {data['version']}")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in names if n not in data and n not in ("settings", "student") + INFORMATIONAL)
+        missing = sorted(n for n in names if n not in data and n not in ("settings", "student", "encoding") + INFORMATIONAL)
         if missing:
             raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
         data = {k: v for k, v in data.items() if k in names}

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,11 @@ from torch import Tensor
 from qtarget.ops.sparse_teacher import TeacherTopK, check_teacher_topk
 from qtarget.teacher_cache.manifest import Manifest, describe
 from qtarget.teacher_cache.schema import row_fingerprint, supervised_positions, tokenizer_fingerprint
-from qtarget.teacher_cache.storage import CorruptShardError, ShardIndex, open_shard, shard_path, verify_shard
+from qtarget.teacher_cache.storage import CorruptShardError, ShardIndex, open_shard, read_block, shard_path, verify_shard
 
 BATCH_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_log_tail")
 FILLER_LOG_TAIL_GAP = 50.0  # filler at unsupervised positions: uniform over k ids, tail e^-50 of that
+DECODED_BLOCKS = 8  # compact shards: decoded blocks kept per reader (a block is >= 1024 tokens of rows)
 
 
 class MissingRowError(KeyError, ValueError):
@@ -54,6 +56,7 @@ class TeacherCache:
         self._index: dict[str, list[ShardIndex]] = {}
         self._verified: set[Path] = set()
         self._handles: dict[Path, Any] = {}
+        self._blocks: OrderedDict[tuple[Path, int], tuple[Tensor, ...]] = OrderedDict()
         R = self.manifest.rows_per_shard
         missing = []
         for split, info in self.manifest.splits.items():
@@ -69,8 +72,11 @@ class TeacherCache:
                 if ix.row_index.numel() != n_expected or not torch.equal(ix.row_index, expected_rows):
                     raise CorruptShardError(f"teacher cache shard {path} holds rows {ix.row_index.tolist()[:3]}..., "
                                             f"expected the {n_expected} rows from {shard * R}")
-                if ix.shapes["ids"][-1] != self.manifest.top_k:
-                    raise CorruptShardError(f"teacher cache shard {path} has k = {ix.shapes['ids'][-1]} ids per "
+                if ix.version != self.manifest.version:
+                    raise CorruptShardError(f"teacher cache shard {path} has format version {ix.version}, the "
+                                            f"manifest says {self.manifest.version}")
+                if ix.k != self.manifest.top_k:
+                    raise CorruptShardError(f"teacher cache shard {path} has k = {ix.k} ids per "
                                             f"token, the manifest says top_k = {self.manifest.top_k}")
                 shards.append(ix)
             self._index[split] = shards
@@ -150,7 +156,25 @@ class TeacherCache:
     def __getstate__(self) -> dict:  # DataLoader workers reopen the files
         state = dict(self.__dict__)
         state["_handles"] = {}
+        state["_blocks"] = OrderedDict()
         return state
+
+    def _tokens(self, s: ShardIndex, local: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """positions, ids, logprobs, log_tail of the shard's row `local` (any format version)."""
+        a, b = int(s.row_offsets[local]), int(s.row_offsets[local + 1])
+        f = self._handle(s.path)
+        if s.version == 1:
+            return (f.get_slice("positions")[a:b].to(torch.int64), f.get_slice("ids")[a:b].to(torch.int64),
+                    f.get_slice("logprobs")[a:b].to(torch.float32), f.get_slice("log_tail")[a:b].to(torch.float32))
+        block = int(torch.searchsorted(s.block_rows, torch.tensor(local), right=True)) - 1
+        key = (s.path, block)
+        if key not in self._blocks:
+            self._blocks[key] = read_block(f, s, block, self.manifest.encoding)
+            if len(self._blocks) > DECODED_BLOCKS:
+                self._blocks.popitem(last=False)
+        self._blocks.move_to_end(key)
+        start = int(s.row_offsets[int(s.block_rows[block])])
+        return tuple(t[a - start:b - start].clone() for t in self._blocks[key])
 
     def row(self, split: str, index: int) -> CachedRow:
         """The cached top-k of one row, values checked (ids in [0, V), distinct, log-probs valid)."""
@@ -163,14 +187,10 @@ class TeacherCache:
         if self.verify:
             self._verify(s)
         local = int(index) - int(s.row_index[0])
-        a, b = int(s.row_offsets[local]), int(s.row_offsets[local + 1])
-        f = self._handle(s.path)
-        topk = TeacherTopK(ids=f.get_slice("ids")[a:b].to(torch.int64),
-                           logprobs=f.get_slice("logprobs")[a:b].to(torch.float32),
-                           log_tail=f.get_slice("log_tail")[a:b].to(torch.float32))
-        positions = f.get_slice("positions")[a:b].to(torch.int64)
+        positions, ids, logprobs, log_tail = self._tokens(s, local)
+        topk = TeacherTopK(ids=ids, logprobs=logprobs, log_tail=log_tail)
         try:
-            check_teacher_topk(topk, (b - a,), self.manifest.vocab_size, tail="renormalize")
+            check_teacher_topk(topk, (len(positions),), self.manifest.vocab_size, tail="renormalize")
         except ValueError as e:
             raise ValueError(f"teacher cache row {index} of the {split!r} split ({s.path}): {e} "
                              f"(position = index among the row's supervised tokens)") from None

@@ -1,4 +1,4 @@
-"""The on-disk schema of a teacher cache (format "qtarget-teacher-topk", version 1).
+"""The on-disk schema of a teacher cache (format "qtarget-teacher-topk", versions 1 and 2).
 
     DIR/manifest.json                      what was cached and how (see manifest.py)
     DIR/<split>/shard-000000.safetensors   rows [0, R) of the split, R = manifest rows_per_shard
@@ -16,6 +16,13 @@ in those rows (all rows of the shard, in row order, positions ascending):
     logprobs         [m, k]  float32 (or float16 / bfloat16, manifest `logprob_dtype`): log pi_T(ids)
     log_tail         [m]     float32  log(1 - sum_k pi_T): log of the mass outside the top-k (-inf: none)
 
+Version 2 (manifest logprob_dtype "compact", the default) keeps row_index, row_fingerprint and
+row_offsets and replaces positions, ids, logprobs and log_tail by zlib blocks (encoding.py):
+
+    block_rows       [B + 1] int64    block b holds the shard's rows [block_rows[b], block_rows[b+1])
+    block_bytes      [B + 1] int64    its zlib stream is data[block_bytes[b]:block_bytes[b+1]]
+    data             [n]     uint8    the blocks' streams, concatenated
+
 pi_T is softmax(teacher logits / temperature) over the student's vocabulary (the teacher's LM head
 rows beyond it are dropped before the softmax). Metadata (safetensors header): one entry,
 "qtarget_teacher_cache", a JSON object (sorted keys) with format, version, split, shard,
@@ -32,15 +39,31 @@ import numpy as np
 import torch
 
 FORMAT = "qtarget-teacher-topk"
-VERSION = 1
+VERSION = 2  # the newest format version; every version in VERSIONS reads
+VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
-TENSORS = ("row_index", "row_fingerprint", "row_offsets", "positions", "ids", "logprobs", "log_tail")
-LOGPROB_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TENSORS = ("row_index", "row_fingerprint", "row_offsets", "positions", "ids", "logprobs", "log_tail")  # version 1
+TENSORS_V2 = ("row_index", "row_fingerprint", "row_offsets", "block_rows", "block_bytes", "data")
+LOGPROB_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # version 1
+COMPACT = "compact"
+ENCODINGS = (COMPACT, *LOGPROB_DTYPES)  # manifest `logprob_dtype`: how the log-probs are stored
+DEFAULT_ENCODING = COMPACT
 IGNORE_INDEX = -100
 
 
 def shard_name(shard: int) -> str:
     return f"shard-{shard:06d}.safetensors"
+
+
+def format_version(logprob_dtype: str) -> int:
+    """The format version that stores log-probs as `logprob_dtype` (one of ENCODINGS)."""
+    if logprob_dtype not in ENCODINGS:
+        raise ValueError(f"logprob_dtype must be one of {', '.join(ENCODINGS)}, got {logprob_dtype!r}")
+    return 2 if logprob_dtype == COMPACT else 1
+
+
+def shard_tensor_names(version: int) -> tuple[str, ...]:
+    return TENSORS if int(version) == 1 else TENSORS_V2
 
 
 def id_dtype(vocab_size: int) -> torch.dtype:
@@ -77,8 +100,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a shard's tensors' bytes, in the order of TENSORS (version 1) or TENSORS_V2."""
     h = hashlib.sha256()
-    for name in TENSORS:
+    for name in (TENSORS if "ids" in tensors else TENSORS_V2):
         t = tensors[name].contiguous()
         h.update(name.encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
