@@ -231,6 +231,11 @@ def test_verl_engine_forward_step_matches_sft_loss_and_the_dft_fork():
         assert r["grad_max_abs_diff"] <= 1e-5 * max(r["grad_max_abs"], 1e-6), (key, r)
         assert r["batch_num_tokens"] == r["supervised_tokens"] and r["micro_batches"] >= 2, (key, r)
     assert out["dft"]["loss"] != pytest.approx(out["sft"]["loss"], rel=1e-3)
+    # psft with old_log_probs in the batch (log-probs of a forward-only pass, minus 0.2): every ratio e^0.2
+    psft = out["psft"]
+    assert psft["loss_inside"] == pytest.approx(-math.exp(0.2), rel=1e-5)
+    assert psft["grad_inside_max_abs_diff"] <= 1e-5 * math.exp(0.2) * out["sft"]["grad_max_abs"]
+    assert psft["loss_clipped"] == pytest.approx(-1.2, rel=1e-6) and psft["grad_clipped_max_abs"] == 0.0
 
 
 @pytest.mark.verl

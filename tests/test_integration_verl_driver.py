@@ -13,6 +13,7 @@ plain single-process forward of the whole batch in float64.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -137,8 +138,16 @@ def worker(rank, rendezvous, out_path):
         q_sft_loss, q_sft_grad, n_micro = engine_step(engine, data, VerlLoss("sft"))
         q_dft_loss, q_dft_grad, _ = engine_step(engine, data, VerlLoss("dft"))
         probe = data.clone()
-        engine.forward_backward_batch(probe, loss_function=VerlLoss("sft"), forward_only=True)
+        inferred = engine.forward_backward_batch(probe, loss_function=VerlLoss("sft"), forward_only=True)
         batch_num_tokens = int(probe["batch_num_tokens"])
+        # psft with log pi_old = the model's own log-probs (a forward-only pass, as verl's infer_batch) minus
+        # 0.2: every ratio is e^0.2 = 1.2214, inside eps = 0.28 (gradient e^0.2 x sft's, loss -e^0.2) and
+        # beyond eps = 0.2 (no gradient, loss -1.2)
+        old = inferred["model_output"]["log_probs"]
+        with_old = data.clone()
+        with_old["old_log_probs"] = torch.nested.nested_tensor_from_jagged(old.values() - 0.2, old.offsets())
+        psft_in_loss, psft_in_grad, _ = engine_step(engine, with_old, VerlLoss("psft", eps=0.28))
+        psft_out_loss, psft_out_grad, _ = engine_step(engine, with_old, VerlLoss("psft", eps=0.2))
         if rank == 0:
             ref_loss, ref_grad, n_ref = dft_fork_reference(items)
             result = {
@@ -154,6 +163,9 @@ def worker(rank, rendezvous, out_path):
                         "grad_max_abs": float(ref_grad.abs().max()),
                         "batch_num_tokens": batch_num_tokens, "supervised_tokens": n_ref,
                         "micro_batches": n_micro},
+                "psft": {"loss_inside": psft_in_loss, "loss_clipped": psft_out_loss,
+                         "grad_inside_max_abs_diff": float((psft_in_grad - math.exp(0.2) * stock_grad).abs().max()),
+                         "grad_clipped_max_abs": float(psft_out_grad.abs().max())},
                 "dp_size": WORLD,
             }
             with open(out_path, "w") as f:
