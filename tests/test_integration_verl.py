@@ -131,6 +131,18 @@ def test_sft_is_verl_sft_loss_formula_in_float32():
     assert loss.item() == pytest.approx((-(leaf.detach() * mask).sum() / nb * dp).item(), rel=1e-6)
 
 
+def test_padded_mode_reads_response_mask_unshifted():
+    """verl's sft_loss in a padded mode: -masked_sum(log_prob, response_mask) / batch_num_tokens * dp_size, the
+    response mask already aligned with log_prob (no roll)."""
+    g = torch.Generator().manual_seed(7)
+    lp = torch.log(torch.rand(3, 5, generator=g, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    data = {"pad_mode": "right", "response_mask": mask, "dp_size": 2, "batch_num_tokens": 12}
+    loss, _ = VerlLoss("dft")(model_output={"log_probs": lp}, data=data)
+    p = lp.detach().exp()
+    assert loss.item() == pytest.approx((-(p * lp.detach() * mask).sum() / 12 * 2).item(), rel=1e-12)
+
+
 def test_micro_batches_sum_to_the_global_token_mean():
     """Two micro-batches normalised by the global batch's token count (and dp_size 1) sum to the token mean
     of the whole batch: the normalisation verl's engine relies on when it sums micro-batch gradients."""
