@@ -297,3 +297,28 @@ def test_select_many_equals_the_per_position_rule_and_the_tail_formula():
         select_many(bad, k, V, lambda j: f"position {j}")
     with pytest.raises(ValueError, match=r"position 5.*returned 2 log-probs, fewer than top_k = 4"):
         select_many(entries[:5] + [entries[5][:2]], k, V, lambda j: f"position {j}")
+
+
+def test_training_from_a_served_cache_equals_training_from_the_hf_cache(tmp_path, teacher):
+    """`train --teacher_cache` reads a server-built cache unchanged: two SGD steps of target_sft (tail
+    `student`) from it give the parameters of the same steps from the --engine hf cache."""
+    from qtarget.training import train
+    from test_train_support import config, max_param_diff, params, tiny
+
+    tok, rows = tokenizer(), toy_rows(10)
+    data = prepare_data(rows, tok, max_length=48, eval_fraction=0.2, seed=0)  # as train() will prepare them
+    args = dict(top_k=K, rows_per_shard=8, progress=False, eval_examples=data.eval, settings={"max_length": 48},
+                logprob_dtype="float32")
+    build_cache(teacher, tok, data.train, tmp_path / "hf", **args)
+    with FakeTeacherServer(teacher, tok, flavor="sglang") as server:
+        build_cache(SGLangServer([server.url], **FAST), tok, data.train, tmp_path / "served", **args)
+    common = dict(objective="target_sft", objective_args={"eta": 0.5}, max_steps=2, max_length=48, optim="sgd",
+                  learning_rate=100.0, eval_fraction=0.2, teacher_tail="student")
+    runs = [train(config(tmp_path / f"run-{name}", teacher_cache=str(tmp_path / name), **common), model=tiny(),
+                  tokenizer=tok, train_dataset=rows, save_final=False) for name in ("hf", "served")]
+    moved = max_param_diff(params(runs[0].trainer.model), params(tiny()))
+    apart = max_param_diff(params(runs[0].trainer.model), params(runs[1].trainer.model))
+    assert moved > 1e-3  # training moved the weights
+    assert apart <= 1e-3 * moved
+    for a, b in zip(runs[0].history, runs[1].history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
