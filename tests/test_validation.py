@@ -52,18 +52,22 @@ def test_no_command_has_a_flag_that_takes_no_value(command):
     assert not zero, zero
 
 
-@pytest.mark.parametrize("command", [c for c in PARSERS if c != "train"])
+@pytest.mark.parametrize("command", list(PARSERS))
 def test_every_boolean_flag_takes_three_forms(command):
     parser = PARSERS[command]()
-    flags = [a for a in _options(parser) if a.type is cli_args.boolean]
+    flags = [a for a in _options(parser) if a.type is cli_args.boolean or a.metavar == "BOOL"]
+    assert flags or command == "inspect"
     for action in flags:
         flag = action.option_strings[0]
         for argv, want in (([flag], True), ([flag, "true"], True), ([flag, "false"], False), ([flag, "No"], False),
                            ([flag, "1"], True)):
             ns, _ = parser.parse_known_args(REQUIRED.get(command, []) + argv)
-            assert getattr(ns, action.dest) is want, (flag, argv)
-        with pytest.raises(ValueError, match=rf"argument {flag}: expected true or false, got 'maybe'"):
-            parser.parse_known_args(REQUIRED.get(command, []) + [flag, "maybe"])
+            assert cli_args.parse_bool(getattr(ns, action.dest)) is want, (flag, argv)
+        if action.type is cli_args.boolean:
+            with pytest.raises(ValueError, match=rf"argument {flag}: expected true or false, got 'maybe'"):
+                parser.parse_known_args(REQUIRED.get(command, []) + [flag, "maybe"])
+    if command == "teacher-cache":
+        assert {"--packing", "--response_only", "--progress", "--resume"} <= {a.option_strings[0] for a in flags}
 
 
 def test_train_boolean_keys_take_three_forms():
