@@ -31,6 +31,7 @@ class Faults:
     die_after: int | None = None  # after N answered scoring requests, connections are closed unanswered
     bad_id: int | None = None  # replaces the most probable id of every position
     no_prompt_token_ids: bool = False  # an older vLLM: no prompt_token_ids in the choice
+    no_tokenize: bool = False  # no text tokenisation (vLLM: /tokenize 404; SGLang: text refused with 400)
 
 
 class FakeTeacherServer:
@@ -161,6 +162,8 @@ def _handler(app: FakeTeacherServer):
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            if app.faults.no_tokenize and (self.path == "/tokenize" or "text" in body):
+                return self.send_json(404 if self.path == "/tokenize" else 400, {"detail": "no tokenizer"})
             if app.flavor == "vllm" and self.path == "/tokenize":
                 ids = list(app.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
                            ["input_ids"])

@@ -111,6 +111,16 @@ def test_older_vllm_without_prompt_token_ids(tmp_path, teacher, data, served_cac
 
 
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
+def test_a_server_that_does_not_tokenise_text_is_checked_by_the_probe(tmp_path, teacher, data, hf_cache, flavor,
+                                                                      capsys):
+    engine_type = VLLMServer if flavor == "vllm" else SGLangServer
+    with FakeTeacherServer(teacher, tokenizer(), flavor=flavor, faults=Faults(no_tokenize=True)) as server:
+        build(tmp_path, engine_type([server.url], **FAST), data)
+    assert "does not tokenise text: its tokenizer is not compared" in capsys.readouterr().err
+    assert_same_cache(hf_cache, tmp_path, data)
+
+
+@pytest.mark.parametrize("flavor", ["vllm", "sglang"])
 def test_500s_and_a_slow_endpoint_are_retried(tmp_path, teacher, data, served_cache, flavor, capsys):
     engine_type = VLLMServer if flavor == "vllm" else SGLangServer
     faults = Faults(fail_first=3, slow_first=5, delay=6.0)

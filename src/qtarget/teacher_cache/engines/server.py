@@ -79,6 +79,9 @@ class ServerEngine(Engine):
 
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int] | None:
         got = [self.pool.call(ep, lambda e: self.tokenize_at(e, text, add_special_tokens)) for ep in self.pool.live()]
+        if add_special_tokens and got and got[0] is None and self.pool.live():
+            self.pool.log(f"[qtarget] {self.name} {self.pool.live()[0].url} does not tokenise text: its tokenizer is "
+                          f"not compared with the student's (the probe still checks BOS, k and the vocabulary)")
         return got[0] if got else None
 
     def check_rows(self, rows: Sequence[Mapping[str, Any]], top_k: int, temperature: float) -> None:

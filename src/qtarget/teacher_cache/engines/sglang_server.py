@@ -62,7 +62,10 @@ class SGLangServer(ServerEngine):
             return None  # /generate tokenises text the server's way (with its special tokens)
         body = {"text": text, "sampling_params": {**RAW, "max_new_tokens": 1}, "return_logprob": True,
                 "logprob_start_len": 0, "top_logprobs_num": 0, "return_text_in_logprobs": False, "stream": False}
-        return [int(e[1]) for e in self._generate(ep, body)["input_token_logprobs"]]
+        try:
+            return [int(e[1]) for e in self._generate(ep, body)["input_token_logprobs"]]
+        except RefusedError:  # a server without a tokenizer (--skip-tokenizer-init) refuses text
+            return None
 
     def refused(self, error: RefusedError, top_k: int) -> EngineError:
         return EngineError(f"{self.name}: {error.url} refused the request ({error.status}: {error.message}); "

@@ -90,10 +90,8 @@ class VLLMServer(ServerEngine):
         body = {"model": self.model, "prompt": text, "add_special_tokens": bool(add_special_tokens)}
         try:
             return [int(t) for t in request_json(f"{ep.url}/tokenize", body, timeout=self.timeout)["tokens"]]
-        except RefusedError as e:
-            if e.status == 404:  # a server without /tokenize: the probe's echo and ids still check it
-                return None
-            raise
+        except RefusedError:  # no /tokenize (or no tokenizer): the probe's echo and ids still check the rest
+            return None
 
     def refused(self, error: RefusedError, top_k: int) -> EngineError:
         if "logprob" in error.message.lower():
