@@ -209,3 +209,20 @@ def test_launcher_dft_equals_llamafactory_use_dft_loss(lf_runs, suffix, weights)
     print(f"dft{suffix}: launcher {ours['losses']}, use_dft_loss {theirs['losses']}, max |weight difference| "
           f"{diff:.3g}")
     assert diff < 1e-5
+
+
+@pytest.mark.llamafactory
+@lf_venv
+def test_patch_under_llamafactorys_transformers_equals_token_loss():
+    """qtarget.patch under transformers 5.6 (LLaMA-Factory 0.9.5's pin): every objective's patched loss and
+    gradient against token_loss on the full logits."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([str(LF_PYTHON), str(ROOT / "tests" / "test_integration_llamafactory_driver.py"), "patch"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["transformers"] == "5.6.0"
+    assert {"sft", "dft", "target_sft", "asft", "kd", "eaft"} <= set(out["objectives"])
+    for name, r in out["objectives"].items():
+        assert r["loss"] == pytest.approx(r["reference"], rel=1e-5, abs=1e-6), (name, r)
+        assert r["grad_max_abs_diff"] <= 1e-4 * max(r["grad_max_abs"], 1e-3), (name, r)

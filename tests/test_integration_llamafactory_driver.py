@@ -1,6 +1,10 @@
 """Run in the LLaMA-Factory venv (scripts/setup_llamafactory.sh) by tests/test_integration_llamafactory.py;
 not a test module itself.
 
+`python tests/test_integration_llamafactory_driver.py patch` prints, for every registered objective that
+needs no per-token batch input, the patched model's loss and gradient against `token_loss` on its full logits
+(transformers of this venv: 5.6).
+
 `python tests/test_integration_llamafactory_driver.py WORK` runs, in one process, LLaMA-Factory training
 runs on the config WORK/lf.yaml: `qtarget.integrations.llamafactory` with dft and with target_sft (teacher
 WORK/teacher), and LLaMA-Factory's own `use_dft_loss` run without qtarget; dft both ways again with LoRA. It writes WORK/lf_results.json:
@@ -57,5 +61,45 @@ def main(work: str) -> None:
         json.dump(results, f)
 
 
+def patch_check() -> dict:
+    import torch
+    import transformers
+
+    from qtarget.models.tiny import tiny_causal_lm
+    from qtarget.objectives import get_objective, list_objectives, token_loss
+    from qtarget.training.patch import patch
+
+    V = 64
+    ids = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    teacher = tiny_causal_lm(V, hidden_size=16, num_layers=1, num_heads=2, seed=1)
+    out = {"transformers": transformers.__version__, "objectives": {}}
+    for name in list_objectives():
+        obj = get_objective(name)
+        if obj.needs & {"old_logprobs", "token_weights"}:
+            continue
+        model = tiny_causal_lm(V, hidden_size=16, num_layers=1, num_heads=2, seed=0)
+        logits = model(input_ids=ids).logits
+        aux = {}
+        if "teacher" in obj.needs:
+            aux["teacher_logits"] = teacher(input_ids=ids).logits.detach()[:, :-1]
+        if "ref" in obj.needs:  # patch's default reference: a frozen copy of the model as it is now
+            aux["ref_logits"] = logits.detach()[:, :-1]
+        want = token_loss(obj, logits[:, :-1], labels[:, 1:], **aux).loss
+        want_grad = torch.autograd.grad(want, list(model.parameters()))
+        patch(model, obj, teacher=teacher if "teacher" in obj.needs else None)
+        got = model(input_ids=ids, labels=labels).loss
+        got_grad = torch.autograd.grad(got, list(model.parameters()))
+        out["objectives"][name] = {
+            "loss": got.item(), "reference": want.item(),
+            "grad_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(got_grad, want_grad)),
+            "grad_max_abs": max(float(b.abs().max()) for b in want_grad)}
+    return out
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "patch":
+        print(json.dumps(patch_check()))
+    else:
+        main(sys.argv[1])
