@@ -11,6 +11,7 @@ from qtarget import cli
 from qtarget.cli_args import add_bool_flag, check_output_path, integer, nonneg_int, positive_float
 from qtarget.data.reading import parse_chat_template
 from qtarget.lab.builtin_tasks import BUILTIN_TASKS
+from qtarget.lab.compare import compare_results
 from qtarget.lab.report import claims_table, metric_table, task_view
 from qtarget.lab.precision import PRECISIONS
 from qtarget.lab.row_args import lab_rows, merged_objective_args, parse_row_args
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "decides per format as `qtarget train` does (docs/data.md)")
     user.add_argument("--max_length", type=integer(2), default=None, help="longest training sequence in tokens (user data "
                                                                    "default 512; longer rows are left out)")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("DIR_A", "DIR_B"),
+                   help="run no model: compare two lab output folders (verdicts, and how far every value moved "
+                        "against its interval); exit 1 only when a verdict flips between supported and contradicted")
     p.add_argument("--report_from", default=None, metavar="RESULTS_JSON",
                    help="run no model: recompute every interval, difference and claim from this results.json's "
                         "per-item values and write the report into --output_dir")
@@ -101,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compare:
+        comparison = compare_results(*args.compare)
+        print(comparison.render())
+        return comparison.exit_code
     check_output_path(args.output_dir)
     if args.report_from:
         if not Path(args.report_from).is_file():

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from qtarget.lab.analysis import analyze_lab, upgrade_results
 from qtarget.lab.builtin_tasks import build_task
+from qtarget.lab.compare import machine_info
 from qtarget.lab.evaldata import EvalData, settings_seeds, tokenize
 from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import generation_items, trunk_split
@@ -171,7 +172,9 @@ def run_lab(settings: LabSettings, output_dir: str | os.PathLike, *, progress: b
     timings["cpu"] = time.process_time() - cpu_start
     # the machine's 1-minute load average when the run started and ended (other jobs slow a run down)
     timings["load_start"], timings["load_end"] = load_start, os.getloadavg()[0]
-    results.update(timings=timings, torch_threads=settings.threads)
+    # where the numbers came from: the same machine kind gives a byte-identical results.csv (docs/lab.md)
+    results.update(timings=timings, torch_threads=settings.threads,
+                   machine=machine_info(settings.precision, settings.threads))
     write_outputs(results, out)
     return results
 
