@@ -238,3 +238,24 @@ def test_tokenised_rows_longer_than_the_positions_are_refused_naming_the_row(tmp
     result = train(config(tmp_path / "o", max_length=None, max_steps=1), model=model, tokenizer=tok,
                    train_dataset=toy_rows(8))
     assert result.global_step == 1
+
+
+# ---------------------------------------------------------------------- messages that say what to fix
+def test_an_unreadable_dataset_and_an_unwritable_output_folder_say_what_to_fix(tmp_path, monkeypatch):
+    """Permissions cannot be taken from root, so os.access stands in for a file / folder this user cannot use."""
+    from qtarget.data import load_rows, sources
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    monkeypatch.setattr(sources.os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match=r"dataset file '.*rows.jsonl' cannot be read by this user \(permission "
+                                              r"denied\): make it readable \(chmod \+r\)"):
+        load_rows(str(data))
+    monkeypatch.undo()
+    monkeypatch.setattr(cli_args.os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match=r"--output_dir '.*new/run' cannot be created: '.*' is not writable by this "
+                                         r"user; choose a folder you can write to"):
+        cli_args.check_output_path(tmp_path / "new" / "run")
+    monkeypatch.undo()
+    cli_args.check_output_path(tmp_path / "new" / "run")  # writable: nothing raised, nothing created
+    assert not (tmp_path / "new").exists()
