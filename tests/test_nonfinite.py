@@ -103,3 +103,17 @@ def test_nan_in_weight_column_is_refused_naming_the_row(tmp_path, capfd):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert qtarget_main(argv) == 0
     assert (out / "config.yaml").exists()
+
+
+def test_a_non_finite_weight_in_tokenised_rows_stops_at_the_first_step_naming_the_column(tmp_path):
+    """Rows passed already tokenised skip the data checks: the loss turns NaN and the stop names the column."""
+    tok = tokenizer()
+    ids = tok("Q: add 2 and 3. A: 5.")["input_ids"] + [tok.eos_token_id]
+    examples = [{"input_ids": ids, "labels": [-100] * 5 + ids[5:],
+                 "token_weights": [0.0] * 5 + [float("nan")] * (len(ids) - 5)} for _ in range(8)]
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteStop, match=r"non-finite value at step 1: the training loss is nan; the batch's token_weights column holds non-finite values; "
+                                            r"stopped before the optimizer update, no checkpoint was saved before it"):
+        train(config(out, objective="token_weighted", max_steps=2), model=tiny(), tokenizer=tok, train_dataset=examples)
+    assert not (out / "final").exists()
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
