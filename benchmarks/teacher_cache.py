@@ -8,8 +8,13 @@
    and a perturbed copy (student), on lab demonstrations: KL(Q_cache || Q_live) and total variation
    of the implied target Q (= p - dL/dz) per token, and the relative error of the loss, per tail
    option, for target_sft (eta 0.5) and kd. Written as a table and a plot to docs/.
+4. The encodings (compact, float16, float32) on SmolLM2's top-k: bytes per supervised token for k in
+   {20, 64, 128, 256} on two data sets (the lab demonstrations, and CHAMP problem statements as the
+   response: varied mathematical prose), and Target-SFT's (and kd's) loss and gradient read back from
+   each encoding against the float32 cache, per tail option. Written to docs/teacher_cache_encoding.md.
 
     .venv/bin/python benchmarks/teacher_cache.py [--steps 5] [--rows 48] [--skip_smollm2] [--threads N]
+    .venv/bin/python benchmarks/teacher_cache.py --only encoding      # part 4 alone
 
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on CPU the peak resident memory of a child
 process per setting (Linux VmHWM above its RSS before the models were built), so one setting's peak
@@ -36,7 +41,8 @@ from qtarget.models.head import lm_head_of
 from qtarget.objectives import get_objective
 from qtarget.ops import fused_token_loss
 from qtarget.ops.sparse_teacher import TAILS, TeacherTopK, dense_teacher_logprobs, topk_from_logits
-from qtarget.teacher_cache import TeacherCache, build_cache
+from qtarget.teacher_cache import Manifest, SplitInfo, TeacherCache, build_cache
+from qtarget.teacher_cache.storage import write_shard
 
 def last_hidden_states(model, batch):
     """[B, T, H] final hidden states (the decoder's output, without the LM head)."""
@@ -274,6 +280,154 @@ def write_error_docs(results: list[dict]) -> None:
     print(f"wrote {DOCS / 'teacher_cache_k_error.png'} and {DOCS / 'teacher_cache_k_error.md'}")
 
 
+# ----------------------------------------------------------------------------- 4. encodings
+ENC_KS = (20, 64, 128, 256)
+ENCODINGS = ("compact", "float16", "float32")
+
+
+def encoding_data(tok, name: str, n_rows: int):
+    """Tokenised rows of one data set: the lab demonstrations (as part 3) or CHAMP problem statements."""
+    from qtarget.data import prepare_data
+    from qtarget.lab.tasks import demonstrations, shop_problems
+
+    if name == "lab":
+        rows = [{"prompt": r["prompt"], "response": r["response"]}
+                for r in demonstrations(shop_problems(n_rows, seed=11), noise=0.0, seed=11)]
+    else:
+        from qtarget.evaluation.benchmarks import load_benchmark
+
+        rows = [{"prompt": "State a competition problem.", "response": p.question}
+                for p in load_benchmark("champ")[:n_rows]]
+    return prepare_data(rows, tok, max_length=256, chat_template=True).train.examples
+
+
+def topk_rows(teacher, student, tok, examples, k_max: int, chunk: int):
+    """Per supervised token (row-major): teacher top-k_max, the teacher's full log-softmax is not kept;
+    returns positions, row counts, per-k TeacherTopK for ENC_KS, the student's hidden states, labels."""
+    from qtarget.data import Collator
+
+    batch = Collator(tok.pad_token_id)(examples)
+    with torch.no_grad():
+        hs = last_hidden_states(student, batch)[:, :-1]
+        ht = last_hidden_states(teacher, batch)[:, :-1]
+    mask = batch["labels"][:, 1:] != -100
+    where = mask.nonzero()
+    counts = torch.bincount(where[:, 0], minlength=len(examples))
+    t_head = lm_head_of(teacher).detached()
+    parts = {k: [] for k in ENC_KS}
+    ht = ht[mask]
+    for a in range(0, ht.shape[0], chunk):
+        logits = t_head.logits(ht[a:a + chunk])
+        for k in ENC_KS:
+            parts[k].append(topk_from_logits(logits, k))
+    topk = {k: TeacherTopK(torch.cat([p.ids for p in v]), torch.cat([p.logprobs for p in v]),
+                           torch.cat([p.log_tail for p in v])) for k, v in parts.items()}
+    return where[:, 1] + 1, counts, topk, hs[mask], batch["labels"][:, 1:][mask]
+
+
+def write_one_shard(folder: Path, tok, examples, positions, counts, topk: TeacherTopK, encoding: str) -> Path:
+    """A one-shard cache of `topk` in `encoding`, written by the cache's own writer."""
+    from qtarget.teacher_cache.schema import LOGPROB_DTYPES, data_fingerprint, id_dtype, row_fingerprint, tokenizer_fingerprint
+
+    V = len(tok)
+    fps = [row_fingerprint(ex) for ex in examples]
+    m = Manifest(teacher={"name": "smollm2", "revision": None, "weights": "-"}, tokenizer_fingerprint=tokenizer_fingerprint(tok),
+                 vocab_size=V, top_k=topk.k, temperature=1.0, logprob_dtype=encoding, rows_per_shard=len(examples),
+                 splits={"train": SplitInfo(len(examples), int(counts.sum()), data_fingerprint(fps))})
+    m.save(folder)
+    offsets = torch.zeros(len(examples) + 1, dtype=torch.int64)
+    offsets[1:] = counts.cumsum(0)
+    tensors = {"row_index": torch.arange(len(examples)), "row_fingerprint": torch.tensor(fps, dtype=torch.int64),
+               "row_offsets": offsets, "positions": positions.to(torch.int32), "ids": topk.ids.to(id_dtype(V)),
+               "logprobs": topk.logprobs.to(LOGPROB_DTYPES.get(encoding, torch.float32)), "log_tail": topk.log_tail}
+    return write_shard(folder, "train", 0, tensors, m.digest(), encoding=m.encoding)
+
+
+def read_back(folder: Path) -> TeacherTopK:
+    cache = TeacherCache(folder)
+    rows = [cache.row("train", i).topk for i in range(cache.manifest.splits["train"].rows)]
+    return TeacherTopK(torch.cat([r.ids for r in rows]), torch.cat([r.logprobs for r in rows]),
+                       torch.cat([r.log_tail for r in rows]))
+
+
+def loss_and_grads(obj, z_all, y, h, topk: TeacherTopK, tail: str, chunk: int):
+    """Summed loss, logit gradient [n, V] and LM-head weight gradient [V, H] (float64) of `obj` over
+    the tokens, with the sparse teacher rebuilt by `tail` (as the engine does)."""
+    from qtarget.objectives.base import TokenInputs
+
+    loss, gz, gw = 0.0, [], 0
+    for a in range(0, z_all.shape[0], chunk):
+        z = z_all[a:a + chunk].detach().requires_grad_(True)
+        dense = dense_teacher_logprobs(topk.ids[a:a + chunk], topk.logprobs[a:a + chunk], topk.log_tail[a:a + chunk],
+                                       z.detach(), tail)
+        terms = obj.terms(TokenInputs(logits=z, labels=y[a:a + chunk], teacher_logits=dense))
+        (g,) = torch.autograd.grad(terms.loss.sum(), z)
+        loss += float(terms.loss.double().sum())
+        gz.append(g.double())
+        gw = gw + g.double().T @ h[a:a + chunk].double()
+    return loss, torch.cat(gz), gw
+
+
+def encoding_error(args) -> tuple[list[dict], list[dict]]:
+    from qtarget.models import load_smollm2
+
+    teacher, tok = load_smollm2()
+    teacher.eval()
+    student = perturbed(teacher, args.perturb).eval()
+    s_head = lm_head_of(student).detached()
+    objectives = {"target_sft": get_objective("target_sft", eta=0.5), "kd": get_objective("kd")}
+    sizes, errors = [], []
+    for data_name, n_rows in (("lab", args.error_rows), ("champ", args.champ_rows)):
+        examples = encoding_data(tok, data_name, n_rows)
+        positions, counts, topk, h, y = topk_rows(teacher, student, tok, examples, max(ENC_KS), args.error_chunk)
+        n = int(counts.sum())
+        z = torch.cat([s_head.logits(h[a:a + args.error_chunk]) for a in range(0, n, args.error_chunk)])
+        print(f"[encoding] {data_name}: {len(examples)} rows, {n} supervised tokens")
+        with tempfile.TemporaryDirectory() as tmp:
+            for k in ENC_KS:
+                back = {}
+                for enc in ENCODINGS:
+                    path = write_one_shard(Path(tmp) / f"{enc}-{k}", tok, examples, positions, counts, topk[k], enc)
+                    sizes.append({"data": data_name, "k": k, "encoding": enc, "bytes": path.stat().st_size / n, "tokens": n})
+                    back[enc] = read_back(Path(tmp) / f"{enc}-{k}")
+                if k != 64 and data_name != "lab":
+                    continue
+                for oname, obj in objectives.items():
+                    for tail in TAILS if k == 64 else ("student",):
+                        ref = loss_and_grads(obj, z, y, h, back["float32"], tail, args.error_chunk)
+                        for enc in ("compact", "float16"):
+                            got = loss_and_grads(obj, z, y, h, back[enc], tail, args.error_chunk)
+                            errors.append({"data": data_name, "k": k, "encoding": enc, "objective": oname, "tail": tail,
+                                           "loss": abs(got[0] - ref[0]) / abs(ref[0]),
+                                           "grad_logits": float((got[1] - ref[1]).norm() / ref[1].norm()),
+                                           "grad_head": float((got[2] - ref[2]).norm() / ref[2].norm()),
+                                           "grad_token_max": float(((got[1] - ref[1]).norm(dim=1)
+                                                                    / ref[1].norm(dim=1).clamp_min(1e-30)).max())})
+                            print(f"  {data_name} k={k} {enc} {oname} {tail}: {errors[-1]}", flush=True)
+    return sizes, errors
+
+
+def write_encoding_docs(sizes: list[dict], errors: list[dict]) -> None:
+    lines = ["| data | k | " + " | ".join(f"{e} (B/token)" for e in ENCODINGS) + " | compact / float32 |",
+             "|---|---:|" + "---:|" * (len(ENCODINGS) + 1)]
+    for data_name in ("lab", "champ"):
+        for k in ENC_KS:
+            b = {r["encoding"]: r["bytes"] for r in sizes if r["data"] == data_name and r["k"] == k}
+            lines.append(f"| {data_name} | {k} | " + " | ".join(f"{b[e]:.1f}" for e in ENCODINGS)
+                         + f" | {b['compact'] / b['float32']:.2f} |")
+    lines += ["", "| data | k | encoding | objective | tail | loss rel. error | logit-gradient rel. error (Frobenius) "
+              "| LM-head gradient rel. error | worst token's gradient rel. error |", "|---|---:|---|---|---|---:|---:|---:|---:|"]
+    for r in errors:
+        lines.append(f"| {r['data']} | {r['k']} | {r['encoding']} | {r['objective']} | {r['tail']} | {r['loss']:.1e} | "
+                     f"{r['grad_logits']:.1e} | {r['grad_head']:.1e} | {r['grad_token_max']:.1e} |")
+    table = "\n".join(lines)
+    print(table)
+    tokens = {r["data"]: r["tokens"] for r in sizes}
+    (DOCS / "teacher_cache_encoding.md").write_text(
+        f"<!-- written by benchmarks/teacher_cache.py --only encoding; supervised tokens: {tokens} -->\n{table}\n")
+    print(f"wrote {DOCS / 'teacher_cache_encoding.md'}")
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -286,6 +440,8 @@ def main() -> None:
     ap.add_argument("--error_rows", type=int, default=24)
     ap.add_argument("--error_chunk", type=int, default=128)
     ap.add_argument("--perturb", type=float, default=0.1, help="student = teacher + this x std noise per matrix")
+    ap.add_argument("--champ_rows", type=int, default=60, help="part 4: CHAMP problem statements")
+    ap.add_argument("--only", choices=("encoding",), default=None, help="run one part alone")
     ap.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_cache_dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -293,6 +449,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args._memory:
         memory_child(args)
+        return
+    if args.only == "encoding":
+        write_encoding_docs(*encoding_error(args))
         return
 
     tok = load_tokenizer("smollm2")
@@ -303,12 +462,16 @@ def main() -> None:
     rows = synthetic_rows(args.rows, args.length, len(tok))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        build_cache(teacher, tok, rows, Path(tmp) / "k64", top_k=64, batch_size=args.batch_size, progress=False)
+        build_cache(teacher, tok, rows, Path(tmp) / "k64", top_k=64, batch_size=args.batch_size, progress=False,
+                    logprob_dtype="float32")
         build_s = time.perf_counter() - t0
         build_cache(teacher, tok, rows, Path(tmp) / "k64_f16", top_k=64, batch_size=args.batch_size,
                     logprob_dtype="float16", progress=False)
+        build_cache(teacher, tok, rows, Path(tmp) / "k64_compact", top_k=64, batch_size=args.batch_size,
+                    logprob_dtype="compact", progress=False)
         n_sup = sum(sum(1 for t in r["labels"][1:] if t != -100) for r in rows)
         b32, b16 = shard_bytes(Path(tmp) / "k64") / n_sup, shard_bytes(Path(tmp) / "k64_f16") / n_sup
+        bc = shard_bytes(Path(tmp) / "k64_compact") / n_sup
         times = time_steps(args, tok, rows, Path(tmp) / "k64")
         mem = peak_memory(args, str(Path(tmp) / "k64"))
     print("\n| measure | live teacher | teacher cache (k=64) | ratio cache/live |\n|---|---:|---:|---:|")
@@ -319,8 +482,11 @@ def main() -> None:
     print(f"(collating a batch with the cache, done by the data loader: {times['collate_cache'] * 1e3:.0f} ms)")
     print(f"\nbytes per supervised token on disk at k=64: {b32:.0f} B (float32 log-probs), {b16:.0f} B (float16) "
           f"[goal <= 400 B: {b32 / 400:.2f}x / {b16 / 400:.2f}x of it]; cache build {build_s:.1f} s for {n_sup} tokens")
+    print(f"compact encoding with this random teacher (near-uniform top-k over random ids: its worst case): {bc:.0f} B; "
+          f"a trained teacher's: part 4")
     if not args.skip_smollm2:
         write_error_docs(k_error(args))
+        write_encoding_docs(*encoding_error(args))
 
 
 if __name__ == "__main__":
