@@ -11,6 +11,10 @@ The public API:
     patch(model, objective, teacher=..., ref=...)       the model's forward returns the fused loss
                                                         (drop-in for TRL's SFTTrainer, HF Trainer, plain loops)
     check_answer(response, gold)                        reasoning-answer equivalence
+
+`pip install qtarget` is the torch-only core (torch, numpy, safetensors): everything above but `patch`
+and `check_answer`. Extras (qtarget.extras): patch (transformers), hf (the trainer and the CLI), plots,
+eval, lab, all; a name or command that needs a missing one says which, in one line.
 """
 from __future__ import annotations
 
