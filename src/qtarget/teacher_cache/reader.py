@@ -88,7 +88,7 @@ class TeacherCache:
         m = self.manifest
         splits = ", ".join(f"{name} {s.rows} rows / {s.supervised_tokens} tokens" for name, s in m.splits.items())
         return (f"teacher cache {self.folder}: teacher {m.teacher.get('name')!r} (weights {m.teacher.get('weights')}), "
-                f"top-{m.top_k} at temperature {m.temperature:g}, {splits}")
+                f"top-{m.top_k} at temperature {m.temperature:g} ({m.logprob_dtype} log-probs), {splits}")
 
     # ------------------------------------------------------------------ checks against a run
     @property
