@@ -88,7 +88,7 @@ def test_compare_two_runs_on_the_same_machine(two_runs, capsys):
     assert cmp.exit_code == 0
     assert qtarget_main(["lab", "--compare", str(a), str(b)]) == 0
     out = capsys.readouterr().out
-    assert "results.csv: byte-identical" in out
+    assert "results.csv: byte-identical" in out and "settings: results.csv should be byte-identical" in out
     n = len(cmp.claims)
     assert f"claims: {n} of {n} verdicts agree; 0 reversed" in out
 
@@ -208,6 +208,12 @@ def test_different_settings_and_machines_are_named(example, tmp_path):
     text = cmp.render()
     assert "another machine kind (cpu, cpu_capability differ)" in text
     assert "settings differ (steps:" in text and "claims only in A:" in text
+    # threads and precision change how the numbers are computed, not the experiment
+    threads = copy.deepcopy(mine)
+    threads["settings"] = {**mine["settings"], "threads": mine["settings"]["threads"] + 1}
+    text = compare_results(tmp_path / "a", _plant(tmp_path / "c", threads)).render()
+    assert f"compute settings differ (threads: {mine['settings']['threads']} vs" in text
+    assert "two experiments" not in text and "numbers: none of" in text
 
 
 def test_compare_refuses_a_folder_without_results(tmp_path, capsys):

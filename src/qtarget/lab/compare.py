@@ -26,8 +26,10 @@ import transformers
 
 from qtarget.lab.analysis import upgrade_results
 
-# what results.json's "machine" records; the fields that decide the bits of the numbers
-MACHINE_KEYS = ("cpu", "cpu_capability", "torch", "precision", "threads")
+# the fields of results.json's "machine" that say which kernels ran (precision and threads are settings)
+MACHINE_KEYS = ("cpu", "cpu_flags", "cpu_capability", "torch")
+# settings that change how the numbers are computed, not the experiment: values move by rounding only
+COMPUTE_SETTINGS = ("precision", "threads")
 REVERSAL = frozenset({"supported", "contradicted"})
 # CPU features that change which bf16 / float32 kernels run (native bf16 dot products, AMX tiles)
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
@@ -253,7 +255,7 @@ def describe_machine(machine: dict[str, Any] | None) -> str:
     if not machine:
         return "machine not recorded (a results.json from before the lab recorded it)"
     return (f"{machine.get('cpu', '?')} ({machine.get('cpu_capability', '?')} kernels), torch {machine.get('torch', '?')}, "
-            f"{machine.get('precision', '?')}, {machine.get('threads', '?')} threads")
+            f"{machine.get('precision', '?')}, threads {machine.get('threads', '?')}")
 
 
 def _pct(x: float) -> str:
@@ -267,18 +269,19 @@ def _hw(x: float) -> str:
 def render_comparison(cmp: LabComparison) -> str:
     lines = [f"A: {cmp.label_a}: {describe_machine(cmp.machine_a)}",
              f"B: {cmp.label_b}: {describe_machine(cmp.machine_b)}"]
-    if cmp.same_machine:
-        lines.append("the same machine kind (CPU, kernels, torch, precision, threads)"
-                     + (" and settings: results.csv should be byte-identical" if not cmp.settings_differ else ""))
+    compute = {k: v for k, v in cmp.settings_differ.items() if k in COMPUTE_SETTINGS}
+    experiment = {k: v for k, v in cmp.settings_differ.items() if k not in COMPUTE_SETTINGS}
+    if cmp.same_machine and not cmp.settings_differ:
+        lines.append("the same machine kind (CPU, kernels, torch) and settings: results.csv should be byte-identical")
     elif cmp.same_machine is False:
         differ = [k for k in MACHINE_KEYS if cmp.machine_a.get(k) != cmp.machine_b.get(k)]
         lines.append(f"another machine kind ({', '.join(differ)} differ): values move by kernel rounding; the "
                      f"verdicts with their intervals are what should agree")
-    if cmp.settings_differ:
-        shown = ", ".join(f"{k}: {va!r} vs {vb!r}" for k, (va, vb) in list(cmp.settings_differ.items())[:6])
-        more = len(cmp.settings_differ) - 6
-        lines.append(f"settings differ ({shown}{f', and {more} more' if more > 0 else ''}): two experiments, "
-                     f"not a reproduction")
+    if compute:
+        lines.append(f"compute settings differ ({_settings(compute)}): values may move by rounding; the verdicts "
+                     f"with their intervals are what should agree")
+    if experiment:
+        lines.append(f"settings differ ({_settings(experiment)}): two experiments, not a reproduction")
     if cmp.csv_identical is not None:
         lines.append(f"results.csv: {'byte-identical' if cmp.csv_identical else 'differs'}")
     if cmp.estimates:
@@ -287,7 +290,8 @@ def render_comparison(cmp: LabComparison) -> str:
         worst = max(cmp.estimates, key=lambda e: (e.relative, e.moved))
         farthest = max(cmp.estimates, key=lambda e: e.moved)
         outside = sum(not e.inside for e in cmp.estimates)
-        lines.append(f"numbers: {len(moved)} of {len(cmp.estimates)} moved; relative change median "
+        lines.append(f"numbers: none of {len(cmp.estimates)} moved" if not moved else
+                     f"numbers: {len(moved)} of {len(cmp.estimates)} moved; relative change median "
                      f"{_pct(statistics.median(rel))}, largest {_pct(worst.relative)} ({worst.task} {worst.row} "
                      f"{worst.metric}, {worst.kind}); largest move {_hw(farthest.moved)} interval half-widths "
                      f"({farthest.task} {farthest.row} {farthest.metric}, {farthest.kind}); {outside} outside the "
@@ -306,6 +310,11 @@ def render_comparison(cmp: LabComparison) -> str:
         if keys:
             lines.append(f"claims only in {side}: " + "; ".join(" ".join(k[:4]) for k in keys))
     return "\n".join(lines)
+
+
+def _settings(differ: dict[str, tuple[Any, Any]], shown: int = 6) -> str:
+    text = ", ".join(f"{k}: {va!r} vs {vb!r}" for k, (va, vb) in list(differ.items())[:shown])
+    return text + (f", and {len(differ) - shown} more" if len(differ) > shown else "")
 
 
 def _effect(e: dict[str, Any]) -> str:
