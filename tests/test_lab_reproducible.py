@@ -129,7 +129,8 @@ def test_the_committed_example_against_itself(example, tmp_path):
     n_claims = sum(len(e["claims"]) for e in example["per_task"].values())
     assert len(cmp.claims) == n_claims and not cmp.only_a and not cmp.only_b
     assert all(c.agrees and c.moved == 0 for c in cmp.claims) and cmp.exit_code == 0
-    assert cmp.csv_identical is True   # write_csv of the same results.json: the committed file byte for byte
+    assert all(e.relative == 0 for e in cmp.estimates) and cmp.estimates
+    assert compare_results(a, _plant(tmp_path / "b", example)).csv_identical is True
 
 
 def test_values_moved_by_a_few_percent_keep_the_exit_status(example, tmp_path):
