@@ -185,7 +185,8 @@ def test_bytes_per_token_and_the_manifest(tmp_path, data):
 
 def test_default_is_compact_and_rows_match_float32(tmp_path, data):
     teacher = tiny_teacher(12.0)
-    build_cache(teacher, tokenizer(), data.train, tmp_path / "default", top_k=16, rows_per_shard=6, progress=False)
+    build_cache(teacher, tokenizer(), data.train, tmp_path / "default", top_k=16, rows_per_shard=6, batch_size=4,
+                progress=False)  # batches as build()'s: the same float32 teacher outputs
     cmp, f32 = TeacherCache(tmp_path / "default"), TeacherCache(build(tmp_path / "f32", teacher, data, "float32", k=16))
     assert cmp.manifest.logprob_dtype == "compact" and cmp.manifest.version == 2
     cmp.verify_all()
