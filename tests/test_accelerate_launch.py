@@ -13,6 +13,7 @@ deepspeed is installed (optional; see docs/training.md for what its CPU path nee
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -21,6 +22,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from packaging.version import Version
 from safetensors.torch import load_file
 
 from launch import launch_env, run_launch
@@ -32,6 +35,10 @@ TOL = 1e-5  # losses and weights, as tests/test_distributed.py
 # gradient norms: one float32 norm over ~3.2M gradient elements, summed per shard and then across processes
 # instead of at once; measured up to 1.1e-5 relative (FSDP2), so compared to 1e-4 relative
 GRAD_NORM_RTOL = 1e-4
+# With torch 2.9.0 (the floor; transformers 5.23, accelerate 1.8) the Trainer logs FSDP2's gradient norm as
+# rank 0's share of it (0.70-0.87 of the full norm measured), while clipping uses the full norm (the weights
+# still agree); torch 2.13.0 logs the full norm. Releases in between were not tried.
+LOGS_LOCAL_NORM = Version(torch.__version__.split("+")[0]) < Version("2.13")
 OBJECTIVES = ("dft", "psft", "target_sft")
 
 
@@ -68,7 +75,7 @@ def launch(config: str, tmp_path: Path, env: dict[str, str] | None = None, timeo
     return out, run(cmd, out, config, env, timeout_s)
 
 
-def compare(sharded: tuple[Path, dict], one: tuple[Path, dict]) -> None:
+def compare(sharded: tuple[Path, dict], one: tuple[Path, dict], local_norm: bool = False) -> None:
     (out, got), (ref_out, want) = sharded, one
     assert set(got) == set(want) == set(OBJECTIVES)
     init = None
@@ -78,7 +85,10 @@ def compare(sharded: tuple[Path, dict], one: tuple[Path, dict]) -> None:
         for step, (a, b) in enumerate(zip(g["loss"], w["loss"])):
             assert abs(a - b) <= TOL * abs(b), (objective, "loss", step, a, b)  # relative: dft's loss is ~2e-4
         for step, (a, b) in enumerate(zip(g["grad_norm"], w["grad_norm"])):
-            assert abs(a - b) <= GRAD_NORM_RTOL * abs(b), (objective, "grad_norm", step, a, b)
+            if local_norm:  # a share of the full norm: below it
+                assert 0 < a <= b * (1 + GRAD_NORM_RTOL), (objective, "grad_norm (rank 0's share)", step, a, b)
+            else:
+                assert abs(a - b) <= GRAD_NORM_RTOL * abs(b), (objective, "grad_norm", step, a, b)
         final = load_file(str(out / objective / "final" / "model.safetensors"))
         ref = load_file(str(ref_out / objective / "final" / "model.safetensors"))
         assert final.keys() == ref.keys()
@@ -100,13 +110,16 @@ def test_one_process_is_not_sharded(one_process):
         assert results[objective]["dtensor"] is False and results[objective]["local_share"] == 1.0
 
 
+@pytest.mark.skipif(Version(importlib.metadata.version("accelerate")) < Version("1.8"),
+                    reason="accelerate < 1.8 loads the recipe's rank-0 weights (fsdp_cpu_ram_efficient_loading) with a "
+                           "hard-coded .cuda() in fsdp2_load_full_state_dict: FSDP2 from the yaml needs CUDA there")
 def test_fsdp2_launch_yaml_two_processes_equal_one(tmp_path, one_process):
     sharded = launch("fsdp2", tmp_path)
     for objective in OBJECTIVES:
         r = sharded[1][objective]
         assert r["model_class"].startswith("FSDP") and r["dtensor"], (objective, r)
         assert abs(r["local_share"] - 0.5) < 1e-3, (objective, r)  # each process holds half of every parameter
-    compare(sharded, one_process)
+    compare(sharded, one_process, local_norm=LOGS_LOCAL_NORM)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (optional)")
