@@ -18,9 +18,7 @@ eval, lab, all; a name or command that needs a missing one says which, in one li
 """
 from __future__ import annotations
 
-import importlib
-
-from qtarget.extras import as_missing_extra
+from qtarget.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -40,21 +38,7 @@ __all__ = ["__version__", *_PUBLIC]
 
 # what the names outside the torch-only core need (qtarget.extras)
 _EXTRAS = {"patch": "patch", "check_answer": "eval"}
-
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        try:
-            module = importlib.import_module(_PUBLIC[name])
-        except ImportError as e:  # a missing optional dependency: one line naming the extra
-            missing = as_missing_extra(e, f"qtarget.{name}", _EXTRAS.get(name))
-            if missing is None:
-                raise
-            raise missing from e
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'qtarget' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC, _EXTRAS)
 
 
 def __dir__() -> list[str]:

@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-import importlib
+from qtarget.lazy import lazy_attributes
 
 # Loaded on first use: `qtarget.models.head` (the LM head as a value, torch only) is part of the
 # torch-only core, and importing it must not import transformers through this package.
@@ -18,11 +18,5 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"qtarget.models.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'qtarget.models' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {name: "." + module for name, module in _EXPORTS.items()})
 

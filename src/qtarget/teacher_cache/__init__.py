@@ -9,7 +9,7 @@ with no teacher in memory. See docs/teacher_cache.md for the schema and the tail
 """
 from __future__ import annotations
 
-import importlib
+from qtarget.lazy import lazy_attributes
 
 # Loaded on first use: the reader (TeacherCache) is part of the torch-only core; the builder runs a
 # Hugging Face model (the 'hf' extra).
@@ -21,10 +21,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"qtarget.teacher_cache.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'qtarget.teacher_cache' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {name: "." + module for name, module in _EXPORTS.items()})

@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-import importlib
+from qtarget.lazy import lazy_attributes
 
 # Loaded on first use: `qtarget.training.patch` needs transformers alone (the 'patch' extra, >= 5.6),
 # the trainer the whole 'hf' extra.
@@ -16,11 +16,5 @@ _EXPORTS = {"QTargetConfig": "config", "QTargetTrainer": "trainer", "train": "ap
             "check_requirements": "api"}
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"qtarget.training.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'qtarget.training' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {name: "." + module for name, module in _EXPORTS.items()})
 
