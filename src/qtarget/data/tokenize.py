@@ -108,7 +108,7 @@ def _example_ids(tokenizer, row: Mapping[str, Any], fmt: str, options: TokenizeO
 
 
 def tokenize_row(tokenizer, row: Mapping[str, Any], fmt: str, options: TokenizeOptions, index: int = 0) -> dict | None:
-    """One raw row -> {"input_ids", "labels"[, "token_weights"], "truncated", "split", "templated"}; None if no
+    """One raw row -> {"input_ids", "labels"[, "token_weights", "loss_weights"], "truncated", "split", "templated"}; None if no
     supervised token is left after truncation. Raises ValueError for a malformed row and
     UntokenizableRow (a ValueError) for a row whose reply cannot be masked."""
     ids, mask, split, templated = _example_ids(tokenizer, row, fmt, options, index)
