@@ -103,8 +103,10 @@ def assert_close(a: tuple[float, dict], b: tuple[float, dict], what: str) -> Non
     assert a[1].keys() == b[1].keys(), what
     scale = max(float(g.abs().max()) for g in b[1].values())
     assert scale > 0, what
+    # atol 1e-5 of the largest gradient: float32 sums taken in another order (a tied embedding's gradient
+    # adds the head's and the input's parts) move a 2e-6 entry by 6e-10 (seen with transformers 5.25)
     for k in a[1]:
-        assert torch.allclose(a[1][k], b[1][k], rtol=1e-4, atol=1e-6 * scale), (what, k,
+        assert torch.allclose(a[1][k], b[1][k], rtol=1e-4, atol=1e-5 * scale), (what, k,
                                                                                float((a[1][k] - b[1][k]).abs().max()))
 
 

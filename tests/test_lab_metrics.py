@@ -129,7 +129,9 @@ def test_noise_fit_on_a_planted_case(tok, demos):
         planted.append((torch.tensor([s["input_ids"]]), torch.tensor([labels])))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    for _ in range(8):
+    # 16 passes: the fit must clear the 0.5 margin whatever the tiny model's initialisation (8 passes left
+    # it at 0.47 with transformers 5.25's initialisation; 16 pass for model seeds 2-6)
+    for _ in range(16):
         for ids, labels in planted:
             opt.zero_grad()
             model(input_ids=ids, labels=labels).loss.backward()
