@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import qtarget.lab.precision as precision_module
 from qtarget.lab import tasks
 from qtarget.lab.finetune import finetune
 from qtarget.lab.metrics import Scorer, trunk_split
@@ -95,7 +96,7 @@ def test_bf16_training_tracks_the_float32_run(setup, tmp_path):
 
 
 def test_a_bad_precision_is_named():
-    with pytest.raises(ValueError, match="--precision must be one of bf16, fp32"):
+    with pytest.raises(ValueError, match="--precision must be one of auto, bf16, fp32"):
         settings_for("tiny", precision="fp16")
 
 
@@ -133,3 +134,26 @@ def test_the_precast_frozen_head_trains_exactly_as_autocast_does(setup, tmp_path
     # and its own, tied weight afterwards
     for m in (fast_model, model):
         assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "avx512f", "avx512_bf16"}, "bf16"), ({"avx2", "amx_bf16"}, "bf16"),
+                                             ({"avx2", "fma"}, "fp32"), ({"avx2", "avx512f"}, "fp32"), (set(), "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch, flags, expected):
+    """auto resolves when the settings are made (the digest, results.json and the teacher key see bf16 or fp32,
+    never auto); an explicit bf16 or fp32 is kept on any CPU."""
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: set(flags))
+    assert settings_for("tiny").precision == expected
+    assert settings_for("tiny", precision="auto").precision == expected
+    assert settings_for("tiny", precision="bf16").precision == "bf16"
+    assert settings_for("tiny", precision="fp32").precision == "fp32"
+
+
+def test_cpu_flags_read_this_machine():
+    flags = precision_module.cpu_flags()
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        assert flags == set()
+        return
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
+    assert flags == (set(line.partition(":")[2].split()) if line else set())

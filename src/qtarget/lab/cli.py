@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=None, help="generation limit per answer")
     p.add_argument("--n_boot", type=int, default=None, help="bootstrap replicates per interval (default 2000)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default=None,
                    help="matrix products in bf16 (torch.autocast; float32 weights, optimizer and loss math) or "
-                        "fp32, the same for the base model and every row; default bf16")
+                        "fp32, the same for the base model and every row; default auto: bf16 where the CPU "
+                        "multiplies bfloat16 natively (AVX512-BF16, AMX), fp32 elsewhere")
     add_bool_flag(p, "no_teacher_cache", help="train the target_sft teacher again and do "
                                                                   "not read or write its cache")
     add_bool_flag(p, "no_progress", help="no progress bar")

@@ -22,11 +22,34 @@ import torch
 from torch import nn
 
 PRECISIONS = ("bf16", "fp32")
+# CPU flags of native bfloat16 matrix products (Linux /proc/cpuinfo). Without them torch emulates bf16: on an
+# AVX2-only AMD EPYC a [512 x 576] x [576 x 1536] product took 61 ms in bf16 against 8 ms in float32
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); empty where /proc/cpuinfo cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` -> bf16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), fp32 elsewhere (bf16
+    would be emulated there, several times slower than float32); bf16 and fp32 as given."""
+    if precision == "auto":
+        return "bf16" if cpu_flags() & set(NATIVE_BF16_FLAGS) else "fp32"
+    return check_precision(precision)
 
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ValueError(f"--precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
     return precision
 
 

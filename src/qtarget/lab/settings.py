@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qtarget.lab.precision import check_precision
+from qtarget.lab.precision import resolve_precision
 from qtarget.objectives import get_objective, list_objectives
 
 OBJECTIVES = ("sft", "dft", "psft", "asft", "target_sft", "dft_floor", "prift")
@@ -78,7 +78,8 @@ class LabSettings:
     threads: int = 2
     # matrix products in bfloat16 (torch.autocast; float32 weights, optimizer and loss math) or all float32;
     # the same for the base model and every row (qtarget.lab.precision)
-    precision: str = "bf16"
+    # "auto": bf16 where the CPU multiplies bfloat16 natively, fp32 elsewhere; resolved when the settings are made
+    precision: str = "auto"
     objective_args: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in OBJECTIVE_ARGS.items()})
     # a sweep: ((objective, parameter, (values...)), ...); several entries form a grid over one objective
     sweep: tuple = ()
@@ -105,7 +106,7 @@ class LabSettings:
                      "curve_points"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        check_precision(self.precision)
+        self.precision = resolve_precision(self.precision)
         if self.train_top_layers < 0:
             raise ValueError(f"--train_top_layers must be >= 0 (0 = all layers), got {self.train_top_layers}")
         if self.n_boot < 100:
