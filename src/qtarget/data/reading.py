@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from qtarget.cli_args import parse_bool
 from qtarget.data.formats import TEMPLATED_BY_DEFAULT
 
 AUTO_WORDS = ("auto", "none", "null", "~", "")
-TRUE_WORDS = ("1", "true", "yes", "y", "on")
-FALSE_WORDS = ("0", "false", "no", "n", "off")
 
 
 def parse_chat_template(value: Any, flag: str = "--chat_template") -> bool | None:
@@ -32,11 +31,10 @@ def parse_chat_template(value: Any, flag: str = "--chat_template") -> bool | Non
     text = str(value).strip().lower()
     if text in AUTO_WORDS:
         return None
-    if text in TRUE_WORDS:
-        return True
-    if text in FALSE_WORDS:
-        return False
-    raise ValueError(f"{flag}: expected auto, true or false, got {value!r}")
+    try:
+        return parse_bool(text)
+    except ValueError:
+        raise ValueError(f"{flag}: expected auto, true or false, got {value!r}") from None
 
 
 def has_chat_template(tokenizer: Any) -> bool:
