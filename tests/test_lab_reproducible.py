@@ -217,6 +217,18 @@ def test_different_settings_and_machines_are_named(example, tmp_path):
     assert "two experiments" not in text and "numbers: none of" in text
 
 
+def test_a_task_of_another_version_is_named(example, tmp_path):
+    """A run of a task whose generator changed (other evaluation items) is two experiments on that task."""
+    task = next(iter(example["per_task"]))
+    other = copy.deepcopy(example)
+    version = other["per_task"][task]["data"]["task"]["version"]
+    other["per_task"][task]["data"]["task"]["version"] = version + "-next"
+    cmp = compare_results(_plant(tmp_path / "a", example), _plant(tmp_path / "b", other))
+    assert cmp.tasks_differ == {task: (version, version + "-next")}
+    assert f"task versions differ ({task}: {version} vs {version}-next)" in cmp.render()
+    assert compare_results(tmp_path / "a", _plant(tmp_path / "c", example)).tasks_differ == {}
+
+
 def test_compare_refuses_a_folder_without_results(tmp_path, capsys):
     assert qtarget_main(["lab", "--compare", str(tmp_path), str(EXAMPLE)]) == 2
     err = capsys.readouterr().err

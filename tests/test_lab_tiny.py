@@ -178,6 +178,21 @@ def test_rerun_is_deterministic_and_reuses_the_cached_teacher(tiny_run, tmp_path
             assert strip(a["history"]) == strip(b["history"]), name
 
 
+def test_one_curve_point_measures_the_end_only(tiny_run, tmp_path):
+    """--curve_points 1 (the --quick preset): no intermediate checkpoint, so no verdicts against the budget and
+    no learning-curve plots; the end-of-training metrics equal those of a run with curves (same seed)."""
+    settings, _, cache, first = tiny_run
+    one = run_lab(settings_for("tiny", objectives=("sft",), tasks=("sum",), curve_points=1), tmp_path,
+                  progress=False, cache_dir=cache)
+    entry = one["per_task"]["sum"]
+    assert entry["curve_steps"] == [settings.steps] and entry["budget"] == []
+    assert list(entry["curves"]["sft"]) == [str(settings.steps)]
+    assert entry["items"]["sft"] == first["per_task"]["sum"]["items"]["sft"]
+    assert not list(tmp_path.glob("budget_*.png")) and not list(tmp_path.glob("learning_*.png"))
+    text = (tmp_path / "report.md").read_text()
+    assert "No learning curves (`--curve_points 1`" in text and "against the training budget" not in text
+
+
 def test_two_point_sweep_through_the_cli(tmp_path, capsys):
     rc = lab_main(["--tiny", "--tasks", "shop", "--sweep", "eps=0.1,0.28", "--output_dir", str(tmp_path), "--no_progress",
                    "--threads", "1"])

@@ -13,7 +13,7 @@ from qtarget.data import write_jsonl
 from qtarget.evaluation import Problem
 from qtarget.lab.settings import settings_for
 from qtarget.lab.teacher import TEACHER_DATA_SEED
-from qtarget.lab.user_task import corrupt, load_pairs, plan_split, setup_user_lab, user_task
+from qtarget.lab.user_task import corrupt, load_pairs, near_miss, plan_split, setup_user_lab, user_task
 from qtarget.models import tiny_causal_lm
 
 
@@ -51,6 +51,24 @@ def test_corrupt_replaces_the_last_answer_occurrence_only():
     assert corrupt("It is seven.", "7", rng) is None and corrupt("ok", None, rng) is None
 
 
+def test_near_miss_replaces_every_answer_occurrence_with_a_near_slip():
+    """The ranking distractor: every occurrence of the answer (not a longer number containing it) becomes one
+    near miss, ±2 first, then ±1, ±3; decimals slip in their last place; a non-negative answer stays >= 0."""
+    rng = random.Random(0)
+    text = "3 * 4 = 12. So 12 it is; 120 is not. The answer is 12."
+    first, n1 = near_miss(text, "12", rng)
+    assert n1 in ("10", "14") and first == text.replace(" 12.", f" {n1}.").replace("So 12 ", f"So {n1} ")
+    assert "120 is not" in first
+    second, n2 = near_miss(text, "12", rng, taken=["12", n1])
+    assert {n1, n2} == {"10", "14"}
+    _, n3 = near_miss(text, "12", rng, taken=["12", "10", "14"])
+    assert n3 in ("11", "13")
+    assert near_miss("so 1 - 1 = 0. The answer is 0.", "0", rng)[1] == "2"
+    assert near_miss("The answer is 1,200.", "1200", rng) is None  # written with a separator: left alone
+    assert near_miss("It is seven.", "7", rng) is None and near_miss("ok", None, rng) is None
+    assert near_miss("half of 5 is 2.5. The answer is 2.5.", "2.5", rng)[1] in ("2.3", "2.7")
+
+
 def test_split_is_disjoint_and_noise_is_planted_as_asked(tmp_path, smollm2_tokenizer):
     pairs, instruction = load_pairs(write_jsonl(arithmetic_rows(60), tmp_path / "d.jsonl"))
     settings = settings_for("tiny", noise=0.5, train_examples=20)
@@ -59,8 +77,13 @@ def test_split_is_disjoint_and_noise_is_planted_as_asked(tmp_path, smollm2_token
     assert sum(map(len, parts)) == 60 and len(set().union(*map(set, parts))) == 60
     task = user_task(settings, pairs, instruction, split, name="d.jsonl", tokenizer=smollm2_tokenizer)
     assert {item["id"] for item in task.ranking} == {f"row{pairs[i].index}" for i in split.ranking}
-    for item in task.ranking:  # the correct demonstration first, distinct length-matched distractors
+    for item in task.ranking:  # the correct demonstration first, distinct consistent near-miss distractors
         assert len(set(item["candidates"])) == 1 + settings.rank_distractors
+        correct = item["candidates"][0]
+        answer = next(pairs[i].answer for i in split.ranking if f"row{pairs[i].index}" == item["id"])
+        if answer is not None and answer in correct:
+            for wrong in item["candidates"][1:]:
+                assert wrong.count(answer) < correct.count(answer) and len(wrong) >= len(correct) - 2
     assert [p.answer for p in task.generation] == [pairs[i].answer for i in split.generation]
     rows = task.demonstrations(3, 20, 0.5)
     assert rows == task.demonstrations(3, 20, 0.5)  # seeded

@@ -371,7 +371,9 @@ def analyze_lab(results: dict[str, Any]) -> dict[str, Any]:
         entry["prior_class"] = cls
         entry.update(analyze(entry["items"], prior=cls, **kw))
         base = {k: v for k, v in entry["items"].get("base", {}).items() if not k.startswith("gen.")}
-        entry["budget"] = budget_claims(entry["curves"], base, prior=cls, **kw) if entry.get("curves") else []
+        # verdicts against the budget need two checkpoints or more (--curve_points 1 measures the end only)
+        steps = {st for row in (entry.get("curves") or {}).values() for st in row}
+        entry["budget"] = budget_claims(entry["curves"], base, prior=cls, **kw) if len(steps) > 1 else []
         entry["curve_estimates"] = curve_estimates(entry.get("curves") or {}, base, **kw)
     return {"continuum": continuum_summary(results["per_task"])}
 

@@ -5,13 +5,16 @@
   under a wrong rule (every equation right) and a slipped last step.
 - `sum` (strong prior): one-step sums and differences of small numbers, the format shown in the instruction
   (`8 + 5 = 13. The answer is 13.`), which SmolLM2-135M-Instruct already writes almost token for token;
-  distractors: slipped results (±1, ±2, ±10).
+  ranking items: differences four times in five, each against the result slipped by ±2 (±1 or ±3 where ±2
+  would be negative), the problems and slips the base model gets wrong most, so its answer ranking stays well
+  below the ceiling at every seed.
 - `shop` (in between): multi-step word problems with one equation per step; distractors: a slipped last step
   and a misread number.
 The prior class of each task is measured from the base model's profile, never taken from this list.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 from qtarget.evaluation import Problem
@@ -25,6 +28,14 @@ from qtarget.lab.tasks import (EVAL_SEED, GLYPH_EVAL_SEED, INSTRUCTION, SUM_EVAL
 # the strong-prior task shows its format in the instruction (a well-known format, stated); the glyph task's
 # instruction says nothing about its operator or notation
 SUM_INSTRUCTION = "Answer in this form: 2 + 3 = 5. The answer is 5."
+# the sum task's ranking items are differences four times in five (training and generation: one in two). On
+# 150 problems of a design-only stream the base model ranked the right result above both ±2 slips for 0.90
+# of the sums and 0.44 of the differences (at the lab's own seeds, with differences 2 in 3: 0.67-0.70 on 64
+# items); weighted 4 in 5 its ranking accuracy stays well below 0.85 at every seed and preset, leaving room
+# both ways (tests/test_lab_distractors.py checks several seeds)
+SUM_RANK_DIFFERENCES = 0.8
+# the sum task's generator version (TASK_VERSION for the others): 5 since its ranking items are the above
+SUM_VERSION = 5
 
 NOISE_TEXT = ("half with a corrupted step (a wrong result carried to a wrong final answer), half in a non-unique "
               "alternative form (operands swapped, words instead of symbols, another closing phrase)")
@@ -48,17 +59,19 @@ def parse_int_answer(response: str) -> str | None:
 
 
 def arithmetic_task(settings: LabSettings, name: str, generate, description: str, stream: int, *,
-                    instruction: str = INSTRUCTION, distractors: tuple[str, ...] = ("final", "misread")) -> LabTask:
+                    instruction: str = INSTRUCTION, distractors: tuple[str, ...] = ("final", "misread"),
+                    rank_generate=None, version: int = TASK_VERSION) -> LabTask:
     """A LabTask from a problem generator `generate(n, seed)`: generation problems from stream `stream` + seed,
-    ranking problems from `stream` + seed + 1 (each against `rank_distractors` distractors of the kinds
-    `distractors`, cycled; `qtarget.lab.tasks.ranking_items`), training rows from stream s for training seed s
-    with every evaluated question left out, out-of-domain text from EVAL_SEED + seed (the same for every task)."""
+    ranking problems from `stream` + seed + 1 (drawn by `rank_generate`, default `generate`; each against
+    `rank_distractors` distractors of the kinds `distractors`, cycled; `qtarget.lab.tasks.ranking_items`),
+    training rows from stream s for training seed s with every evaluated question left out, out-of-domain text
+    from EVAL_SEED + seed (the same for every task)."""
     eval_seed = stream + settings.seed
     gen = generate(settings.eval_in_domain, eval_seed)
-    rank_problems = generate(settings.rank_items, eval_seed + 1)
+    rank_problems = (rank_generate or generate)(settings.rank_items, eval_seed + 1)
     exclude = {p.question for p in gen} | {p.question for p in rank_problems}
     return LabTask(
-        name=name, version=str(TASK_VERSION), description=description, noise_description=NOISE_TEXT,
+        name=name, version=str(version), description=description, noise_description=NOISE_TEXT,
         instruction=instruction,
         demonstrations=lambda seed, n, noise: train_rows(generate, seed, n, noise, exclude),
         generation=tuple(Problem(id=p.id, question=p.prompt, answer=str(p.answer), source=p.task) for p in gen),
@@ -80,7 +93,9 @@ def sum_task(settings: LabSettings) -> LabTask:
     return arithmetic_task(settings, "sum", sum_problems, "one-step sums and differences of small numbers in the "
                            "format the instruction shows ('What is 8 + 5?' -> '8 + 5 = 13. The answer is 13.'), "
                            "which the base model already writes almost token for token", SUM_EVAL_SEED,
-                           instruction=SUM_INSTRUCTION, distractors=("final",))
+                           instruction=SUM_INSTRUCTION, distractors=("near",),
+                           rank_generate=functools.partial(sum_problems, p_difference=SUM_RANK_DIFFERENCES),
+                           version=SUM_VERSION)
 
 
 def glyph_task(settings: LabSettings) -> LabTask:

@@ -179,6 +179,8 @@ class LabComparison:
     only_a: list[tuple] = field(default_factory=list)   # claims in one run only
     only_b: list[tuple] = field(default_factory=list)
     csv_identical: bool | None = None                   # None: a results.csv is missing
+    # tasks whose generator version differs (task -> (version A, version B)): their items differ
+    tasks_differ: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     @property
     def reversals(self) -> list[ClaimShift]:
@@ -248,7 +250,15 @@ def compare_results(a: str | Path, b: str | Path) -> LabComparison:
     return LabComparison(label_a=str(a), label_b=str(b), machine_a=ra.get("machine"), machine_b=rb.get("machine"),
                          settings_differ=differ, claims=claims, estimates=estimates,
                          only_a=[k for k in ca if k not in cb], only_b=[k for k in cb if k not in ca],
-                         csv_identical=_csv_identical(a, b))
+                         csv_identical=_csv_identical(a, b), tasks_differ=_task_versions_differ(ra, rb))
+
+
+def _task_versions_differ(ra: dict[str, Any], rb: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Tasks both runs have whose generator version differs (their evaluation items or data differ)."""
+    def versions(r: dict[str, Any]) -> dict[str, Any]:
+        return {t: ((e.get("data") or {}).get("task") or {}).get("version") for t, e in r["per_task"].items()}
+    va, vb = versions(ra), versions(rb)
+    return {t: (va[t], vb[t]) for t in va if t in vb and va[t] != vb[t]}
 
 
 def describe_machine(machine: dict[str, Any] | None) -> str:
@@ -282,6 +292,10 @@ def render_comparison(cmp: LabComparison) -> str:
                      f"with their intervals are what should agree")
     if experiment:
         lines.append(f"settings differ ({_settings(experiment)}): two experiments, not a reproduction")
+    if cmp.tasks_differ:
+        lines.append("task versions differ (" + ", ".join(f"{t}: {va} vs {vb}" for t, (va, vb) in cmp.tasks_differ.items())
+                     + "): the tasks' data or evaluation items differ; on those tasks two experiments, not a "
+                       "reproduction")
     if cmp.csv_identical is not None:
         lines.append(f"results.csv: {'byte-identical' if cmp.csv_identical else 'differs'}")
     if cmp.estimates:

@@ -277,7 +277,8 @@ def _run_text(results: dict[str, Any], s: dict[str, Any], model: dict[str, Any])
             lines.append(f"  - Teacher for target_sft: {teacher['description']}; {state} (`{teacher['path']}`). {how}")
     data = first["data"]
     curve = (f" Teacher-forced metrics are also measured after steps {', '.join(map(str, first['curve_steps']))} "
-             f"(the learning curves)." if first.get("curve_steps") else "")
+             f"(the learning curves)." if len(first.get("curve_steps") or []) > 1 else
+             " No learning curves (`--curve_points 1`: the end of training only)." if first.get("curve_steps") else "")
     lines += [
         f"- **Forgetting**: {data['ood']['n']} paragraphs of {data['ood']['source']} (Python "
         f"{data['ood']['python']}), first {data['ood']['max_tokens']} tokens, plain text.",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 # The instruction is the chat's system turn (it replaces SmolLM2's default system prompt, which would
 # cost ~20 more tokens per example); the user turn is the question alone. Same in training and eval.
@@ -194,7 +194,8 @@ def solution_text(steps: list[Step], answer: int, *, style: str = "symbols", swa
     return f"{chain} {closing.format(answer)}"
 
 
-def corrupt_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step], int]:
+def corrupt_solution(problem: LabProblem, rng: random.Random, taken: Collection[int] = ()
+                     ) -> tuple[list[Step], int]:
     """A wrong demonstration: one step states a result off by a small nonzero amount and the later
     steps compute from it. Returns (steps, the wrong final answer)."""
     n_steps = len(problem.steps)
@@ -258,7 +259,8 @@ def demonstrations(problems: list[LabProblem], noise: float, seed: int) -> list[
     return rows
 
 
-def misread_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step], int]:
+def misread_solution(problem: LabProblem, rng: random.Random, taken: Collection[int] = ()
+                     ) -> tuple[list[Step], int]:
     """A wrong solution that is right about everything but one number it read from the question: one operand
     (the start or an event's amount) is off by 1-3 and every step is computed correctly from it, so no
     equation is false and the final answer is wrong but consistent with the text. Returns (steps, answer)."""
@@ -284,7 +286,8 @@ def misread_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step
 SLIPS = (-10, -2, -1, 1, 2, 10)   # a final slip: a units digit off by one or two, or a carry / borrow lost or added
 
 
-def final_slip_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step], int]:
+def final_slip_solution(problem: LabProblem, rng: random.Random, taken: Collection[int] = ()
+                        ) -> tuple[list[Step], int]:
     """A wrong solution whose only error is the last step's result, off by a plausible slip (SLIPS: ±1, ±2 in
     the units digit, ±10 for a lost or extra carry), stated again as the final answer: every other step is
     right and the closing agrees with the text, so only checking the last equation rejects it."""
@@ -296,7 +299,31 @@ def final_slip_solution(problem: LabProblem, rng: random.Random) -> tuple[list[S
     raise RuntimeError(f"could not slip the last step of {problem.id}")
 
 
-def wrong_rule_solution(problem: LabProblem, rng: random.Random) -> tuple[list[Step], int]:
+# the near slips in order of preference: the units digit off by two, then by one, then by three. On one-step
+# sums the base model rejects a slip of ±2 least often (SmolLM2-135M-Instruct on 150 problems of a design-only
+# stream: -2 0.75, +2 0.84, -1 0.88, +1 0.94, ±3 0.89-0.95, ±10 0.98; both ±2 together 0.67)
+NEAR_SLIPS = ((-2, 2), (-1, 1), (-3, 3))
+
+
+def near_slip_solution(problem: LabProblem, rng: random.Random, taken: Collection[int] = ()
+                       ) -> tuple[list[Step], int]:
+    """Like `final_slip_solution`, but always a near slip: the last step's result off by 2 (either sign, in
+    random order), by 1 where that is negative or in `taken` (the answers the item already has), then by 3.
+    A model that does not compute the last step cannot reject it from the digits' look, so the base model's
+    ranking on one-step sums stays well below its ceiling."""
+    last = len(problem.steps) - 1
+    for tier in NEAR_SLIPS:
+        deltas = list(tier)
+        rng.shuffle(deltas)
+        for delta in deltas:
+            steps, final = solve(problem.start, problem.events, corrupt_at=last, delta=delta)
+            if final >= 0 and final != problem.answer and final not in taken:
+                return steps, final
+    raise RuntimeError(f"no near slip of the last step of {problem.id} gives a new answer")
+
+
+def wrong_rule_solution(problem: LabProblem, rng: random.Random, taken: Collection[int] = ()
+                        ) -> tuple[list[Step], int]:
     """For the glyph task (x ◇ b = 2 * x + b): the operator applied with a plausible wrong rule, every equation
     right — the operands' roles swapped (2 * b + x) or a 3 for the 2 (3 * x + b) — so a model that does not
     know the rule cannot reject it by checking arithmetic. Returns (steps, answer)."""
@@ -318,8 +345,10 @@ def wrong_rule_solution(problem: LabProblem, rng: random.Random) -> tuple[list[S
     raise RuntimeError(f"no wrong rule changes the answer of {problem.id}")
 
 
+# kind -> (problem, rng, taken) -> (steps, wrong answer); `taken`: the answers the item already has (only
+# "near" reads it; the others draw again until the answer is new)
 DISTRACTORS = {"misread": misread_solution, "corrupt": corrupt_solution, "final": final_slip_solution,
-               "rule": wrong_rule_solution}
+               "rule": wrong_rule_solution, "near": near_slip_solution}
 DISTRACTOR_KINDS = tuple(DISTRACTORS)
 
 
@@ -329,6 +358,7 @@ def ranking_items(problems: list[LabProblem], distractors: int, seed: int, *, ki
     final answers all differ from each other and the correct one. `kind` (one, or a tuple cycled over the
     distractor slots): "misread": one number read wrong from the question, every equation right
     (`misread_solution`); "final": the last step's result slipped, stated as the answer (`final_slip_solution`);
+    "near": the same, always a slip of ±2 (±1, ±3 where needed; `near_slip_solution`);
     "rule": the glyph operator under a wrong rule, every equation right (`wrong_rule_solution`); "corrupt":
     one step off, carried to the end (`corrupt_solution`). A slot whose kind cannot give a new answer falls
     back to the next kind. Returns [{id, prompt, candidates: [correct, wrong, ...], answers, kinds}]."""
@@ -344,7 +374,7 @@ def ranking_items(problems: list[LabProblem], distractors: int, seed: int, *, ki
         for slot in range(distractors):
             for attempt in range(100 * len(kinds)):
                 k = kinds[(slot + attempt // 100) % len(kinds)]
-                steps, wrong = DISTRACTORS[k](p, rng)
+                steps, wrong = DISTRACTORS[k](p, rng, taken=answers)
                 if wrong not in answers:
                     texts.append(solution_text(steps, wrong, style=p.style))
                     answers.append(wrong)
@@ -360,17 +390,20 @@ def ranking_items(problems: list[LabProblem], distractors: int, seed: int, *, ki
 # in-domain, strong prior: one-step sums and differences
 # ---------------------------------------------------------------------------------------------
 
-def sum_problems(n: int, seed: int) -> list[LabProblem]:
-    """`n` one-step problems "What is 8 + 5?" / "What is 9 - 4?" (single-digit operands, results >= 0): a
-    task SmolLM2-135M-Instruct already does well, so its demonstrations are probable under the base model
-    (a strong prior). Same solution format, noise and distractors as the shop task (one event)."""
+def sum_problems(n: int, seed: int, *, p_difference: float = 0.5) -> list[LabProblem]:
+    """`n` one-step problems "What is 8 + 5?" / "What is 9 - 4?" (single-digit operands, results >= 0; a
+    difference with probability `p_difference`): a task SmolLM2-135M-Instruct already does well, so its
+    demonstrations are probable under the base model (a strong prior). Same solution format and noise as
+    the shop task (one event)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if not 0.0 <= p_difference <= 1.0:
+        raise ValueError(f"p_difference must be in [0, 1], got {p_difference}")
     rng = random.Random(f"sum:{seed}")
     out = []
     for i in range(n):
         a, b = rng.randint(2, 9), rng.randint(2, 9)
-        if rng.random() < 0.5:
+        if rng.random() < 1.0 - p_difference:
             question, events = f"What is {a} + {b}?", [("add", b)]
         else:
             a, b = max(a, b) + rng.randint(0, 9), min(a, b)

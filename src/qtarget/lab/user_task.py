@@ -11,9 +11,10 @@ template, plain-string prompt/completion rows do not, and the lab then scores, t
 user/assistant exchange). The rows are shuffled once (settings.seed) and cut into disjoint parts:
 
 - held-out (`ranking`): each demonstration against `rank_distractors` distractors; the correct one gives the
-  held-out NLL and entropy. A distractor is the demonstration with its final answer replaced by a wrong
-  number when the row has a numeric answer inside its response (length-matched), else another held-out
-  row's response;
+  held-out NLL and entropy. A distractor is the demonstration with every occurrence of its numeric answer
+  replaced by a near miss (the last digit off by 2, else 1, 3, ...: the text stays consistent, only the
+  computation is wrong, as in the built-in tasks) when the answer is written in the response, else another
+  held-out row's response;
 - generation: held-out rows with a checkable answer — an `answer` column (`--answer_column`), or a final
   answer the response states in the form `qtarget eval` reads (\\boxed{}, '#### X', 'The answer is X'),
   prompted with exactly the tokens training puts before the reply. The answer form is learned from the
@@ -158,6 +159,38 @@ def corrupt(response: str, answer: str | None, rng: random.Random, avoid: Sequen
     return None
 
 
+# a near miss of a numeric answer, in order of preference: its last digit off by two, one, three, then more (the
+# slips the built-in sum task's distractors use, `qtarget.lab.tasks.NEAR_SLIPS`)
+NEAR_MISS_TIERS = ((-2, 2), (-1, 1), (-3, 3), (-4, 4, -5, 5, -6, 6, -7, 7, -8, 8, -9, 9))
+
+
+def near_miss(response: str, answer: str | None, rng: random.Random, taken: Sequence[str] = ()
+              ) -> tuple[str, str] | None:
+    """(the response with every occurrence of its numeric answer replaced by one near miss (its last digit
+    off by 2, else 1, 3, ...; the sign order drawn from `rng`), that number), so the text stays consistent — the result
+    line and the stated answer agree — and only the computation is wrong, as in the built-in tasks'
+    distractors. None when the answer is not a number written in the response, or every near miss is in
+    `taken` (numbers already used) or would turn a non-negative answer negative."""
+    if answer is None or not re.fullmatch(NUMBER, answer):
+        return None
+    pattern = rf"(?<![\d.])(?<!\d,){re.escape(answer)}(?!\d|[.,]\d)"
+    if not re.search(pattern, response):
+        return None
+    decimals = len(answer.split(".")[1]) if "." in answer else 0
+    unit = 10 ** -decimals
+    for tier in NEAR_MISS_TIERS:
+        deltas = list(tier)
+        rng.shuffle(deltas)
+        for delta in deltas:
+            wrong = float(answer) + delta * unit
+            if wrong < 0 <= float(answer):
+                continue
+            text = f"{wrong:.{decimals}f}"
+            if text != answer and text not in taken:
+                return re.sub(pattern, text, response), text
+    return None
+
+
 @dataclass
 class Split:
     """Row indices (into the pairs list) of each disjoint part, and what was dropped or capped."""
@@ -201,12 +234,13 @@ def plan_split(pairs: Sequence[Pair], settings: LabSettings, *, own_teacher: boo
 def _ranking_item(pairs: Sequence[Pair], idx: Sequence[int], k: int, n_distractors: int,
                   rng: random.Random) -> dict[str, Any]:
     p = pairs[idx[k]]
-    candidates = [p.response]
+    candidates, taken = [p.response], [p.answer or ""]
     while len(candidates) < 1 + n_distractors:
-        wrong = corrupt(p.response, p.answer, rng, avoid=[p.answer or ""] + candidates)
-        if wrong is None or wrong in candidates:
+        miss = near_miss(p.response, p.answer, rng, taken)
+        if miss is None:
             break
-        candidates.append(wrong)
+        candidates.append(miss[0])
+        taken.append(miss[1])
     step = 1
     while len(candidates) < 1 + n_distractors:  # other held-out rows' responses
         other = pairs[idx[(k + step) % len(idx)]].response
