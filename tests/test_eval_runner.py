@@ -8,6 +8,7 @@ import torch
 
 from qtarget.evaluation.benchmarks import Problem, load_benchmark
 from qtarget.evaluation.generation import HFGenerator, Sample
+from qtarget.evaluation.prompts import prompt_ids, resolve_style
 from qtarget.evaluation.runner import evaluate, read_records
 from qtarget.models import tiny_causal_lm
 
@@ -160,6 +161,26 @@ def test_bad_arguments(tok):
         evaluate(None, tok, p + p, generator=object())
     with pytest.raises(ValueError, match="prompt_style must be one of"):
         evaluate(None, tok, p, prompt_style="fancy", generator=object())
+
+
+def test_replies_fit_the_model_positions(tok, tmp_path):
+    """prompt + max_new_tokens beyond the model's positions: max_new_tokens is lowered with a warning naming
+    the longest prompt, and every reply then fits; a prompt that fills the positions is refused before anything
+    is written."""
+    short = tiny_causal_lm(tok, hidden_size=32, seed=2, max_position_embeddings=128)
+    problems = [Problem("p1", "What is 2 + 2?", "4", "s"), Problem("p2", "What is " + "2 + " * 6 + "2?", "14", "s")]
+    longest = max(len(prompt_ids(tok, p, style=resolve_style(tok, "auto"))) for p in problems)
+    assert 64 < longest < 100
+    with pytest.warns(UserWarning, match=rf"--max_new_tokens 512 → {128 - longest}: the longest prompt \(problem 'p2'"):
+        result = evaluate(short, tok, problems, samples=1, temperature=0.0, max_new_tokens=512, batch_size=2,
+                          output_dir=tmp_path / "fit", progress=False)
+    assert json.loads((tmp_path / "fit" / "config.json").read_text())["max_new_tokens"] == 128 - longest
+    assert all(r["num_tokens"] <= 128 - longest for r in read_records(tmp_path / "fit" / "samples.jsonl"))
+    assert result.summary["generated"] == 2
+    too_long = [Problem("big", "What is " + "2 + " * 40 + "2?", "82", "s")]
+    with pytest.raises(ValueError, match=r"problem 'big': its prompt has \d+ tokens, the model's position limit is 128"):
+        evaluate(short, tok, too_long, samples=1, max_new_tokens=8, output_dir=tmp_path / "big", progress=False)
+    assert not (tmp_path / "big").exists()
 
 
 def test_cli_runs_and_resumes(model, tok, tmp_path, capsys):

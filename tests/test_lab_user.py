@@ -131,6 +131,29 @@ def test_setup_scales_defaults_and_sizes_to_the_data(tmp_path, tiny_folder):
     assert any("parameters" in n for n in notes)
 
 
+def test_lengths_fit_the_model_positions(tmp_path):
+    """A model with few positions: --max_length is clamped to them (noted, as `qtarget train` clamps it), and
+    the generation budget to what the longest generation prompt leaves; a prompt that fills them is refused."""
+    from qtarget.models import load_tokenizer
+
+    folder = tmp_path / "short"
+    tok = load_tokenizer("smollm2")
+    tiny_causal_lm(tok, seed=0, max_position_embeddings=40).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = write_jsonl(arithmetic_rows(40), tmp_path / "d.jsonl")
+    settings, task, _, notes = setup_user_lab(model=str(folder), dataset=str(data), preset="tiny",
+                                              overrides={"objectives": ("sft",), "max_length": 512,
+                                                         "max_new_tokens": 64})
+    assert settings.max_length == 40 and any("--max_length 512 → 40" in n for n in notes)
+    longest_prompt = max(len(p.meta["prompt_ids"]) for p in task.generation)
+    assert settings.max_new_tokens == 40 - longest_prompt < 64
+    assert any(f"--max_new_tokens 64 → {40 - longest_prompt}" in n for n in notes)
+    long_rows = [{"prompt": "Q: " + "what is this " * 20 + "?", "response": "12. The answer is 12.", "answer": 12}] * 40
+    with pytest.raises(ValueError, match="no row fits --max_length 40"):
+        setup_user_lab(model=str(folder), dataset=str(write_jsonl(long_rows, tmp_path / "long.jsonl")), preset="tiny",
+                       overrides={"objectives": ("sft",)})
+
+
 def test_lab_on_user_model_and_data_end_to_end(tmp_path, tiny_folder, capsys):
     data = write_jsonl(arithmetic_rows(40), tmp_path / "d.jsonl")
     out = tmp_path / "out"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +31,7 @@ from qtarget.evaluation.benchmarks import Problem
 from qtarget.evaluation.generation import Generator, HFGenerator
 from qtarget.evaluation.metrics import markdown_table, summarize
 from qtarget.evaluation.prompts import is_multiple_choice, prompt_ids, resolve_style
+from qtarget.models.load import model_position_limit
 
 __all__ = ["EvalResult", "evaluate", "read_records", "SAMPLES_FILE", "SUMMARY_FILE", "TABLE_FILE", "CONFIG_FILE"]
 
@@ -89,6 +91,23 @@ def _grade(problem: Problem, response: str, backend: Backend) -> tuple[bool, str
     return check_answer(response, problem.answer, backend=backend), extract_answer(response)
 
 
+def fit_new_tokens(prompts: dict[str, list[int]], max_new_tokens: int, limit: int | None) -> int:
+    """max_new_tokens, lowered (with a warning) so that the longest prompt plus its reply fits the model's
+    `limit` positions (None: unknown, unchanged); a prompt that fills them is refused, naming the problem."""
+    if limit is None or not prompts:
+        return max_new_tokens
+    longest = max(prompts, key=lambda k: len(prompts[k]))
+    room = limit - len(prompts[longest])
+    if room < 1:
+        raise ValueError(f"problem {longest!r}: its prompt has {len(prompts[longest])} tokens, the model's position "
+                         f"limit is {limit}; shorten it or leave it out of the dataset")
+    if max_new_tokens > room:
+        warnings.warn(f"--max_new_tokens {max_new_tokens} → {room}: the longest prompt (problem {longest!r}, "
+                      f"{len(prompts[longest])} tokens) leaves {room} of the model's {limit} positions", stacklevel=3)
+        return room
+    return max_new_tokens
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -138,6 +157,14 @@ def evaluate(
         generator = HFGenerator(model, tokenizer, batch_size=batch_size)
 
     style = resolve_style(tokenizer, prompt_style)
+    # a problem read from a data file carries the tokens training puts before its reply (meta["prompt_ids"])
+    prompt_cache = {
+        p.id: list(p.meta["prompt_ids"]) if p.meta.get("prompt_ids") else
+        prompt_ids(tokenizer, p, style=style, instruction=instruction, system_prompt=system_prompt)
+        for p in problems
+    }
+    max_new_tokens = fit_new_tokens(prompt_cache, max_new_tokens, model_position_limit(model) if model is not None
+                                    else None)
     config = {
         "model": model_name or _model_name(model), "temperature": float(temperature), "top_p": float(top_p),
         "max_new_tokens": int(max_new_tokens), "seed": int(seed), "prompt_style": style,
@@ -173,12 +200,6 @@ def evaluate(
         cfg_path.write_text(json.dumps(config, indent=2) + "\n")
 
     # ---- plan: (problem, sample_idx), longest prompt first, in fixed batches
-    # a problem read from a data file carries the tokens training puts before its reply (meta["prompt_ids"])
-    prompt_cache = {
-        p.id: list(p.meta["prompt_ids"]) if p.meta.get("prompt_ids") else
-        prompt_ids(tokenizer, p, style=style, instruction=instruction, system_prompt=system_prompt)
-        for p in problems
-    }
     plan = [(p, s) for p in problems for s in range(samples)]
     order = sorted(range(len(plan)), key=lambda i: -len(prompt_cache[plan[i][0].id]))
     batches = [[plan[i] for i in order[b:b + batch_size]] for b in range(0, len(order), batch_size)]

@@ -53,7 +53,7 @@ from qtarget.lab.ood_text import ood_texts
 from qtarget.lab.settings import PRESETS, LabSettings, settings_for
 from qtarget.lab.task import LabTask
 from qtarget.lab.teacher import TEACHER_DATA_SEED
-from qtarget.models.load import load_aux_model, load_tokenizer, resolve
+from qtarget.models.load import load_aux_model, load_tokenizer, model_position_limit, resolve
 
 USER_EVAL_SEED = 9_100_000  # stream of the user task's held-out choices (apart from the built-in task's)
 NUMBER = r"-?\d+(?:\.\d+)?"
@@ -370,6 +370,16 @@ def drop_long(pairs: Sequence[Pair], tokenizer, max_length: int, instruction: st
     return kept, len(pairs) - len(kept)
 
 
+def fit_position_limit(settings: LabSettings, limit: int | None, notes: list[str]) -> LabSettings:
+    """`settings` with max_length no longer than the model's position limit (noted), as `qtarget train` clamps
+    it; unchanged when the limit is unknown or not exceeded."""
+    if limit is None or settings.max_length <= limit:
+        return settings
+    notes.append(f"--max_length {settings.max_length} → {limit}: the model's position limit (its config's "
+                 f"max_position_embeddings / n_positions)")
+    return dataclasses.replace(settings, max_length=limit)
+
+
 def setup_user_lab(*, model: str | None, dataset: str | None, preset: str, overrides: dict[str, Any],
                    teacher: str | None = None, answer_column: str | None = "answer", split: str = "train",
                    config: str | None = None, chat_template: bool | None = None
@@ -388,11 +398,12 @@ def setup_user_lab(*, model: str | None, dataset: str | None, preset: str, overr
         notes.append(f"{model}: ~{scaled['approx_params'] / 1e6:.0f}M parameters, {scaled['layers']} layers → "
                      f"defaults: top {values['train_top_layers']} layers trained, batch {values['batch_size']}, "
                      f"lr {values['learning_rate']:g}")
+    limit = None if model_name == "tiny" else model_position_limit(model_name)
     if dataset is None:
-        settings = settings_for(preset, **{**values, **given, "model": model_name})
+        settings = fit_position_limit(settings_for(preset, **{**values, **given, "model": model_name}), limit, notes)
         return settings, None, _given_teacher(teacher, settings, model_name), notes
     values.update(USER_DEFAULTS)
-    settings = settings_for(preset, **{**values, **given, "model": model_name})
+    settings = fit_position_limit(settings_for(preset, **{**values, **given, "model": model_name}), limit, notes)
     tokenizer = load_tokenizer("smollm2" if model_name == "tiny" else model_name)
     pairs, instruction = load_pairs(dataset, split=split, name=config, answer_column=answer_column,
                                     tokenizer=tokenizer, chat_template=chat_template)
@@ -410,6 +421,15 @@ def setup_user_lab(*, model: str | None, dataset: str | None, preset: str, overr
     if own_teacher:
         sized["teacher_examples"] = len(plan.teacher)
     sized.update({k: v for k, v in given.items() if k == "max_new_tokens"})
+    if limit is not None:  # a generation prompt plus its reply must fit the model's positions too
+        room = limit - max(len(generation_prompt(tokenizer, pairs[i], instruction, settings.max_length))
+                           for i in plan.generation)
+        if room < 1:
+            raise ValueError(f"a generation prompt fills the model's {limit} positions; lower --max_length")
+        if sized["max_new_tokens"] > room:
+            notes.append(f"--max_new_tokens {sized['max_new_tokens']} → {room}: the longest generation prompt "
+                         f"leaves {room} of the model's {limit} positions")
+            sized["max_new_tokens"] = room
     settings = dataclasses.replace(settings, **sized)
     task = user_task(settings, pairs, instruction, plan, name=Path(str(dataset)).name, tokenizer=tokenizer)
     return settings, task, _given_teacher(teacher, settings, model_name), notes + plan.notes
