@@ -312,9 +312,13 @@ FIXES = {
     "output folder under a file": ("--output_dir", "{out}/run"),
     "eval output folder is a file": ("--output_dir", "{out}/run"),
     "profile output folder is a file": ("--output_dir", "{out}/run"),
+    "lab learning rate negative": ("--learning_rate", "1e-3"),
+    "lab boolean flag": ("--tiny", "true"),
+    "lab output folder is a file": ("--output_dir", "{out}/lab"),
 }
 FAST = {"train": ["--save_strategy", "no", "--plot", "false"], "eval": ["--max_new_tokens", "4", "--no_progress"],
-        "profile": ["--limit", "4", "--no_progress"], "teacher-cache": ["--progress", "false"]}
+        "profile": ["--limit", "4", "--no_progress"], "teacher-cache": ["--progress", "false"],
+        "lab": ["--objectives", "sft", "--tasks", "sum", "--no_progress"]}
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
