@@ -155,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         if view["claims"]:
             print()
             print(claims_table(view))
+    plots = sorted(path.name for path in Path(args.output_dir).glob("*.png"))
     print(f"\nqtarget lab: done in {time.perf_counter() - t0:.0f} s; report: {args.output_dir}/report.md "
-          f"(plots: prior.png and per task effects_, curves_, learning_, budget_<task>.png; per-item values: "
-          f"results.json; learning curves: curves.csv)")
+          f"(plots: {', '.join(plots)}; per-item values: results.json; teacher-forced metrics per checkpoint: "
+          f"curves.csv)")
     return 0
 
 
