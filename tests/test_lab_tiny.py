@@ -137,6 +137,9 @@ def test_report_has_every_row_claims_and_no_absolute_path(tiny_run):
     assert "### Claims" in text and "### Difference from sft" in text and "## Prior profiles" in text
     assert "### DFT's low-prior failure and its fixes" in text and "## The continuum" in text
     assert "Training reads it from a teacher cache" in text   # target_sft's run recorded its teacher cache
+    n_sum = tiny_run[3]["settings"]["rank_items"] * 2
+    (what_sum,) = [line for line in text.splitlines() if line.startswith("- **Task `sum`**")]
+    assert f"distractors: the result slipped by ±2 (±1, ±3 where needed) ({n_sum})" in what_sum
     for root in (str(out), str(cache), "/root", "/home", "/tmp"):
         assert root not in text and root not in (out / "results.json").read_text()
     for png in ["prior.png"] + [f"{kind}_{t}.png" for t in TASKS for kind in ("effects", "curves", "learning", "budget")]:

@@ -174,6 +174,10 @@ def test_lab_on_user_model_and_data_end_to_end(tmp_path, tiny_folder, capsys):
     assert results["vs_reference"]["dft"]  # paired differences from sft
     report = (out / "report.md").read_text()
     assert "your demonstrations (d.jsonl" in report and (out / "effects_user_d.jsonl.png").exists()
+    # every ranking item's distractors are near misses of its answer, and the report says so with their count
+    n_items = everything["settings"]["rank_items"]
+    assert results["data"]["rank"]["distractor_kinds"] == {"near miss": 2 * n_items}
+    assert f"distractors: every occurrence of the answer off by 2 (then 1, 3, ...) ({2 * n_items})" in report
 
 
 def test_lab_user_bad_input_one_line(tmp_path, capsys):

@@ -119,6 +119,20 @@ def continuum_table(results: dict[str, Any], metrics: Sequence[str] = ("gen_acc"
     return "\n".join(lines)
 
 
+# what each distractor kind is, for the report (qtarget.lab.tasks.ranking_items; user data: qtarget.lab.user_task)
+DISTRACTOR_TEXT = {
+    "near": "the result slipped by ±2 (±1, ±3 where needed)", "final": "the last result slipped",
+    "rule": "the operator under a wrong rule", "misread": "a number misread", "corrupt": "one step off, carried",
+    "near miss": "every occurrence of the answer off by 2 (then 1, 3, ...)", "other row": "another held-out reply",
+}
+
+
+def _kinds(counts: dict[str, int] | None) -> str:
+    if not counts:
+        return ""
+    return "; distractors: " + ", ".join(f"{DISTRACTOR_TEXT.get(k, k)} ({n})" for k, n in counts.items())
+
+
 def budget_table(entry: dict[str, Any]) -> str:
     """One line per claim on a teacher-forced metric: its effect and verdict after each checkpoint."""
     steps = entry.get("curve_steps") or sorted({p["step"] for c in entry["budget"] for p in c["points"]})
@@ -263,7 +277,8 @@ def _run_text(results: dict[str, Any], s: dict[str, Any], model: dict[str, Any])
             f"problems, greedy, at most {s['max_new_tokens']} new tokens; correct = the stated final answer is right; "
             f"no stated answer = format failure. Answer ranking: {data['rank']['n']} other held-out problems, the "
             f"correct demonstration against {data['rank']['candidates_per_item'] - 1} distractors (chance "
-            f"{1 / data['rank']['candidates_per_item']:.2f}); held-out entropy / NLL on the correct ones."]
+            f"{1 / data['rank']['candidates_per_item']:.2f}{_kinds(data['rank'].get('distractor_kinds'))}); "
+            f"held-out entropy / NLL on the correct ones."]
         teacher = entry.get("teacher")
         if teacher:
             state = ("given by the user" if teacher.get("given") else "loaded from the cache" if teacher.get("cached") else

@@ -302,6 +302,15 @@ class TaskRun:
         return prepare_model(teacher, settings.precision), info
 
 
+def _kind_counts(ranking) -> dict[str, int]:
+    """How many distractors of each kind the ranking items hold (items without kinds count as 'unnamed')."""
+    counts: dict[str, int] = {}
+    for item in ranking:
+        for kind in item.get("kinds") or ["unnamed"] * (len(item["candidates"]) - 1):
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 def _data_summary(settings: LabSettings, task: LabTask, data: EvalData, split: int | None) -> dict[str, Any]:
     """What the task's data were, for the report and results.json."""
     seed0 = settings_seeds(settings)[0]
@@ -315,7 +324,8 @@ def _data_summary(settings: LabSettings, task: LabTask, data: EvalData, split: i
         "gen": {"task": task.name, "n": len(task.generation), "ids": [p.id for p in task.generation],
                 "answers": [p.answer for p in task.generation], "example": task.example["prompt"],
                 "example_solution": task.example["response"]},
-        "rank": {"n": len(task.ranking), "candidates_per_item": data.n_candidates, "example": task.ranking[0]},
+        "rank": {"n": len(task.ranking), "candidates_per_item": data.n_candidates, "example": task.ranking[0],
+                 "distractor_kinds": _kind_counts(task.ranking)},
         "ood": {"source": "Python standard library docstrings (prose paragraphs)",
                 "python": sys.version.split()[0], "n": len(task.ood), "max_tokens": settings.ood_max_tokens,
                 "example": task.ood[0]},

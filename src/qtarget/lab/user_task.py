@@ -234,22 +234,24 @@ def plan_split(pairs: Sequence[Pair], settings: LabSettings, *, own_teacher: boo
 def _ranking_item(pairs: Sequence[Pair], idx: Sequence[int], k: int, n_distractors: int,
                   rng: random.Random) -> dict[str, Any]:
     p = pairs[idx[k]]
-    candidates, taken = [p.response], [p.answer or ""]
+    candidates, taken, kinds = [p.response], [p.answer or ""], []
     while len(candidates) < 1 + n_distractors:
         miss = near_miss(p.response, p.answer, rng, taken)
         if miss is None:
             break
         candidates.append(miss[0])
         taken.append(miss[1])
+        kinds.append("near miss")
     step = 1
     while len(candidates) < 1 + n_distractors:  # other held-out rows' responses
         other = pairs[idx[(k + step) % len(idx)]].response
         step += 1
         if other not in candidates:
             candidates.append(other)
+            kinds.append("other row")
         if step > len(idx):
             raise ValueError("the held-out rows have too few distinct responses for the ranking distractors")
-    return {"id": f"row{p.index}", "prompt": p.prompt, "candidates": candidates}
+    return {"id": f"row{p.index}", "prompt": p.prompt, "candidates": candidates, "kinds": kinds}
 
 
 def _version(pairs: Sequence[Pair], split: Split) -> str:
