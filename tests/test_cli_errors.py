@@ -247,6 +247,8 @@ CASES = {
                                         "{out}"], r"--memory_budget_mb must be > 0, got -0.001"),
     "lab learning rate negative": (["lab", "--tiny", "--learning_rate", "-1e-3", "--output_dir", "{out}"],
                                    r"argument --learning_rate: must be > 0, got -0.001"),
+    "lab curve points zero": (["lab", "--tiny", "--curve_points", "0", "--output_dir", "{out}"],
+                              r"--curve_points must be >= 1, got 0"),
     "lab boolean flag": (["lab", "--tiny", "maybe", "--output_dir", "{out}"],
                          r"argument --tiny: expected true or false, got 'maybe'"),
     "teacher-cache top_k zero": (["teacher-cache", *MODEL, "--teacher_model", "{d}/model", *DATA, "--output_dir",
@@ -314,6 +316,7 @@ FIXES = {
     "profile output folder is a file": ("--output_dir", "{out}/run"),
     "lab learning rate negative": ("--learning_rate", "1e-3"),
     "lab boolean flag": ("--tiny", "true"),
+    "lab curve points zero": ("--curve_points", "1"),
     "lab output folder is a file": ("--output_dir", "{out}/lab"),
 }
 FAST = {"train": ["--save_strategy", "no", "--plot", "false"], "eval": ["--max_new_tokens", "4", "--no_progress"],

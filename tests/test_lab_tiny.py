@@ -194,6 +194,11 @@ def test_one_curve_point_measures_the_end_only(tiny_run, tmp_path):
     assert not list(tmp_path.glob("budget_*.png")) and not list(tmp_path.glob("learning_*.png"))
     text = (tmp_path / "report.md").read_text()
     assert "No learning curves (`--curve_points 1`" in text and "against the training budget" not in text
+    # the flag reaches the settings from the command line
+    assert lab_main(["--tiny", "--objectives", "sft", "--tasks", "sum", "--curve_points", "1", "--no_progress",
+                     "--output_dir", str(tmp_path / "cli")]) == 0
+    from_cli = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert from_cli["settings"]["curve_points"] == 1 and from_cli["per_task"]["sum"]["curve_steps"] == [settings.steps]
 
 
 def test_two_point_sweep_through_the_cli(tmp_path, capsys):

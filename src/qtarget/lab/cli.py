@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "held-out entropy / NLL)")
     p.add_argument("--ood_texts", type=int, default=None, help="out-of-domain paragraphs for forgetting")
     p.add_argument("--max_new_tokens", type=int, default=None, help="generation limit per answer")
+    p.add_argument("--curve_points", type=int, default=None,
+                   help="teacher-forced checkpoints per run, evenly spaced, the last at the end; learning curves and "
+                        "verdicts against the budget need 2 or more (default 3; --quick 1)")
     p.add_argument("--n_boot", type=int, default=None, help="bootstrap replicates per interval (default 2000)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     p.add_argument("--precision", choices=("auto", *PRECISIONS), default=None,
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, train_examples=args.train_examples, learning_rate=args.learning_rate,
         train_top_layers=args.train_top_layers, eval_in_domain=args.eval_in_domain, rank_items=args.rank_items,
         ood_texts=args.ood_texts, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, threads=args.threads,
+        curve_points=args.curve_points,
         sweep=sweep, max_length=args.max_length, precision=args.precision, objective_args=objective_args)
     settings, task, teacher, notes = setup_user_lab(
         model=args.model, dataset=args.dataset, preset=preset, overrides=overrides, teacher=args.teacher,
