@@ -25,6 +25,7 @@ import torch
 import transformers
 
 from qtarget.lab.analysis import upgrade_results
+from qtarget.lab.precision import cpu_flags
 
 # the fields of results.json's "machine" that say which kernels ran (precision and threads are settings)
 MACHINE_KEYS = ("cpu", "cpu_flags", "cpu_capability", "torch")
@@ -47,23 +48,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def cpu_flags() -> list[str]:
+def kernel_flags() -> list[str]:
     """Which of KERNEL_FLAGS the CPU reports (Linux; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in KERNEL_FLAGS if flag in have]
-    except OSError:
-        pass
-    return []
+    have = cpu_flags()
+    return [flag for flag in KERNEL_FLAGS if flag in have]
 
 
 def machine_info(precision: str, threads: int) -> dict[str, Any]:
     """results.json's "machine": where the numbers came from. The same machine kind (CPU model and
     kernels), versions, precision and threads give the same bits; another CPU rounds differently."""
-    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu": cpu_model(), "cpu_flags": kernel_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "logical_cpus": os.cpu_count(), "os": f"{platform.system()} {platform.machine()}",
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "numpy": np.__version__, "precision": precision, "threads": threads}

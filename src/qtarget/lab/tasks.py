@@ -305,6 +305,14 @@ def final_slip_solution(problem: LabProblem, rng: random.Random, taken: Collecti
 NEAR_SLIPS = ((-2, 2), (-1, 1), (-3, 3))
 
 
+def near_deltas(rng: random.Random, tiers: tuple[tuple[int, ...], ...] = NEAR_SLIPS):
+    """The slips of `tiers` in order of preference, each tier's order drawn from `rng` when it is reached."""
+    for tier in tiers:
+        deltas = list(tier)
+        rng.shuffle(deltas)
+        yield from deltas
+
+
 def near_slip_solution(problem: LabProblem, rng: random.Random, taken: Collection[int] = ()
                        ) -> tuple[list[Step], int]:
     """Like `final_slip_solution`, but always a near slip: the last step's result off by 2 (either sign, in
@@ -312,13 +320,10 @@ def near_slip_solution(problem: LabProblem, rng: random.Random, taken: Collectio
     A model that does not compute the last step cannot reject it from the digits' look, so the base model's
     ranking on one-step sums stays well below its ceiling."""
     last = len(problem.steps) - 1
-    for tier in NEAR_SLIPS:
-        deltas = list(tier)
-        rng.shuffle(deltas)
-        for delta in deltas:
-            steps, final = solve(problem.start, problem.events, corrupt_at=last, delta=delta)
-            if final >= 0 and final != problem.answer and final not in taken:
-                return steps, final
+    for delta in near_deltas(rng):
+        steps, final = solve(problem.start, problem.events, corrupt_at=last, delta=delta)
+        if final >= 0 and final != problem.answer and final not in taken:
+            return steps, final
     raise RuntimeError(f"no near slip of the last step of {problem.id} gives a new answer")
 
 

@@ -52,6 +52,7 @@ from qtarget.lab.metrics import chat_sequence
 from qtarget.lab.ood_text import ood_texts
 from qtarget.lab.settings import PRESETS, LabSettings, settings_for
 from qtarget.lab.task import LabTask
+from qtarget.lab.tasks import NEAR_SLIPS, near_deltas
 from qtarget.lab.teacher import TEACHER_DATA_SEED
 from qtarget.models.load import load_aux_model, load_tokenizer, model_position_limit, resolve
 
@@ -145,7 +146,7 @@ def corrupt(response: str, answer: str | None, rng: random.Random, avoid: Sequen
     the answer is not a number written in the response."""
     if answer is None or not re.fullmatch(NUMBER, answer):
         return None
-    matches = list(re.finditer(rf"(?<![\d.])(?<!\d,){re.escape(answer)}(?!\d|[.,]\d)", response))
+    matches = list(re.finditer(answer_pattern(answer), response))
     if not matches:
         return None
     value = float(answer)
@@ -159,9 +160,14 @@ def corrupt(response: str, answer: str | None, rng: random.Random, avoid: Sequen
     return None
 
 
-# a near miss of a numeric answer, in order of preference: its last digit off by two, one, three, then more (the
-# slips the built-in sum task's distractors use, `qtarget.lab.tasks.NEAR_SLIPS`)
-NEAR_MISS_TIERS = ((-2, 2), (-1, 1), (-3, 3), (-4, 4, -5, 5, -6, 6, -7, 7, -8, 8, -9, 9))
+# a near miss of a numeric answer, in order of preference: its last digit off by two, one, three (the slips the
+# built-in sum task's distractors use), then by four to nine
+NEAR_MISS_TIERS = NEAR_SLIPS + (tuple(d for k in range(4, 10) for d in (-k, k)),)
+
+
+def answer_pattern(answer: str) -> str:
+    """A regex for `answer` written as a whole number in a text (not part of a longer number)."""
+    return rf"(?<![\d.])(?<!\d,){re.escape(answer)}(?!\d|[.,]\d)"
 
 
 def near_miss(response: str, answer: str | None, rng: random.Random, taken: Sequence[str] = ()
@@ -173,21 +179,18 @@ def near_miss(response: str, answer: str | None, rng: random.Random, taken: Sequ
     `taken` (numbers already used) or would turn a non-negative answer negative."""
     if answer is None or not re.fullmatch(NUMBER, answer):
         return None
-    pattern = rf"(?<![\d.])(?<!\d,){re.escape(answer)}(?!\d|[.,]\d)"
+    pattern = answer_pattern(answer)
     if not re.search(pattern, response):
         return None
     decimals = len(answer.split(".")[1]) if "." in answer else 0
     unit = 10 ** -decimals
-    for tier in NEAR_MISS_TIERS:
-        deltas = list(tier)
-        rng.shuffle(deltas)
-        for delta in deltas:
-            wrong = float(answer) + delta * unit
-            if wrong < 0 <= float(answer):
-                continue
-            text = f"{wrong:.{decimals}f}"
-            if text != answer and text not in taken:
-                return re.sub(pattern, text, response), text
+    for delta in near_deltas(rng, NEAR_MISS_TIERS):
+        wrong = float(answer) + delta * unit
+        if wrong < 0 <= float(answer):
+            continue
+        text = f"{wrong:.{decimals}f}"
+        if text != answer and text not in taken:
+            return re.sub(pattern, text, response), text
     return None
 
 
